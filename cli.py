@@ -1,0 +1,51 @@
+"""What every command-line script here shares: user errors as one clear line, and the run header."""
+import functools
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, flag, corrupt file). Scripts print it as one line, no traceback."""
+
+
+def main_entry(main):
+    """Wrap a script's main(): a UserError becomes `error: ...` on stderr and exit status 2."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
+def git_commit() -> str:
+    """The repo's commit (with '-dirty' when the tree has changes), or 'unknown' outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+def run_header(device) -> list[str]:
+    """The first lines of every run's log: commit, library versions, hardware."""
+    import numpy
+    import torch
+    if device.type == "cuda":
+        hardware = f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()} (CUDA {torch.version.cuda})"
+    else:
+        hardware = f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return [
+        f"commit: {git_commit()}",
+        f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}",
+        f"host: {platform.node()}, device: {hardware}",
+    ]

@@ -1,0 +1,402 @@
+"""The LF_LLM-269M model: a GPT-style decoder with RoPE, RMSNorm, SwiGLU and tied embeddings, in one file.
+
+Reading order: config and presets, RMSNorm, RoPE, attention (with a KV cache), SwiGLU MLP, block, the model
+(init, forward, parameter and FLOP counts, optimizer groups, checkpoint loading), then generation.
+
+Shapes: B batch, T sequence length, C = d_model, H heads, D = C / H head dim, V vocabulary.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets equal to this (padding) are left out of the loss
+EOT_ID = 50256  # <|endoftext|> in the GPT-2 BPE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2 BPE, <|endoftext|> = 50256
+    block_size: int = 2048  # context length
+    n_layer: int = 16
+    n_head: int = 16
+    n_embd: int = 1024  # d_model
+    ffn_hidden: int = 4096  # SwiGLU hidden width (the fused input projection is 2x this)
+    attn_dropout: float = 0.1  # on the attention block's output, before the residual add
+    ffn_dropout: float = 0.15  # after the SwiGLU activation
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # Round the embedding/head rows up to a multiple of this (1 = off). A speed knob only: padded rows start at 0,
+    # their logits are dropped before the loss and sampling, so they never get a gradient or win a sample.
+    pad_vocab_to: int = 1
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd {self.n_embd} must split into {self.n_head} heads of even size (RoPE)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.pad_vocab_to) * self.pad_vocab_to
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """From a checkpoint's saved config; unknown keys are refused, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS = {
+    # The reference model: 320,145,408 parameters, 268,682,240 without the token embedding.
+    "lf_llm_269m": GPTConfig(),
+    # Tiny: a few hundred CPU training steps take a couple of minutes. The 50257 x 128 embedding is most of it.
+    "debug": GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, ffn_hidden=512),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (bf16 squares lose too much precision), returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (length, head_dim): angle pos * theta^(-2i/D) for the pair (i, i + D/2) (rotate-half)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (length, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (length, D): both halves of a pair share an angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by its position's angle; cos/sin (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: (B, H, max_len, D) per layer, filled up to `pos`."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, config.n_head, max_len, config.head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.pos = 0  # positions [0, pos) hold valid keys/values
+
+    def update(self, layer: int, k, v):
+        """Store the new k, v (B, H, T, D) after the cached ones; return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.head_dim, self.layer_idx = config.n_head, config.head_dim, layer_idx
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=True)  # fused q, k, v (in that order)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=True)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None or cache.pos == 0:
+            mask, causal = None, True  # whole sequence (or a prefill): plain causal attention, flash-eligible
+        else:
+            mask, causal = self._offset_causal_mask(T, cache.pos, x.device), False
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H, pos + T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    @staticmethod
+    def _offset_causal_mask(T: int, offset: int, device):
+        """(T, offset + T) boolean mask: query t (at position offset + t) sees keys up to its own position."""
+        q_pos = torch.arange(offset, offset + T, device=device)[:, None]
+        k_pos = torch.arange(offset + T, device=device)[None, :]
+        return k_pos <= q_pos
+
+
+class SwiGLU(nn.Module):
+    """value * SiLU(gate), with one fused C -> 2*hidden input projection (value first, gate second)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 2 * config.ffn_hidden, bias=True)
+        self.drop = nn.Dropout(config.ffn_dropout)
+        self.proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=True)
+
+    def forward(self, x):
+        value, gate = self.fc(x).chunk(2, dim=-1)  # 2 x (B, T, hidden)
+        return self.proj(self.drop(value * F.silu(gate)))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + drop(attn(norm1(x))), then x + ffn(norm2(x)) (the FFN's dropout is inside it)."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.norm1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn_drop = nn.Dropout(config.attn_dropout)
+        self.norm2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.ffn = SwiGLU(config)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        x = x + self.attn_drop(self.attn(self.norm1(x), cos, sin, cache))
+        return x + self.ffn(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # also the LM head (tied)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
+        # RoPE tables live on the model's device and follow .to(); not saved (derived from the config).
+        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta, device=self.wte.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Every tensor's init, in one place (the reference scheme). Reproducible for a given seed and device."""
+        if self.wte.weight.is_meta:
+            return  # shape-only model (parameter counting): nothing to fill
+        C, L = self.config.n_embd, self.config.n_layer
+        std_in = math.sqrt(2 / (5 * C))  # 0.019764 for C=1024: embedding, QKV, FFN-in
+        std_out = 1 / (math.sqrt(C) * L)  # 0.001953 for C=1024, L=16: the two residual output projections
+        gen = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
+
+        def normal(t, std):
+            t.normal_(0.0, std, generator=gen)
+
+        normal(self.wte.weight, std_in)
+        self.wte.weight[self.config.vocab_size:].zero_()  # padded rows (if any) stay 0 forever
+        for block in self.blocks:
+            normal(block.attn.qkv.weight, std_in)
+            block.attn.qkv.bias.zero_()
+            normal(block.attn.proj.weight, std_out)
+            block.attn.proj.bias.zero_()
+            normal(block.ffn.fc.weight, std_in)
+            block.ffn.fc.bias.zero_()
+            normal(block.ffn.proj.weight, std_out)
+            block.ffn.proj.bias.zero_()
+            block.norm1.weight.fill_(1.0)
+            block.norm2.weight.fill_(1.0)
+        self.norm_f.weight.fill_(1.0)
+        cos, sin = rope_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy over targets != IGNORE_INDEX, or None).
+
+        With a KV cache, idx holds the tokens after the cached ones and positions continue from cache.pos.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D)
+        x = self.wte(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm_f(x)
+        logits = F.linear(x, self.wte.weight)  # (B, T, padded V): the tied head
+        logits = logits[..., :self.config.vocab_size]  # drop padded rows (a no-op view when unpadded)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Counting
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Unique parameters (the tied head counts once; padded vocab rows never count).
+
+        The reference's "269M" excludes the token embedding; its total is 320.1M.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        padding = (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        embedding = self.config.vocab_size * self.config.n_embd
+        return total - padding - (0 if include_embedding else embedding)
+
+    def num_matmul_params(self) -> int:
+        """Weights that take part in a matmul per token: every Linear weight, plus the tied head once."""
+        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return linear + self.config.vocab_size * self.config.n_embd
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12*L*C*T for attention scores."""
+        c = self.config
+        return 6 * self.num_matmul_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Optimizer
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups by role: weight matrices and the tied embedding decay; biases and norm weights don't."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append((name, p))
+        named = dict(self.named_parameters())
+        covered = [n for n, _ in decay] + [n for n, _ in no_decay]
+        assert sorted(covered) == sorted(named) and len(covered) == len(set(covered)), \
+            "every parameter must be in exactly one optimizer group"
+        return [{"params": [p for _, p in decay], "weight_decay": weight_decay, "role": "matrices"},
+                {"params": [p for _, p in no_decay], "weight_decay": 0.0, "role": "biases_and_norms"}]
+
+    def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
+        fused = self.wte.weight.device.type == "cuda"
+        return torch.optim.AdamW(self.param_groups(weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "GPT":
+        """The model of a checkpoint file, or of a run directory's newest valid checkpoint, in eval mode."""
+        from checkpoint import load_checkpoint
+        from cli import UserError
+        state, file = load_checkpoint(path, map_location="cpu")
+        try:
+            config = GPTConfig.from_dict(state["model_config"])
+        except (TypeError, ValueError) as e:
+            raise UserError(f"checkpoint {file} has an invalid model config: {e}")
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {file} does not match its model config: {str(e).splitlines()[0]}")
+        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta, device=device)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+        return model.eval()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, stop_at_eot: bool = False):
+        """Append up to max_new_tokens sampled tokens to idx (B, T) and return prompt + new ids.
+
+        A KV cache makes each new token one forward pass over one position. The context is cropped to the model's
+        window: a prompt longer than block_size keeps its last block_size tokens in view, and once the window is
+        full each step re-reads the last block_size tokens (exactly what recomputing the cropped context gives).
+        temperature 0 is greedy. With stop_at_eot, rows that emitted <|endoftext|> keep emitting it, and generation
+        ends when every row has.
+        """
+        if idx.dim() == 1:
+            idx = idx[None]
+        window = self.config.block_size
+        cache = None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if cache is None or cache.pos >= window:  # (re)fill the cache from the cropped context
+                cache = KVCache(self.config, idx.size(0), window, idx.device, self.wte.weight.dtype)
+                logits, _ = self(idx[:, -window:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if stop_at_eot:
+                next_id = torch.where(done[:, None], torch.full_like(next_id, EOT_ID), next_id)
+                done |= next_id[:, 0] == EOT_ID
+            idx = torch.cat([idx, next_id], dim=1)
+            if stop_at_eot and bool(done.all()):
+                break
+        return idx
+
+
+def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None):
+    """One token id per row from logits (B, V): greedy at temperature 0, else softmax(logits / T) cut to the top-k
+    and to the smallest set whose probability reaches top_p."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # tokens past the nucleus (the top one always stays)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model FLOPs utilization
+
+PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks from the vendors' data sheets
+    "A100": 312e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The bf16 peak for a CUDA device name ('NVIDIA H100 80GB HBM3' -> H100 SXM), or None when unknown."""
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # 'H100 PCIe' before 'H100'
+        if all(part in device_name for part in key.split()):
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def mfu(flops_per_token: int, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization: achieved training FLOP/s over the device's peak (None without a peak)."""
+    return flops_per_token * tokens_per_s / peak if peak else None

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run the whole test suite. On a fresh machine with only python3 it first sets up .venv (reusing an installed torch).
+# Extra arguments go to pytest, e.g. ./run_tests.sh -k tokenizer -x
+set -euo pipefail
+cd "$(dirname "$0")"
+source ./setup_env.sh requirements-dev.txt
+exec python -m pytest -q tests "$@"

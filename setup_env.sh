@@ -1,0 +1,20 @@
+# Sourced by run_tests.sh and the run scripts: make (once) and activate the virtual environment in $VENV
+# (default .venv). It is created with --system-site-packages, so an installed torch (a GPU box's CUDA build, say)
+# is reused rather than replaced; requirements are installed again only when the requirements file changes.
+# Usage: source setup_env.sh REQUIREMENTS_FILE
+_req="${1:?usage: source setup_env.sh REQUIREMENTS_FILE}"
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating virtual environment $VENV (reusing system packages such as torch)"
+  python3 -m venv --system-site-packages "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+_stamp="$VENV/.installed-$(basename "$_req")"
+_hash="$(cat "$_req" requirements.txt 2>/dev/null | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$_stamp" 2>/dev/null)" != "$_hash" ]; then
+  echo "setup: installing $_req into $VENV"
+  python -m pip install -q --disable-pip-version-check -r "$_req"
+  echo "$_hash" > "$_stamp"
+fi
+unset _req _stamp _hash

@@ -1,0 +1,193 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, IGNORE_INDEX, PRESETS, peak_flops, mfu
+
+
+def tiny_config(**overrides):
+    return GPTConfig(**{**dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32, ffn_hidden=64,
+                               attn_dropout=0.0, ffn_dropout=0.0), **overrides})
+
+
+def test_reference_parameter_counts_exact():
+    with torch.device("meta"):  # shapes only: no 1.3 GB allocation
+        model = GPT(GPTConfig.from_preset("lf_llm_269m"))
+    assert model.num_params() == 320_145_408
+    assert model.num_params(include_embedding=False) == 268_682_240
+
+
+def test_reference_architecture_shapes():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("lf_llm_269m"))
+    block = model.blocks[0]
+    assert len(model.blocks) == 16 and model.config.head_dim == 64
+    assert tuple(block.attn.qkv.weight.shape) == (3072, 1024) and block.attn.qkv.bias is not None
+    assert tuple(block.ffn.fc.weight.shape) == (8192, 1024) and tuple(block.ffn.proj.weight.shape) == (1024, 4096)
+    assert block.attn_drop.p == 0.1 and block.ffn.drop.p == 0.15
+    assert block.norm1.eps == 1e-5 and model.config.rope_theta == 10000.0
+    assert not any(n.startswith("lm_head") for n, _ in model.named_parameters())  # head is tied to wte
+
+
+def test_flops_per_token_formula():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("lf_llm_269m"))
+    matmul = 16 * (1024 * 3072 + 1024 * 1024 + 1024 * 8192 + 4096 * 1024) + 50257 * 1024
+    assert model.flops_per_token(2048) == 6 * matmul + 12 * 16 * 1024 * 2048
+    assert abs(model.flops_per_token(2048) / 1e9 - 2.32) < 0.01
+
+
+def test_padded_vocab_keeps_counts_and_logits():
+    base = GPT(tiny_config(), seed=3)
+    padded = GPT(tiny_config(pad_vocab_to=64), seed=3)
+    assert padded.wte.weight.shape[0] == 128 and padded.num_params() == base.num_params()
+    assert padded.flops_per_token(32) == base.flops_per_token(32)
+    with torch.no_grad():
+        padded.load_state_dict({**base.state_dict(), "wte.weight": torch.cat(
+            [base.wte.weight, torch.zeros(128 - 97, 32)])})
+    idx = torch.randint(0, 97, (2, 16))
+    (l1, loss1), (l2, loss2) = base(idx, idx), padded(idx, idx)
+    assert l2.shape[-1] == 97 and torch.allclose(l1, l2, atol=1e-6) and torch.allclose(loss1, loss2)
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        GPTConfig.from_preset("gpt5")
+    for name in PRESETS:
+        assert name in str(e.value)
+
+
+def test_causality():
+    model = GPT(tiny_config(), seed=0).eval()
+    idx = torch.randint(0, 97, (1, 24))
+    logits, _ = model(idx)
+    for t in (0, 7, 23):
+        changed = idx.clone()
+        changed[0, t] = (changed[0, t] + 1) % 97
+        logits2, _ = model(changed)
+        assert torch.allclose(logits[:, :t], logits2[:, :t], atol=1e-6), f"token {t} leaked backwards"
+        assert not torch.allclose(logits[:, t], logits2[:, t])
+
+
+def test_kv_cache_matches_full_recompute():
+    model = GPT(tiny_config(), seed=1).eval()
+    from model import KVCache
+    idx = torch.randint(0, 97, (2, 20))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
+    prefill, _ = model(idx[:, :12], cache=cache)
+    steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+    cached = torch.cat([prefill, *steps], dim=1)
+    assert torch.allclose(full, cached, atol=1e-5)
+
+
+def greedy_without_cache(model, idx, n):
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("prompt_len,new", [(5, 20), (30, 10)])  # the second runs past the 32-token window
+def test_greedy_generation_equals_argmax_recompute(prompt_len, new):
+    model = GPT(tiny_config(), seed=2).eval()
+    idx = torch.randint(0, 97, (2, prompt_len))
+    assert torch.equal(model.generate(idx, new, temperature=0), greedy_without_cache(model, idx, new))
+
+
+def test_sampling_reproducible_with_generator():
+    model = GPT(tiny_config(), seed=2).eval()
+    idx = torch.randint(0, 97, (1, 4))
+    runs = [model.generate(idx, 15, temperature=1.0, top_k=20, top_p=0.9,
+                           generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    from model import sample_next
+    logits = torch.randn(4, 97)
+    greedy = logits.argmax(-1, keepdim=True)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, top_p=None), greedy)
+    assert torch.equal(sample_next(logits, 1.0, top_k=None, top_p=1e-6), greedy)
+    with pytest.raises(ValueError):
+        sample_next(logits, 1.0, None, top_p=1.5)
+    with pytest.raises(ValueError):
+        sample_next(logits, -1.0, None, None)
+
+
+def test_stop_at_eot(monkeypatch):
+    import model as model_module
+    model = GPT(tiny_config(), seed=0).eval()
+    prompt = torch.randint(0, 97, (2, 3))
+    free = model.generate(prompt, 10, temperature=0)
+    # Pretend the 3rd token row 0 generates is <|endoftext|>: generation must end right there for that row.
+    eot = free[0, 5].item()
+    monkeypatch.setattr(model_module, "EOT_ID", eot)
+    stopped = model.generate(prompt, 10, temperature=0, stop_at_eot=True)
+    first_eot_row1 = [t for t in range(3, 13) if free[1, t] == eot]
+    assert stopped.shape[1] == max(6, (first_eot_row1 or [12])[0] + 1)
+    assert torch.equal(stopped[0, :6], free[0, :6]) and (stopped[0, 6:] == eot).all()
+
+
+def test_loss_at_init_close_to_uniform():
+    model = GPT(GPTConfig.from_preset("debug"), seed=0).eval()
+    idx, targets = torch.randint(0, 50257, (2, 64)), torch.randint(0, 50257, (2, 64))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50257)) < 0.3
+
+
+def test_ignore_index_targets():
+    model = GPT(tiny_config(), seed=0).eval()
+    idx = torch.randint(0, 97, (1, 10))
+    targets = idx.clone()
+    targets[0, 5:] = IGNORE_INDEX
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[0, :5], idx[0, :5])
+    assert torch.allclose(loss, expected)
+
+
+def test_init_statistics_match_scheme():
+    cfg = GPTConfig.from_preset("debug")
+    model = GPT(cfg, seed=0)
+    std_in, std_out = math.sqrt(2 / (5 * cfg.n_embd)), 1 / (math.sqrt(cfg.n_embd) * cfg.n_layer)
+    checks = {"wte.weight": std_in}
+    for i in range(cfg.n_layer):
+        checks |= {f"blocks.{i}.attn.qkv.weight": std_in, f"blocks.{i}.ffn.fc.weight": std_in,
+                   f"blocks.{i}.attn.proj.weight": std_out, f"blocks.{i}.ffn.proj.weight": std_out}
+    params = dict(model.named_parameters())
+    for name, std in checks.items():
+        p = params[name]
+        assert abs(p.mean().item()) < 3 * std / math.sqrt(p.numel()) + 1e-6, name
+        assert abs(p.std().item() / std - 1) < 0.02, name
+    for name, p in params.items():
+        if name.endswith(".bias"):
+            assert torch.all(p == 0), name
+        if "norm" in name:
+            assert torch.all(p == 1), name
+
+
+def test_init_is_seeded():
+    a, b, c = (GPT(tiny_config(), seed=s) for s in (5, 5, 6))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.wte.weight, c.wte.weight)
+
+
+def test_optimizer_groups_cover_every_parameter_once():
+    model = GPT(tiny_config(), seed=0)
+    groups = model.param_groups(weight_decay=0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    decay = {id(p) for p in groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decay) == (name.endswith("weight") and "norm" not in name), name
+    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_mfu_peaks():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("cpu") is None and mfu(10, 10, None) is None
+    assert mfu(2_322_044_928, 38_600, 312e12) == pytest.approx(0.287, abs=0.001)  # the reference run's ~29%
