@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets equal to this (padding) are left out of the loss
 EOT_ID = 50256  # <|endoftext|> in the GPT-2 BPE
@@ -195,6 +196,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta, device=self.wte.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # see enable_activation_checkpointing
         self.init_weights(seed)
 
     @torch.no_grad()
@@ -240,7 +242,10 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D)
         x = self.wte(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)  # recomputed (same dropout) in backward
+            else:
+                x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
@@ -251,6 +256,11 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
+
+    def enable_activation_checkpointing(self) -> None:
+        """Keep only each block's input during training and recompute the block in backward: activation memory
+        drops from O(layers x block internals) to O(layers x C) per token, for about one more forward pass."""
+        self.activation_checkpointing = True
 
     # ------------------------------------------------------------------------------------------------------------
     # Counting
