@@ -1,0 +1,162 @@
+"""Plots of a run's metrics.jsonl: the training panel, train vs validation loss, and HellaSwag accuracy.
+
+  python plot_metrics.py temp_data/runs/debug            # writes PNGs into the run directory's plots/
+  python plot_metrics.py RUN_DIR --out assets/plots
+
+Works on a run still in progress (a half-written last line is skipped) and on runs with no evaluations yet.
+Importable: the notebooks call read_metrics / training_figure / loss_figure / hellaswag_figure / latest_values.
+"""
+import argparse
+import json
+from pathlib import Path
+
+from cli import UserError, main_entry
+
+TRAIN_PANELS = [  # (metrics key, title, y label, log scale)
+    ("loss", "Training loss", "cross-entropy (nats/token)", False),
+    ("lr", "Learning rate", "LR", False),
+    ("grad_norm", "Gradient norm (before clipping)", "L2 norm", True),
+    ("step_ms", "Step time", "ms per optimizer step", False),
+    ("tokens_per_s", "Throughput", "tokens/s (all processes)", False),
+    ("mfu", "Model FLOPs utilization", "MFU (%)", False),
+]
+
+
+def metrics_path(path) -> Path:
+    path = Path(path)
+    return path / "metrics.jsonl" if path.is_dir() else path
+
+
+def read_metrics(path) -> list[dict]:
+    """Events of a run directory's (or a file's) metrics.jsonl, in order; an unfinished last line is skipped."""
+    file = metrics_path(path)
+    if not file.is_file():
+        raise UserError(f"no metrics at {file}; pass a run directory made by train.py (or its metrics.jsonl)")
+    events = []
+    for line in file.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the line train.py is writing right now
+    return events
+
+
+def series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of every event that has `key` with a value."""
+    points = [(e["step"], e[key]) for e in events if e.get(key) is not None]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _figure(rows: int, cols: int, width: float, height: float):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    return fig, axes.ravel()
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def training_figure(events: list[dict], title: str = ""):
+    fig, axes = _figure(2, 3, 15, 7.5)
+    for ax, (key, name, ylabel, log) in zip(axes, TRAIN_PANELS):
+        steps, values = series(events, key)
+        ax.set_title(name)
+        if not values:
+            _empty(ax, f"no {key} values yet" + (" (no GPU peak known)" if key == "mfu" else ""))
+            continue
+        if key == "mfu":
+            values = [100 * v for v in values]
+        ax.plot(steps, values, lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "Training")
+    fig.tight_layout()
+    return fig
+
+
+def loss_figure(events: list[dict], title: str = ""):
+    fig, (ax,) = _figure(1, 1, 8, 5)
+    train_steps, train = series(events, "loss")
+    val_steps, val = series(events, "val_loss")
+    if not train and not val:
+        _empty(ax, "no losses yet")
+    else:
+        ax.plot(train_steps, train, lw=1, alpha=0.8, label="train (batch mean)")
+        ax.plot(val_steps, val, "o-", lw=1.5, ms=4, label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax.set_title(title or "Train vs validation loss")
+    fig.tight_layout()
+    return fig
+
+
+def hellaswag_figure(events: list[dict], title: str = ""):
+    fig, (ax,) = _figure(1, 1, 8, 5)
+    steps, acc = series(events, "hellaswag_acc")
+    norm_steps, acc_norm = series(events, "hellaswag_acc_norm")
+    if not acc and not acc_norm:
+        _empty(ax, "no HellaSwag evaluations yet")
+    else:
+        ax.plot(norm_steps, [100 * v for v in acc_norm], "o-", ms=4, label="acc_norm (mean log-prob per token)")
+        ax.plot(steps, [100 * v for v in acc], "s--", ms=4, label="acc (sum of log-probs)")
+        ax.axhline(25, color="gray", ls=":", label="chance (25%)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax.set_title(title or "HellaSwag")
+    fig.tight_layout()
+    return fig
+
+
+def latest_values(events: list[dict]) -> dict:
+    """The newest value of each metric, with the step it was recorded at."""
+    latest = {}
+    for event in events:
+        for key, value in event.items():
+            if key != "step" and value is not None:
+                latest[key] = (event["step"], value)
+    return latest
+
+
+def write_plots(path, out_dir=None) -> list[Path]:
+    """Write training.png, loss.png and hellaswag.png; out_dir defaults to RUN_DIR/plots."""
+    import matplotlib.pyplot as plt
+    events = read_metrics(path)
+    run_dir = metrics_path(path).parent
+    out_dir = Path(out_dir) if out_dir else run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    figures = (("training", training_figure, "Training"), ("loss", loss_figure, "Train vs validation loss"),
+               ("hellaswag", hellaswag_figure, "HellaSwag"))
+    for name, make, title in figures:
+        fig = make(events, title=f"{title}: {run_dir.name}")
+        file = out_dir / f"{name}.png"
+        fig.savefig(file, dpi=110)
+        plt.close(fig)
+        written.append(file)
+    return written
+
+
+@main_entry
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run directory (or its metrics.jsonl)")
+    parser.add_argument("--out", help="folder for the PNGs (default RUN/plots)")
+    args = parser.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    for file in write_plots(args.run, args.out):
+        print(f"wrote {file}")
+
+
+if __name__ == "__main__":
+    main()
