@@ -1,0 +1,236 @@
+"""train.py: schedule, batch derivation, exact resume, DDP equivalence, preemption, restarts, bad input."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from train import TrainConfig, grad_accum_steps, largest_fitting, lr_at, micro_batch_candidates, parse_config
+from cli import UserError
+
+# A tiny, quick recipe on the debug model: 8 steps of 2 x 4 x 32 tokens, dropout on (the preset's).
+TINY = ["--config", "debug", "--micro-batch", "4", "--seq-len", "32", "--total-batch-tokens", "256",
+        "--max-steps", "8", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "4", "--val-tokens", "512",
+        "--hellaswag-every", "0", "--hellaswag-limit", "2", "--sample-every", "0", "--sample-tokens", "4",
+        "--ckpt-every", "0", "--keep-checkpoints", "0"]
+
+
+def train(data, out, *extra, check=True, **kw):
+    return run_script("train.py", *TINY, "--data", data, "--out", out, *extra, check=check, **kw)
+
+
+def train_losses(run_dir):
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in events if "loss" in e}
+
+
+def final_weights(run_dir, step=8):
+    return torch.load(run_dir / "checkpoints" / f"step_{step:06d}.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, exact=True, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+@pytest.fixture(scope="module")
+def straight_run(embedded_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    train(embedded_data, out)
+    return out
+
+
+# --- pure functions -------------------------------------------------------------------------------------------
+
+def test_reference_recipe_defaults():
+    cfg = TrainConfig()
+    assert cfg.total_batch_tokens == 2 ** 19 and cfg.max_steps == int(10e9 / 2 ** 19) == 19_073
+    assert cfg.warmup_steps == 226 and cfg.max_lr == 2.1e-3 and cfg.min_lr == pytest.approx(0.1 * cfg.max_lr)
+    assert grad_accum_steps(cfg.total_batch_tokens, int(cfg.micro_batch), cfg.seq_len, world_size=8) == 2
+
+
+def test_lr_schedule_formula():
+    cfg = TrainConfig()
+    assert lr_at(0, cfg) == pytest.approx(2.1e-3 / 226)
+    assert lr_at(225, cfg) == pytest.approx(2.1e-3)
+    assert lr_at(226, cfg) == pytest.approx(2.1e-3)  # cosine starts at the peak
+    assert lr_at(19_072, cfg) == pytest.approx(2.1e-4)  # and reaches 10% of it at the last step
+    mid = 226 + (19_072 - 226) / 2
+    assert lr_at(int(mid), cfg) == pytest.approx(2.1e-4 + 0.5 * (1 + math.cos(math.pi * (int(mid) - 226) / (19_072 - 226))) * 1.89e-3)
+
+
+def test_grad_accum_derivation_and_error():
+    assert grad_accum_steps(524_288, 16, 2048, 1) == 16
+    assert grad_accum_steps(524_288, 8, 2048, 4) == 8
+    with pytest.raises(UserError, match="not a multiple"):
+        grad_accum_steps(524_288, 12, 2048, 1)
+
+
+def test_micro_batch_auto_picks_largest_fitting_divisor():
+    candidates = micro_batch_candidates(524_288, 2048, 8)  # 32 sequences per rank per step
+    assert candidates == [32, 16, 8, 4, 2, 1]
+    assert largest_fitting(candidates, lambda b: b * 5 <= 64) == 8
+    with pytest.raises(UserError, match="does not fit"):
+        largest_fitting(candidates, lambda b: False)
+
+
+def test_every_field_is_a_flag_and_bad_flags_are_refused():
+    cfg, preset = parse_config(["--config", "debug", "--max-lr", "1e-3", "--no-compile", "--sample-prompts", "a", "b",
+                                "--attn-dropout", "0"])
+    assert preset == "debug" and cfg.max_lr == 1e-3 and cfg.compile is False
+    assert cfg.sample_prompts == ("a", "b") and cfg.model_config().attn_dropout == 0.0
+    assert cfg.model_config().ffn_dropout == 0.15  # untouched: the preset's
+    with pytest.raises(SystemExit):
+        parse_config(["--max-lr", "fast"])
+    with pytest.raises(SystemExit):
+        parse_config(["--no-such-flag", "1"])
+
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+def test_run_writes_metrics_config_log_and_checkpoint(straight_run):
+    events = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    train_events = [e for e in events if "loss" in e]
+    assert [e["step"] for e in train_events] == list(range(8))
+    assert {"step", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s", "mfu", "tokens"} <= train_events[0].keys()
+    assert [e["step"] for e in events if "val_loss" in e] == [0, 4, 8]
+    assert [e["step"] for e in events if "hellaswag_acc_norm" in e] == [8]  # the last step always evaluates
+    assert [len(e["samples"]) for e in events if "samples" in e] == [3]
+    log = (straight_run / "train.log").read_text()
+    assert log.startswith("commit: ") and "torch " in log and "config: " in log
+    assert json.loads((straight_run / "config.json").read_text())["train"]["max_steps"] == 8
+    state = torch.load(straight_run / "checkpoints" / "step_000008.pt", weights_only=True)
+    assert {"model", "optimizer", "step", "loader", "rng", "train_config", "model_config", "tokens_seen"} <= state.keys()
+    assert state["step"] == 8 and state["tokens_seen"] == 8 * 256
+    assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in state["model"])
+
+
+def test_stop_and_resume_is_exact(straight_run, embedded_data, tmp_path):
+    out = tmp_path / "split"
+    train(embedded_data, out, "--stop-at-step", "4")
+    assert (out / "checkpoints" / "step_000004.pt").exists() and not (out / "checkpoints" / "step_000008.pt").exists()
+    train(embedded_data, out, "--resume")
+    assert train_losses(out) == train_losses(straight_run)  # float equality: bit-exact continuation
+    assert_same_weights(final_weights(out), final_weights(straight_run))
+
+
+def test_evaluation_does_not_change_training(straight_run, embedded_data, tmp_path):
+    out = tmp_path / "evals"
+    train(embedded_data, out, "--eval-every", "1", "--hellaswag-every", "2", "--sample-every", "3")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([e for e in events if "hellaswag_acc" in e]) == 5 and len([e for e in events if "samples" in e]) == 4
+    assert train_losses(out) == train_losses(straight_run)
+    assert_same_weights(final_weights(out), final_weights(straight_run))
+
+
+def test_sigterm_checkpoints_then_resume_completes(straight_run, embedded_data, tmp_path):
+    out = tmp_path / "sigterm"
+    cmd = [sys.executable, "train.py", *TINY, "--data", str(embedded_data), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "step      2 | loss" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, output
+    assert "stopped by signal" in output
+    saved = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0] != "step_000008.pt"
+    train(embedded_data, out, "--resume")
+    assert train_losses(out) == train_losses(straight_run)
+    assert_same_weights(final_weights(out), final_weights(straight_run))
+
+
+def test_ddp_two_processes_match_one_process_with_accumulation(embedded_data, tmp_path):
+    no_dropout = ["--attn-dropout", "0", "--ffn-dropout", "0"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train(embedded_data, single, *no_dropout)
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+               "--data", embedded_data, "--out", ddp, *no_dropout, check=True)
+    a, b = train_losses(single), train_losses(ddp)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert_same_weights(final_weights(single), final_weights(ddp), exact=False, atol=1e-5)
+
+
+def test_killed_worker_restarts_from_checkpoint(embedded_data, tmp_path):
+    out = tmp_path / "restart"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "train.py", *TINY, "--data", str(embedded_data), "--out", str(out), "--ckpt-every", "2",
+           "--resume", "--allow-fresh-start"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step_000002.pt").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.2)
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "torchrun has no worker processes"
+    os.kill(int(workers[0]), signal.SIGKILL)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert "resume: continuing after step" in output
+    assert (out / "checkpoints" / "step_000008.pt").exists()
+    assert sorted(train_losses(out)) == list(range(8))
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(embedded_data, tmp_path):
+    out = tmp_path / "nan"
+    proc = train(embedded_data, out, "--max-lr", "1e30", "--ckpt-every", "1", "--eval-every", "0", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "NaN/inf at step" in proc.stderr
+    bad = int(proc.stderr.split("NaN/inf at step ")[1].split(";")[0])
+    saved = sorted(int(p.stem.split("_")[1]) for p in (out / "checkpoints").iterdir())
+    assert all(step <= bad for step in saved)  # no checkpoint holds the broken weights
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+def one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in last, last
+
+
+def test_missing_data_dir_names_the_prep_command(tmp_path):
+    one_line_error(train(tmp_path / "nowhere", tmp_path / "run", check=False), "data_prep.py")
+
+
+def test_other_tokenizer_refused(embedded_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(embedded_data, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = "0" * 64
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(train(data, tmp_path / "run", check=False), "tokenizer")
+
+
+def test_indivisible_batch_and_long_sequence_refused(embedded_data, tmp_path):
+    one_line_error(train(embedded_data, tmp_path / "a", "--micro-batch", "3", check=False), "not a multiple")
+    one_line_error(train(embedded_data, tmp_path / "b", "--seq-len", "256", "--total-batch-tokens", "1024",
+                         check=False), "context")
+
+
+def test_resume_without_checkpoint_refused(embedded_data, tmp_path):
+    one_line_error(train(embedded_data, tmp_path / "run", "--resume", check=False), "--allow-fresh-start")
+
+
+def test_checkpoint_of_other_model_config_refused(straight_run, embedded_data, tmp_path):
+    one_line_error(train(embedded_data, tmp_path / "run", "--init-from", straight_run, "--pad-vocab-to", "64",
+                         check=False), "different model config")

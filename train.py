@@ -1,0 +1,688 @@
+"""Pre-train a GPT: one process (CUDA, MPS or CPU) or torchrun DDP over GPUs and nodes, exactly resumable.
+
+  python train.py --config debug --data temp_data/data/embedded --out temp_data/runs/debug
+  torchrun --nproc_per_node=8 train.py --config lf_llm_269m --data temp_data/data/fineweb_edu_10bt --out RUN --resume
+
+Every TrainConfig field is a --kebab-case flag (`--max-lr 1e-3`); `--config` picks the preset they override.
+A run directory holds config.json, train.log, metrics.jsonl and checkpoints/step_NNNNNN.pt. A checkpoint holds
+everything needed to continue bit-for-bit: model, optimizer, step, loader position and every rank's RNG states.
+SIGTERM/SIGINT finish the current step, checkpoint and exit 0; `--resume` continues from the newest valid
+checkpoint; under `torchrun --max-restarts=K ... --resume --allow-fresh-start` a crashed worker group restarts
+from the last checkpoint.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from cli import UserError, main_entry, run_header
+from dataloader import ShardDataset, TrainLoader, val_batches
+from model import GPT, GPTConfig, mfu, peak_flops
+
+REFERENCE_PROMPTS = (
+    "If animals could talk, my pet would probably say",
+    "HTML stands for",
+    "The clever fox built the strange machine with just a feather, a pebble, and a tiny twig",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class TrainConfig:
+    """Defaults are the reference recipe (LF_LLM-269M on FineWeb-Edu sample-10BT, 8 GPUs)."""
+    model: str = "lf_llm_269m"  # model preset (model.PRESETS)
+    data: str = "temp_data/data/fineweb_edu_10bt"  # a data_prep.py output directory
+    out: str = ""  # run directory; default temp_data/runs/<config>-<time>
+    # Batch: token batch per optimizer step = micro_batch x seq_len x world size x accumulation steps.
+    total_batch_tokens: int = 524_288  # 2^19
+    micro_batch: str = "16"  # sequences per GPU per forward pass, or "auto" (largest that fits the device)
+    seq_len: int = 2048
+    max_steps: int = 19_073  # int(10e9 / 524,288): 10B tokens
+    # AdamW and the LR schedule: linear warmup, then cosine to min_lr at the last step.
+    max_lr: float = 2.1e-3
+    min_lr: float = 2.1e-4
+    warmup_steps: int = 226  # 119M tokens
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # Model overrides (None: the preset's value).
+    attn_dropout: float | None = None
+    ffn_dropout: float | None = None
+    pad_vocab_to: int | None = None
+    # Speed.
+    compile: bool = True  # torch.compile on CUDA
+    autocast: bool = True  # bf16 autocast on CUDA
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    peak_flops: float = 0.0  # device peak for MFU; 0 = look up the GPU name (A100, H100, H200)
+    # Evaluation, logging and checkpoints (intervals in optimizer steps; 0 = only at the last step).
+    log_every: int = 10
+    eval_every: int = 250  # validation loss
+    val_tokens: int = 10_485_760  # validation tokens per periodic evaluation (20 x 2^19)
+    final_val_tokens: int = 0  # validation tokens at the last step; 0 = the whole validation split
+    hellaswag_every: int = 500
+    hellaswag_data: str = ""  # jsonl file; "" = the official validation split (downloaded once)
+    hellaswag_limit: int = 0  # examples per evaluation; 0 = all
+    sample_every: int = 500
+    sample_prompts: tuple[str, ...] = REFERENCE_PROMPTS
+    sample_tokens: int = 32
+    sample_temperature: float = 1.0
+    sample_top_k: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3  # newest checkpoints kept; 0 = all
+    # Control.
+    seed: int = 1337
+    device: str = ""  # cuda, mps, cpu; "" = the best available
+    stop_at_step: int = 0  # checkpoint and exit after this step (the schedule still follows max_steps)
+    resume: bool = False  # continue from the newest valid checkpoint in the run directory
+    allow_fresh_start: bool = False  # with --resume: start from scratch when there is no checkpoint yet
+    init_from: str = ""  # start a new run from this checkpoint's weights (file or run directory)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TrainConfig":
+        if name not in TRAIN_PRESETS:
+            raise UserError(f"unknown --config {name!r}; valid configs: {', '.join(TRAIN_PRESETS)}")
+        return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
+
+    def model_config(self) -> GPTConfig:
+        overrides = {k: getattr(self, k) for k in ("attn_dropout", "ffn_dropout", "pad_vocab_to")
+                     if getattr(self, k) is not None}
+        return GPTConfig.from_preset(self.model, **overrides)
+
+
+TRAIN_PRESETS = {
+    "lf_llm_269m": TrainConfig(),
+    # Trains the tiny debug model on the embedded corpus on 2 CPU cores in a couple of minutes.
+    "debug": TrainConfig(model="debug", data="temp_data/data/embedded", total_batch_tokens=4096, micro_batch="16",
+                         seq_len=128, max_steps=300, warmup_steps=30, max_lr=3e-3, min_lr=3e-4, log_every=10,
+                         eval_every=50, val_tokens=16_384, final_val_tokens=0, hellaswag_every=100,
+                         hellaswag_data="assets/hellaswag/hellaswag_val_head10.jsonl", sample_every=100,
+                         sample_tokens=24, ckpt_every=100),
+}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to max_lr over warmup_steps, then cosine decay reaching min_lr exactly at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.max_steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
+
+
+def due_at(step: int, every: int) -> bool:
+    """Whether a periodic action (every N steps; 0 = never) falls on `step`."""
+    return every > 0 and step % every == 0
+
+
+def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
+    """Micro-steps per optimizer step, so that micro-batches of all ranks add up to exactly the token batch."""
+    per_pass = micro_batch * seq_len * world_size
+    if total_batch_tokens % per_pass:
+        raise UserError(f"--total-batch-tokens {total_batch_tokens} is not a multiple of micro-batch {micro_batch} x "
+                        f"seq-len {seq_len} x {world_size} processes = {per_pass}; change one of them")
+    steps = total_batch_tokens // per_pass
+    assert steps * per_pass == total_batch_tokens
+    return steps
+
+
+CPU_AUTO_MICRO_BATCH = 16  # without a GPU memory limit to probe, `--micro-batch auto` takes at most this
+
+
+def micro_batch_candidates(total_batch_tokens: int, seq_len: int, world_size: int) -> list[int]:
+    """Micro-batches that keep the token batch exact through accumulation, largest first."""
+    per_rank, rest = divmod(total_batch_tokens, seq_len * world_size)
+    if rest or per_rank == 0:
+        raise UserError(f"--total-batch-tokens {total_batch_tokens} is not a multiple of seq-len {seq_len} x "
+                        f"{world_size} processes; change one of them")
+    return [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+
+
+def largest_fitting(candidates: list[int], fits) -> int:
+    for batch in candidates:
+        if fits(batch):
+            return batch
+    raise UserError("even a micro-batch of 1 sequence does not fit in device memory; "
+                    "try --activation-checkpointing or a shorter --seq-len")
+
+
+def cuda_memory_probe(model, seq_len: int, device, autocast):
+    """fits(b): whether a forward + backward of b sequences fits next to AdamW's two moment buffers (allocated
+    here as stand-ins, so the weights and the optimizer stay untouched). Eager mode: compiled steps need less."""
+    def fits(batch: int) -> bool:
+        reserve = []
+        try:
+            reserve = [torch.empty_like(p) for p in model.parameters() for _ in range(2)]
+            x = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
+            with autocast():
+                _, loss = model(x, x)
+            loss.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del reserve
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    return fits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: every config field is a flag
+
+def _flag_type(annotation):
+    """argparse type for a field annotation (int, float, str, bool, X | None, tuple[str, ...])."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return annotation
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="lf_llm_269m", help=f"preset: {', '.join(TRAIN_PRESETS)} (default %(default)s)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        default = f"preset's (reference: {f.default!r})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=default)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, nargs="*", default=None, metavar="TEXT", help=default)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=default)
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("config")
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None}
+    return TrainConfig.from_preset(preset, **overrides), preset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes and devices
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    control: object = None  # a gloo group for host-side agreement (stop flag, RNG gathering): no GPU syncs
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (global rank across nodes, local rank on this node)."""
+    if "RANK" not in os.environ:
+        return Dist(), pick_device(device_flag)
+    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    device = pick_device(device_flag, d.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    d.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return d, device
+
+
+def pick_device(flag: str, local_rank: int = 0) -> torch.device:
+    if flag and flag not in ("cuda", "mps", "cpu") and not flag.startswith("cuda:"):
+        raise UserError(f"--device {flag!r}: use cuda, mps or cpu")
+    kind = flag or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if kind.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    if kind == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(kind)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": _numpy_rng_to_plain(np.random.get_state()),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    np.random.set_state(_numpy_rng_from_plain(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _numpy_rng_to_plain(s):  # numpy arrays are not allowed in a weights_only checkpoint: store a tensor
+    return [s[0], torch.from_numpy(s[1].astype(np.int64)), s[2], s[3], s[4]]
+
+
+def _numpy_rng_from_plain(s):
+    return (s[0], s[1].numpy().astype(np.uint32), s[2], s[3], s[4])
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging
+
+class RunLog:
+    """Rank 0's readable log (stdout + train.log) and metrics.jsonl; other ranks stay quiet."""
+
+    def __init__(self, run_dir: Path, active: bool):
+        self.active = active
+        self.log_file = open(run_dir / "train.log", "a") if active else None
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a") if active else None
+
+    def info(self, line: str = "") -> None:
+        if self.active:
+            tqdm.write(line)
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
+
+    def metrics(self, event: dict) -> None:
+        if self.active:
+            self.metrics_file.write(json.dumps(event) + "\n")
+            self.metrics_file.flush()
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """On resume from a checkpoint taken after `step` steps, forget events the lost segment logged past it."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        is_train_step = "loss" in event
+        if event["step"] < step or (event["step"] == step and not is_train_step):
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, preset: str, d: Dist, device: torch.device):
+        self.cfg, self.d, self.device = cfg, d, device
+        self.run_dir = self._resolve_run_dir(preset)
+        self.log = RunLog(self.run_dir, d.is_main)
+        self.dataset = ShardDataset.open(cfg.data)
+        self.model_config = cfg.model_config()
+        if cfg.seq_len > self.model_config.block_size:
+            raise UserError(f"--seq-len {cfg.seq_len} is longer than model {cfg.model}'s context "
+                            f"({self.model_config.block_size}); lower it")
+        self.model = GPT(self.model_config, seed=cfg.seed).to(device)
+        if cfg.activation_checkpointing:
+            self.model.enable_activation_checkpointing()
+        self.on_cuda = device.type == "cuda"
+        self.micro_batch = self._resolve_micro_batch()
+        self.accum = grad_accum_steps(cfg.total_batch_tokens, self.micro_batch, cfg.seq_len, d.world_size)
+        self.optimizer = self.model.configure_optimizer(cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.loader = TrainLoader(self.dataset, self.micro_batch, cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                                  seed=cfg.seed, device=device, log=self.log.info)
+        self.step = 0
+        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+        self.peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if self.on_cuda else None)
+        self.stop_requested = False
+        self.resumed = False
+        seed_everything(cfg.seed + d.rank)  # ranks draw different dropout masks
+        self._restore_or_init()
+        self.forward_model = self._wrap_model()
+
+    # --- setup ---
+
+    def _resolve_run_dir(self, preset: str) -> Path:
+        out = self.cfg.out
+        if not out:  # one name for all ranks: rank 0 picks it
+            names = [f"temp_data/runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"]
+            if self.d.world_size > 1:
+                dist.broadcast_object_list(names, src=0, group=self.d.control)
+            out = names[0]
+        run_dir = Path(out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--out {run_dir} is a file; give a directory")
+        if self.d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        return run_dir
+
+    def _resolve_micro_batch(self) -> int:
+        value = self.cfg.micro_batch
+        if value == "auto":
+            candidates = micro_batch_candidates(self.cfg.total_batch_tokens, self.cfg.seq_len, self.d.world_size)
+            fits = cuda_memory_probe(self.model, self.cfg.seq_len, self.device, self.autocast) if self.on_cuda \
+                else (lambda b: b <= CPU_AUTO_MICRO_BATCH)
+            batch = largest_fitting(candidates, fits)
+            self.log.info(f"micro-batch auto: {batch} sequences of {self.cfg.seq_len} tokens")
+            return batch
+        if not value.isdigit() or int(value) < 1:
+            raise UserError(f"--micro-batch {value!r}: give a positive integer or 'auto'")
+        return int(value)
+
+    def _restore_or_init(self) -> None:
+        cfg = self.cfg
+        if cfg.resume:
+            if cfg.init_from:
+                raise UserError("--resume and --init-from exclude each other: resume continues this run, "
+                                "init-from starts a new one")
+            try:
+                state, path = load_checkpoint(self.run_dir, map_location="cpu")
+            except UserError as e:
+                if not cfg.allow_fresh_start:
+                    raise UserError(f"--resume: {e} (add --allow-fresh-start to start from scratch when there is none)")
+                self.log.info(f"resume: no checkpoint in {self.run_dir} yet, starting from scratch")
+            else:
+                self._load_training_state(state, path)
+                return
+        elif cfg.init_from:
+            state, path = load_checkpoint(cfg.init_from, map_location="cpu")
+            self._check_model_config(state, path)
+            self.model.load_state_dict(state["model"])
+            self.log.info(f"init: weights from {path}")
+        self._check_fresh_run_dir()
+
+    def _check_fresh_run_dir(self) -> None:
+        from checkpoint import list_checkpoints
+        if list_checkpoints(self.run_dir):
+            raise UserError(f"{self.run_dir} already holds checkpoints; add --resume to continue that run, "
+                            "or choose a new --out")
+
+    def _check_model_config(self, state: dict, path: Path) -> None:
+        if state["model_config"] != dataclasses.asdict(self.model_config):
+            diff = {k: (v, state["model_config"].get(k)) for k, v in dataclasses.asdict(self.model_config).items()
+                    if state["model_config"].get(k) != v}
+            raise UserError(f"checkpoint {path} is from a different model config (field: (ours, checkpoint's)): {diff}")
+
+    def _load_training_state(self, state: dict, path: Path) -> None:
+        self._check_model_config(state, path)
+        if state.get("world_size") != self.d.world_size:
+            raise UserError(f"checkpoint {path} was written by {state.get('world_size')} processes; resume with "
+                            f"the same number (this run has {self.d.world_size}) for an exact continuation")
+        changed = {k for k, v in dataclasses.asdict(self.cfg).items()
+                   if state["train_config"].get(k) != v and k not in ("resume", "allow_fresh_start", "stop_at_step")}
+        if changed:
+            self.log.info(f"resume: these settings differ from the checkpoint's run: {sorted(changed)}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"][self.d.rank])
+        set_rng_state(state["rng"][self.d.rank])
+        self.step = state["step"]
+        self.resumed = True
+        if self.d.is_main:
+            drop_metrics_after(self.run_dir, self.step)
+        self.log.info(f"resume: continuing after step {self.step} from {path}")
+
+    def _wrap_model(self):
+        model = self.model
+        if self.cfg.compile and self.on_cuda:
+            model = torch.compile(model)
+        if self.d.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.on_cuda else None)
+        return model
+
+    # --- the loop ---
+
+    def autocast(self):
+        if self.on_cuda and self.cfg.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over the token batch. Returns (mean loss over micro-steps, pre-clip grad norm) as
+        device tensors: nothing here waits for the GPU."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.loader.next_batch()
+            last = micro == self.accum - 1
+            # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate locally.
+            sync = contextlib.nullcontext() if last or self.d.world_size == 1 else self.forward_model.no_sync()
+            with sync:
+                with self.autocast():
+                    _, loss = self.forward_model(x, y)
+                (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.accum, grad_norm
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self._log_header()
+        last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
+        if not self.resumed:  # a resumed run evaluated this step before its checkpoint
+            self.evaluate(self.step)
+        bar = tqdm(total=last_step, initial=self.step, desc="train", unit="step", disable=not self.d.is_main,
+                   dynamic_ncols=True)
+        bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first step with a NaN/inf loss
+        window_start, window_steps = time.perf_counter(), 0
+        self._install_signal_handlers()
+        while self.step < last_step:
+            loss, grad_norm = self.train_step()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
+            self.step += 1
+            window_steps += 1
+            bar.update(1)
+            done = self.step == last_step
+            stop = self._agree_to_stop()
+            if self.step % cfg.log_every == 0 or done or stop:
+                self._check_finite(bad_step)
+                elapsed = self._elapsed(window_start)
+                self._log_train(loss, grad_norm, elapsed / window_steps)
+                window_start, window_steps = time.perf_counter(), 0
+            self.evaluate(self.step)
+            if due_at(self.step, cfg.ckpt_every) or done or stop:
+                self._check_finite(bad_step)
+                self.save()
+            if stop:
+                self.log.info(f"stopped by signal after step {self.step}; checkpoint written. "
+                              f"Continue with the same command plus --resume")
+                break
+        bar.close()
+        self.log.info(f"done: {self.step} steps, {self.step * cfg.total_batch_tokens:,} tokens, run directory {self.run_dir}")
+        return 0
+
+    def _elapsed(self, since: float) -> float:
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - since
+
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        step = int(bad_step.item())
+        if self.d.world_size > 1:  # any rank's NaN stops every rank
+            flag = torch.tensor([step], dtype=torch.long)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.d.control)
+            step = int(flag.item())
+        if step >= 0:
+            raise NonFiniteLoss(f"loss became NaN/inf at step {step}; the last good checkpoint is kept in "
+                                f"{self.run_dir / 'checkpoints'} (try a lower --max-lr, then --resume)")
+
+    def _log_train(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_s: float) -> None:
+        loss = self._mean_over_ranks(loss)
+        tokens_per_s = self.cfg.total_batch_tokens / step_s
+        util = mfu(self.flops_per_token, tokens_per_s / self.d.world_size, self.peak)
+        event = {"step": self.step - 1, "loss": loss.item(), "lr": lr_at(self.step - 1, self.cfg),
+                 "grad_norm": grad_norm.item(), "step_ms": step_s * 1000, "tokens_per_s": tokens_per_s,
+                 "mfu": util, "tokens": self.step * self.cfg.total_batch_tokens}
+        self.log.metrics(event)
+        self.log.info(f"step {event['step']:6d} | loss {event['loss']:.4f} | lr {event['lr']:.2e} | "
+                      f"norm {event['grad_norm']:.3f} | {event['step_ms']:.0f} ms | {tokens_per_s:,.0f} tok/s"
+                      + (f" | mfu {util:.1%}" if util is not None else ""))
+
+    # --- evaluation ---
+
+    def evaluate(self, step: int) -> None:
+        """Validation loss, HellaSwag and samples, each when due at `step` (all at the last step). They run on
+        forked RNG streams and restore the model's mode, so training continues exactly as without them."""
+        final = step == self.cfg.max_steps
+        due = [run for every, run in ((self.cfg.eval_every, self._eval_val_loss),
+                                      (self.cfg.hellaswag_every, self._eval_hellaswag),
+                                      (self.cfg.sample_every, self._eval_samples)) if final or due_at(step, every)]
+        if due:
+            with torch.random.fork_rng(devices=[self.device] if self.on_cuda else []):
+                for run in due:
+                    run(step)
+
+    @torch.no_grad()
+    def _eval_val_loss(self, step: int) -> None:
+        max_tokens = self.cfg.final_val_tokens if step == self.cfg.max_steps else self.cfg.val_tokens
+        was_training = self.model.training
+        self.model.eval()
+        total, batches = torch.zeros((), device=self.device), 0
+        for x, y in val_batches(self.dataset, self.micro_batch, self.cfg.seq_len, self.d.rank, self.d.world_size,
+                                max_tokens=max_tokens or None, device=self.device):
+            with self.autocast():
+                _, loss = self.model(x, y)
+            total += loss
+            batches += 1
+        self.model.train(was_training)
+        val = self._mean_over_ranks(total / max(1, batches))
+        self.log.metrics({"step": step, "val_loss": val.item()})
+        self.log.info(f"step {step:6d} | val loss {val.item():.4f} ({batches * self.d.world_size} batches)")
+
+    def _eval_hellaswag(self, step: int) -> None:
+        from hellaswag_eval import evaluate_hellaswag, load_examples
+        examples = load_examples(self.cfg.hellaswag_data or None, limit=self.cfg.hellaswag_limit or None)
+        result = evaluate_hellaswag(self.model, examples, self.device, batch_size=self.micro_batch,
+                                    rank=self.d.rank, world_size=self.d.world_size)
+        self.log.metrics({"step": step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]})
+        self.log.info(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} acc {result['acc']:.4f} "
+                      f"({result['total']} examples)")
+
+    def _eval_samples(self, step: int) -> None:
+        if not self.cfg.sample_prompts or not self.d.is_main:
+            return
+        from generate import generate_samples
+        texts = generate_samples(self.model, list(self.cfg.sample_prompts), self.cfg.sample_tokens,
+                                 self.cfg.sample_temperature, self.cfg.sample_top_k, None, self.cfg.seed, self.device)
+        self.log.metrics({"step": step, "samples": [{"prompt": p, "text": t}
+                                                    for p, t in zip(self.cfg.sample_prompts, texts)]})
+        for prompt, text in zip(self.cfg.sample_prompts, texts):
+            self.log.info(f"step {step:6d} | sample | {prompt!r} -> {text!r}")
+
+    # --- checkpoints and signals ---
+
+    def save(self) -> None:
+        rng = [rng_state()]
+        loader = [self.loader.state_dict()]
+        if self.d.world_size > 1:
+            rng, loader = self._gather(rng[0]), self._gather(loader[0])
+        if self.d.is_main:
+            path = checkpoint_path(self.run_dir, self.step)
+            save_checkpoint({
+                "model_config": dataclasses.asdict(self.model_config),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "train_config": dataclasses.asdict(self.cfg),
+                "step": self.step,
+                "tokens_seen": self.step * self.cfg.total_batch_tokens,
+                "world_size": self.d.world_size,
+                "loader": loader,
+                "rng": rng,
+            }, path)
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            self.log.info(f"step {self.step:6d} | checkpoint {path}")
+        self._barrier()
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.d.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)  # (gloo has no AVG)
+            value = value / self.d.world_size
+        return value
+
+    def _gather(self, obj) -> list:
+        out = [None] * self.d.world_size
+        dist.all_gather_object(out, obj, group=self.d.control)
+        return out
+
+    def _barrier(self) -> None:
+        if self.d.world_size > 1:
+            dist.barrier(group=self.d.control)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def _agree_to_stop(self) -> bool:
+        """True on every rank when any rank got SIGTERM/SIGINT (a host-side all-reduce: no GPU sync)."""
+        if self.d.world_size == 1:
+            return self.stop_requested
+        flag = torch.tensor([int(self.stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.d.control)
+        return bool(flag.item())
+
+    def _log_header(self) -> None:
+        for line in run_header(self.device):
+            self.log.info(line)
+        self.log.info(f"processes: {self.d.world_size}, micro-batch {self.micro_batch} x {self.cfg.seq_len}, "
+                      f"{self.accum} accumulation steps, {self.cfg.total_batch_tokens:,} tokens per step")
+        self.log.info(f"model {self.cfg.model}: {self.model.num_params():,} parameters "
+                      f"({self.model.num_params(include_embedding=False):,} without the embedding), "
+                      f"{self.flops_per_token / 1e9:.2f} GFLOP per token")
+        self.log.info(f"data {self.cfg.data}: {self.dataset.train_tokens:,} train / {self.dataset.val_tokens:,} val tokens")
+        config = {"train": dataclasses.asdict(self.cfg), "model": dataclasses.asdict(self.model_config)}
+        self.log.info("config: " + json.dumps(config))
+        if self.d.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+@main_entry
+def main(argv=None) -> int:
+    cfg, preset = parse_config(argv)
+    d, device = init_distributed(cfg.device)
+    try:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return Trainer(cfg, preset, d, device).run()
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
