@@ -1,0 +1,276 @@
+"""HellaSwag: pick the most likely of 4 endings for each context, scored by a GPT of this repo.
+
+  python hellaswag_eval.py --checkpoint runs/debug                      # the official validation split (10,042)
+  python hellaswag_eval.py --checkpoint runs/debug --data assets/hellaswag/hellaswag_val_head10.jsonl
+  torchrun --nproc_per_node 8 hellaswag_eval.py --checkpoint runs/full  # examples split over the processes
+
+Scoring: each ending is tokenized as " " + ending after the context's tokens, and only the ending's (completion)
+tokens are scored. `acc` picks the ending with the highest sum of completion log-probs, `acc_norm` the one with the
+highest mean log-prob per completion token (the reference run's metric). When context + ending do not fit the
+model's context, the ending is kept whole and the context is cropped from the left (its oldest tokens go).
+
+Many examples x 4 endings go through one forward pass: rows are right-padded, and since attention is causal the
+padding never influences the scored positions; only completion positions are read out of the logits.
+"""
+import argparse
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cli import REPO_DIR, UserError, main_entry
+from model import EOT_ID, GPT, IGNORE_INDEX
+from tokenizer import get_tokenizer
+
+OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+OFFICIAL_EXAMPLES = 10042  # lines of the official validation file
+CACHE_FILE = REPO_DIR / "temp_data" / "hellaswag" / "hellaswag_val.jsonl"
+SAMPLE_FILE = REPO_DIR / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"  # its first 10 examples, committed
+N_ENDINGS = 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+def _parse_example(line: str, where: str) -> dict:
+    """One jsonl line -> the example dict, after checking the fields the scorer reads (ctx, endings, label)."""
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove that line")
+    if not isinstance(example, dict):
+        raise UserError(f"{where}: expected a JSON object with 'ctx', 'endings' and 'label'")
+    ctx, endings, label = example.get("ctx"), example.get("endings"), example.get("label")
+    if not isinstance(ctx, str):
+        raise UserError(f"{where}: 'ctx' must be a string")
+    if not (isinstance(endings, list) and len(endings) == N_ENDINGS
+            and all(isinstance(e, str) and e.strip() for e in endings)):
+        raise UserError(f"{where}: 'endings' must be a list of {N_ENDINGS} non-empty strings")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_ENDINGS:
+        raise UserError(f"{where}: 'label' must be an integer from 0 to {N_ENDINGS - 1}, got {label!r}")
+    return example
+
+
+def read_examples(path) -> list[dict]:
+    """Every example of a HellaSwag jsonl file (blank lines skipped); UserError naming the first bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"HellaSwag file {path} does not exist; pass --data FILE (e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"HellaSwag file {path} cannot be read as UTF-8 text ({e})")
+    examples = [_parse_example(line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip()]
+    if not examples:
+        raise UserError(f"HellaSwag file {path} holds no examples")
+    return examples
+
+
+def _check_official(examples: list[dict], path: Path, expected: int) -> None:
+    if len(examples) != expected:
+        raise UserError(f"{path} has {len(examples)} examples, the official validation split has {expected}; "
+                        f"delete it to download it again")
+
+
+def download_official(dest: Path, url: str, expected: int) -> None:
+    """Fetch the validation file to a temporary name, check it (example count, schema of every line), then rename
+    it to `dest`, so an interrupted or wrong download never sits under the cached name."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, tqdm(
+                total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                desc="download HellaSwag val") as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = str(getattr(e, "reason", e)).replace("\n", " ")
+        raise UserError(f"cannot download the HellaSwag validation set from {url} ({reason}); run once with "
+                        f"internet access, or pass --data FILE (e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
+    try:
+        _check_official(read_examples(tmp), dest, expected)
+    except UserError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"the download from {url} failed its integrity check: {e}")
+    os.replace(tmp, dest)
+
+
+def load_examples(path=None, limit: int | None = None) -> list[dict]:
+    """HellaSwag examples from a jsonl file, or (path None) the official validation split, downloaded once into
+    temp_data/hellaswag/. `limit` keeps the first N."""
+    if path is None:
+        if not CACHE_FILE.is_file():
+            download_official(CACHE_FILE, OFFICIAL_URL, OFFICIAL_EXAMPLES)
+        examples = read_examples(CACHE_FILE)
+        _check_official(examples, CACHE_FILE, OFFICIAL_EXAMPLES)
+    else:
+        examples = read_examples(path)
+    return examples[:limit] if limit is not None else examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring
+
+def example_rows(example: dict, enc, block_size: int) -> list[tuple[list[int], int]]:
+    """The 4 scored sequences of an example: (context + ending tokens, number of ending tokens) each.
+
+    A sequence of n tokens is fed as n - 1 inputs, so it fits when n - 1 <= block_size; longer ones lose context
+    tokens from the left. The ending is never cropped (its first token needs at least one context token before it).
+    """
+    ctx = enc.encode(example["ctx"])
+    rows = []
+    for ending in example["endings"]:
+        completion = enc.encode(" " + ending)
+        room = block_size + 1 - len(completion)  # context tokens that still fit
+        if room < 1:
+            raise UserError(f"HellaSwag ending {ending[:40]!r}... has {len(completion)} tokens, too long for the "
+                            f"model's context of {block_size}")
+        rows.append((ctx[-room:] + completion, len(completion)))
+    return rows
+
+
+def _batch_tensors(rows: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs (R, T) and targets (R, T) where only completion tokens are kept (others IGNORE_INDEX)."""
+    T = max(len(tokens) for tokens, _ in rows) - 1
+    inputs = torch.full((len(rows), T), EOT_ID, dtype=torch.long)  # any valid id: causal attention never sees it
+    targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for r, (tokens, n_completion) in enumerate(rows):
+        length = len(tokens) - 1
+        inputs[r, :length] = torch.tensor(tokens[:-1])
+        targets[r, length - n_completion:length] = torch.tensor(tokens[-n_completion:])
+    return inputs, targets
+
+
+@torch.no_grad()
+def completion_logprob_sums(model: GPT, rows: list[tuple[list[int], int]], device) -> torch.Tensor:
+    """Sum of log-probs of each row's completion tokens, (R,) on the CPU, from one forward pass."""
+    inputs, targets = (t.to(device) for t in _batch_tensors(rows))
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=inputs.device.type == "cuda"):
+        logits, _ = model(inputs)  # (R, T, V)
+    scored = targets != IGNORE_INDEX  # (R, T)
+    picked = logits[scored]  # (N, V): completion positions only, so the float copy stays small
+    # log_softmax in at least float32 (bf16 loses too much); float64 models stay float64.
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
+    token_logprobs = picked.log_softmax(-1).gather(1, targets[scored][:, None])[:, 0]  # (N,)
+    row_of_token = torch.arange(len(rows), device=inputs.device)[:, None].expand_as(scored)[scored]  # (N,)
+    sums = torch.zeros(len(rows), dtype=token_logprobs.dtype, device=inputs.device)
+    return sums.index_add_(0, row_of_token, token_logprobs).cpu()
+
+
+def score_examples(model: GPT, examples: list[dict], device, batch_size: int = 16,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of completion log-probs, completion token counts), each (N, 4), for the examples in order."""
+    enc = get_tokenizer()
+    sums, counts = [], []
+    for start in tqdm(range(0, len(examples), batch_size), desc="HellaSwag", unit="batch", disable=not progress):
+        rows = [row for ex in examples[start:start + batch_size] for row in example_rows(ex, enc, model.config.block_size)]
+        sums.append(completion_logprob_sums(model, rows, device).view(-1, N_ENDINGS))
+        counts.append(torch.tensor([n for _, n in rows]).view(-1, N_ENDINGS))
+    if not sums:
+        return torch.zeros(0, N_ENDINGS), torch.zeros(0, N_ENDINGS, dtype=torch.long)
+    return torch.cat(sums), torch.cat(counts)
+
+
+def evaluate_hellaswag(model: GPT, examples: list[dict], device, batch_size: int = 16, rank: int = 0,
+                       world_size: int = 1, progress: bool = False) -> dict:
+    """acc and acc_norm (fractions) with their counts over all examples; each rank scores examples[rank::world_size]
+    and the counts are summed over ranks. Every rank must call it when world_size > 1.
+
+    Safe on a live training model: it switches to eval mode and back, draws no random numbers, and needs the plain
+    (uncompiled) module.
+    """
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("evaluate_hellaswag with world_size > 1 needs an initialized torch.distributed process group")
+    was_training = model.training
+    model.eval()
+    try:
+        mine = examples[rank::world_size]
+        sums, counts = score_examples(model, mine, device, batch_size, progress=progress and rank == 0)
+    finally:
+        model.train(was_training)
+    labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
+    correct = int((sums.argmax(1) == labels).sum())
+    correct_norm = int(((sums / counts).argmax(1) == labels).sum())
+    totals = torch.tensor([correct, correct_norm, len(mine)], dtype=torch.long, device=device)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    correct, correct_norm, total = totals.tolist()
+    return {"acc": correct / max(total, 1), "acc_norm": correct_norm / max(total, 1),
+            "correct": correct, "correct_norm": correct_norm, "total": total}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint file, or a run directory (its newest valid checkpoint is used)")
+    parser.add_argument("--data", help="a HellaSwag jsonl file (default: the official validation split, downloaded "
+                                       f"once into temp_data/hellaswag/; offline: {SAMPLE_FILE.relative_to(REPO_DIR)})")
+    parser.add_argument("--limit", type=_positive_int, help="score only the first N examples (default: all)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16,
+                        help="examples per forward pass, each 4 rows (default: 16)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu; under torchrun "
+                                         "each process takes cuda:LOCAL_RANK)")
+    parser.add_argument("--out", help="also write the result as JSON to this file")
+    return parser.parse_args(argv)
+
+
+def setup_device(requested: str | None) -> tuple[torch.device, int, int]:
+    """(device, rank, world_size); under torchrun (WORLD_SIZE > 1) also joins the process group (nccl on CUDA)."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world_size
+
+
+def write_result(result: dict, out) -> None:
+    """JSON written to a temporary name and renamed: a reader never sees half a file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+@main_entry
+def main(argv=None):
+    args = parse_args(argv)
+    device, rank, world_size = setup_device(args.device)
+    try:
+        examples = load_examples(args.data, args.limit)
+        model = GPT.from_checkpoint(args.checkpoint, device)
+        result = evaluate_hellaswag(model, examples, device, args.batch_size, rank, world_size, progress=True)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"HellaSwag ({result['total']} examples): acc {result['acc']:.4f} ({result['correct']}/{result['total']}), "
+              f"acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{result['total']})")
+        if args.out:
+            write_result({**result, "checkpoint": str(args.checkpoint), "data": str(args.data or OFFICIAL_URL)}, args.out)
+            print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
