@@ -1,0 +1,461 @@
+"""Tokenize a text corpus into fixed-size uint16 shards plus a manifest.json (format: see dataloader.py).
+
+  python data_prep.py --source hf --out data/fineweb_edu_10bt                 # FineWeb-Edu sample-10BT (download)
+  python data_prep.py --source files --files 'corpus/*.jsonl' --out data/mine  # local .txt/.jsonl/.json/.parquet
+  python data_prep.py --source embedded --out data/shakespeare                # the committed tiny-shakespeare text
+
+Every source becomes a sequence of documents; each document is tokenized with the repo's GPT-2 BPE and written as
+<|endoftext|> followed by its tokens. The first --val-tokens tokens of that stream form the val shards, the rest the
+train shards, each --shard-tokens long (the last of each split shorter). Documents are tokenized in a process pool;
+the results come back in input order, so the output is the same for any --workers.
+
+Documents: a row of a Hugging Face / json / parquet dataset (its --text-field); a paragraph of a .txt file (text
+between blank lines, datasets' sample_by="paragraph"); for the embedded corpus the same: one speech per document, so
+`--source files --files assets/corpus/tinyshakespeare.txt` gives the same shards as `--source embedded`. Empty
+documents are skipped.
+
+Output: one directory per dataset. Shards are written under temporary names and renamed when complete; manifest.json
+is written last, so a directory without one is unfinished: a rerun removes its shards and rebuilds it. A rerun on a
+finished directory with the same settings says so and exits 0; --overwrite rebuilds it.
+"""
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import glob
+import hashlib
+import itertools
+import multiprocessing
+import os
+import re
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+import dataloader
+import tokenizer
+from cli import REPO_DIR, UserError, main_entry
+
+TOOL_VERSION = 1  # bump when the same input and settings would give different shards
+EMBEDDED_CORPUS = REPO_DIR / "assets" / "corpus" / "tinyshakespeare.txt"
+# ~10% of the embedded corpus's ~338k tokens: one shard's worth (the default elsewhere) would leave no train split.
+EMBEDDED_VAL_TOKENS = 32_768
+DEFAULT_SHARD_TOKENS = 100_000_000
+DOCS_PER_TASK = 1024  # documents per pool task: big enough to hide the IPC cost, small enough to balance the load
+FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp)?|\.manifest\.json\.tmp)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=["hf", "files", "embedded"], required=True,
+                   help="hf: a Hugging Face dataset (--dataset/--name/--split); files: local files (--files); "
+                        "embedded: the tiny-shakespeare text committed in assets/corpus/")
+    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset (default: %(default)s)")
+    p.add_argument("--name", default="sample-10BT", help="its config name (default: %(default)s)")
+    p.add_argument("--split", default="train", help="its split (default: %(default)s)")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream the dataset instead of downloading and preparing it first (default: off); reading "
+                        "then happens in the main process, so it suits --max-docs/--max-tokens slices")
+    p.add_argument("--files", nargs="+", metavar="PATH",
+                   help="local .txt, .jsonl/.json or .parquet files (one kind per run); globs allowed, e.g. "
+                        "'dir/*.jsonl' (quote them); read in sorted order")
+    p.add_argument("--out", required=True, help="output directory, one per dataset (created if missing)")
+    p.add_argument("--text-field", default="text", help="column holding the document text (default: %(default)s)")
+    p.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS,
+                   help="tokens per shard (default: %(default)s)")
+    p.add_argument("--val-tokens", type=positive_int,
+                   help="tokens for validation, taken from the start of the stream (default: one shard's worth; "
+                        f"{EMBEDDED_VAL_TOKENS} for --source embedded, about 10%% of it)")
+    p.add_argument("--workers", type=positive_int, default=available_cores(),
+                   help="tokenizer processes (default: all cores, here %(default)s)")
+    p.add_argument("--max-docs", type=positive_int, help="read at most this many documents (default: all)")
+    p.add_argument("--max-tokens", type=positive_int,
+                   help="stop after this many tokens, cutting the last document (default: no limit)")
+    p.add_argument("--cache-dir", help="datasets cache folder for hf/files (default: the datasets library's, "
+                                       "HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild --out even if it holds a finished dataset")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if (args.source == "files") != bool(args.files):
+        raise UserError("--files is required with --source files, and only used with it")
+    if args.val_tokens is None:
+        args.val_tokens = EMBEDDED_VAL_TOKENS if args.source == "embedded" else args.shard_tokens
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+
+def split_paragraphs(text: str) -> list[str]:
+    """Documents of a plain text: the non-empty pieces between blank lines (as datasets' sample_by="paragraph")."""
+    return [piece for piece in text.split("\n\n") if piece]
+
+
+def embedded_documents() -> list[str]:
+    return split_paragraphs(EMBEDDED_CORPUS.read_text(encoding="utf-8"))
+
+
+class ArrowTexts:
+    """One column of a prepared (memory-mapped) datasets.Dataset, sliceable like a list. Pickles as file
+    references, so each worker reads its own rows: no single process handles all the text."""
+
+    def __init__(self, dataset, field: str, limit: int | None):
+        self.dataset = dataset.select_columns([field])
+        self.field = field
+        self.length = min(len(dataset), limit or len(dataset))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, rows: slice) -> list:
+        return self.dataset[rows][self.field]
+
+
+def expand_files(patterns: list[str]) -> tuple[list[str], str]:
+    """Sorted files matching the --files patterns and the datasets builder that reads them."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise UserError(f"--files {pattern} matches no file; check the path (quote globs)")
+        files += matches
+    kinds = {FILE_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if Path(f).suffix.lower() not in FILE_BUILDERS)
+        raise UserError(f"--files {bad}: unsupported type; use {', '.join(FILE_BUILDERS)} files")
+    if len(kinds) > 1:
+        raise UserError(f"--files mixes file types ({', '.join(sorted(kinds))}); pass one kind per run")
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise UserError(f"--files {' '.join(patterns)}: every file is empty; nothing to tokenize")
+    return files, kinds.pop()
+
+
+def load_hf_dataset(args, what: str, *load_args, num_proc: int = 1, **load_kwargs):
+    """datasets.load_dataset, with its many failure types turned into one line naming the input."""
+    import datasets  # only here: the rest of the repo must run on machines without `datasets`
+    if not args.streaming and num_proc > 1:
+        load_kwargs["num_proc"] = num_proc  # download and prepare files in parallel
+    try:
+        return datasets.load_dataset(*load_args, streaming=args.streaming, cache_dir=args.cache_dir, **load_kwargs)
+    except Exception as e:  # network, missing file, parse and schema errors all have their own types
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot load {what} ({type(e).__name__}: {message})")
+
+
+def source_record(args) -> dict:
+    """What --source reads, for the manifest (cheap: nothing is loaded yet)."""
+    if args.source == "embedded":
+        return {"type": "embedded", "file": str(EMBEDDED_CORPUS.relative_to(REPO_DIR)),
+                "sha256": dataloader.file_sha256(EMBEDDED_CORPUS), "documents": "paragraphs (speeches)"}
+    if args.source == "hf":
+        return {"type": "hf", "dataset": args.dataset, "name": args.name, "split": args.split,
+                "text_field": args.text_field}
+    files, reader = expand_files(args.files)
+    return {"type": "files", "files": files, "reader": reader, "text_field": args.text_field}
+
+
+def load_texts(args, source: dict):
+    """The documents: a sequence the workers slice themselves, or an iterator of texts when streaming."""
+    if source["type"] == "embedded":
+        return embedded_documents()[:args.max_docs]
+    if source["type"] == "hf":
+        what = f"--dataset {args.dataset} --name {args.name} --split {args.split}"
+        ds = load_hf_dataset(args, what, args.dataset, args.name, split=args.split, num_proc=args.workers)
+    else:
+        what = f"--files {' '.join(args.files)}"
+        options = {"sample_by": "paragraph"} if source["reader"] == "text" else {}
+        ds = load_hf_dataset(args, what, source["reader"], data_files=source["files"], split="train",
+                             num_proc=min(args.workers, len(source["files"])), **options)
+    check_text_field(ds, args.text_field, what)
+    if args.streaming:
+        return itertools.islice((row[args.text_field] for row in ds), args.max_docs)
+    return ArrowTexts(ds, args.text_field, args.max_docs)
+
+
+def check_text_field(ds, field: str, what: str) -> None:
+    columns = ds.column_names
+    if columns is None:  # a streamed json dataset knows its columns only after its first row
+        first = next(iter(ds), None)
+        columns = list(first) if first is not None else [field]
+    if field not in columns:
+        raise UserError(f"{what} has no field {field!r} (its fields: {', '.join(columns)}); pass --text-field")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizing in worker processes
+
+class Tokenized(NamedTuple):
+    tokens: np.ndarray  # uint16: EOT, doc tokens, EOT, doc tokens, ...
+    documents: int  # non-empty documents in it
+    rows: int  # rows read, empty ones included (the progress bar counts these)
+    text_bytes: int  # UTF-8 size of the text (for MB/s)
+
+
+_WORKER_TEXTS = None  # the sequence a worker slices its rows from (set once per worker by the pool initializer)
+
+
+def _init_worker(texts) -> None:
+    global _WORKER_TEXTS
+    _WORKER_TEXTS = texts
+
+
+def tokenize_documents(texts: list) -> Tokenized:
+    """<|endoftext|> before each non-empty document; GPT-2 ids must fit uint16."""
+    enc = tokenizer.get_tokenizer()
+    ids, documents, text_bytes = [], 0, 0
+    for text in texts:
+        if text is None or text == "":
+            continue
+        if not isinstance(text, str):
+            raise UserError(f"a document's text field holds {type(text).__name__}, not a string; pass the right "
+                            f"--text-field")
+        ids.append(tokenizer.EOT_ID)
+        ids.extend(enc.encode_ordinary(text))
+        documents += 1
+        text_bytes += len(text.encode("utf-8"))
+    tokens = np.array(ids, dtype=np.uint32)
+    assert tokens.size == 0 or int(tokens.max()) < 2 ** 16, "token id does not fit uint16"
+    return Tokenized(tokens.astype(np.uint16), documents, len(texts), text_bytes)
+
+
+def _tokenize_task(task) -> Tokenized:
+    """A task is a (start, stop) row range of the worker's sequence, or a list of texts from a stream."""
+    texts = _WORKER_TEXTS[task[0]:task[1]] if isinstance(task, tuple) else task
+    return tokenize_documents(texts)
+
+
+def make_tasks(texts):
+    if hasattr(texts, "__len__"):
+        return ((start, min(start + DOCS_PER_TASK, len(texts))) for start in range(0, len(texts), DOCS_PER_TASK))
+    return iter(lambda: list(itertools.islice(texts, DOCS_PER_TASK)), [])
+
+
+def tokenize_in_pool(texts, workers: int):
+    """Tokenized chunks in input order. At most 4 tasks per worker are in flight (Pool.imap would read a whole
+    stream ahead into memory); with a sequence each worker reads its own rows, so the parent only collects."""
+    shared = texts if hasattr(texts, "__len__") else None
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(shared,)) as pool:
+        pending = collections.deque()
+        for task in make_tasks(texts):
+            pending.append(pool.apply_async(_tokenize_task, (task,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing shards
+
+class ShardWriter:
+    """Cuts the token stream into val shards (the first `val_tokens`) then train shards of `shard_tokens`, and
+    writes each finished shard in a background thread (hashing and disk I/O release the GIL) while the next fills."""
+
+    def __init__(self, out_dir: Path, shard_tokens: int, val_tokens: int):
+        self.out_dir, self.shard_tokens, self.val_left = out_dir, shard_tokens, val_tokens
+        self.counts = {"val": 0, "train": 0}
+        self.buffer, self.fill = None, 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.written = []  # futures of shard records, in order
+
+    @property
+    def split(self) -> str:
+        return "val" if self.val_left else "train"
+
+    def add(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self.buffer is None:
+                self.buffer = np.empty(min(self.shard_tokens, self.val_left or self.shard_tokens), np.uint16)
+            n = min(tokens.size, self.buffer.size - self.fill)
+            self.buffer[self.fill:self.fill + n] = tokens[:n]
+            self.fill, tokens = self.fill + n, tokens[n:]
+            if self.fill == self.buffer.size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.fill:
+            return
+        if self.written:  # at most one shard waits for the writer: two buffers in memory at any time
+            self.written[-1].result()
+        name = f"{self.split}_{self.counts[self.split]:06d}.bin"
+        self.written.append(self.pool.submit(self._write, name, self.split, self.buffer[:self.fill]))
+        self.counts[self.split] += 1
+        if self.split == "val":
+            self.val_left -= self.fill
+        self.buffer, self.fill = None, 0
+
+    def _write(self, name: str, split: str, tokens: np.ndarray) -> dict:
+        sha256 = dataloader.write_shard(self.out_dir / name, tokens)
+        return {"file": name, "split": split, "tokens": int(tokens.size), "sha256": sha256}
+
+    def close(self) -> list[dict]:
+        self.flush()
+        try:
+            return [future.result() for future in self.written]
+        finally:
+            self.pool.shutdown()
+
+
+def tokenize_and_write(texts, out_dir: Path, args) -> dict:
+    """Stream documents through the pool into shards; returns the counts for the manifest and summary."""
+    total_rows = len(texts) if hasattr(texts, "__len__") else args.max_docs
+    writer = ShardWriter(out_dir, args.shard_tokens, args.val_tokens)
+    documents = tokens = text_bytes = 0
+    start = time.perf_counter()
+    chunks = tokenize_in_pool(texts, args.workers)
+    with tqdm(total=total_rows, unit="doc", unit_scale=True, desc="tokenizing", smoothing=0.1) as bar, \
+            contextlib.closing(chunks):  # closing stops the pool when --max-tokens ends the loop early
+        for chunk in chunks:
+            piece = chunk.tokens
+            if args.max_tokens is not None and tokens + piece.size >= args.max_tokens:
+                piece = piece[:args.max_tokens - tokens]
+                chunk = chunk._replace(documents=int(np.count_nonzero(piece == tokenizer.EOT_ID)))
+            writer.add(piece)
+            documents, tokens = documents + chunk.documents, tokens + piece.size
+            text_bytes += chunk.text_bytes
+            bar.update(chunk.rows)
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+            if tokens == args.max_tokens:
+                break
+        shards = writer.close()
+    return {"documents": documents, "total_tokens": tokens, "text_bytes": text_bytes, "shards": shards,
+            "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output directory
+
+def settings_record(source: dict, args) -> dict:
+    """What decides the output: a finished directory is reused only when these match."""
+    return {"source": source, "max_docs": args.max_docs, "max_tokens": args.max_tokens,
+            "shard_tokens": args.shard_tokens, "val_tokens": args.val_tokens, "tool_version": TOOL_VERSION}
+
+
+def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
+    """Make `out` ready for a build; False when it already holds this very dataset (nothing to do).
+
+    Refuses a directory holding anything data_prep.py did not write, and one holding a finished dataset made with
+    other settings (unless --overwrite); clears an unfinished build (no manifest) so output is never mixed."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [p.name for p in out.iterdir()]
+    foreign = [name for name in entries if name != dataloader.MANIFEST_NAME and not _OUR_FILE.match(name)]
+    if (out / dataloader.MANIFEST_NAME).exists():
+        try:
+            existing = dataloader.read_manifest(out)
+        except UserError:
+            existing = None
+        if existing is None or "settings" not in existing:
+            raise UserError(f"--out {out} holds a manifest.json that this data_prep.py did not write; pass a new or "
+                            f"empty --out")
+        if not overwrite:
+            if existing["settings"] != settings:
+                raise UserError(f"--out {out} holds a dataset built with other settings ({describe(existing)}); use "
+                                f"one --out per dataset, or --overwrite to replace it")
+            try:
+                dataloader.ShardDataset.open(out)
+                print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
+                return False
+            except UserError as e:
+                print(f"{out}: the finished dataset is damaged ({e}); rebuilding it")
+    if foreign:
+        raise UserError(f"--out {out} holds files data_prep.py did not write (e.g. {foreign[0]!r}); pass a new or "
+                        f"empty directory")
+    ours = [name for name in entries if name not in foreign]
+    if ours:
+        if dataloader.MANIFEST_NAME not in ours:
+            print(f"{out} holds an unfinished build (no manifest.json); removing its {len(ours)} files and rebuilding")
+        # The manifest goes first: a crash while deleting then leaves an unfinished build, never a complete-looking one.
+        for name in sorted(ours, key=lambda n: n != dataloader.MANIFEST_NAME):
+            (out / name).unlink()
+    return True
+
+
+def describe(manifest: dict) -> str:
+    return (f"{describe_source(manifest['settings']['source'])}, {manifest['documents']} documents, "
+            f"{manifest['total_tokens']} tokens in {len(manifest['shards'])} shards")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+def prepare_data(argv=None) -> dict:
+    """The whole command; raises UserError on bad input. Returns the manifest plus timing figures."""
+    args = parse_args(argv)
+    out = Path(args.out)
+    source = source_record(args)
+    settings = settings_record(source, args)
+    if not prepare_out_dir(out, settings, args.overwrite):
+        return dataloader.read_manifest(out)
+    load_start = time.perf_counter()
+    texts = load_texts(args, source)
+    load_seconds = time.perf_counter() - load_start
+    tokenizer.get_tokenizer()  # load once here: forked workers inherit it
+    print(f"data_prep: {describe_source(source)} -> {out} ({args.workers} workers, shards of {args.shard_tokens} "
+          f"tokens, {args.val_tokens} val tokens)")
+    result = tokenize_and_write(texts, out, args)
+    check_splits(result, args)
+    manifest = {
+        "format": dataloader.MANIFEST_FORMAT, "tool": "data_prep.py", "tool_version": TOOL_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": settings, "args": vars(args),
+        "tokenizer": "gpt2 (tiktoken r50k_base)", "tokenizer_sha256": tokenizer.tokenizer_sha256(),
+        "eot_id": tokenizer.EOT_ID, "header_bytes": dataloader.HEADER_BYTES, "header_layout": dataloader.HEADER_LAYOUT,
+        "dtype": "uint16", "documents": result["documents"], "total_tokens": result["total_tokens"],
+        "val_tokens": sum(s["tokens"] for s in result["shards"] if s["split"] == "val"),
+        "train_tokens": sum(s["tokens"] for s in result["shards"] if s["split"] == "train"),
+        "shards": result["shards"],
+    }
+    dataloader.write_manifest(out, manifest)
+    seconds = result["seconds"]
+    print(f"data_prep: {manifest['documents']} documents, {manifest['total_tokens']} tokens (val "
+          f"{manifest['val_tokens']}, train {manifest['train_tokens']}) in {len(manifest['shards'])} shards -> {out}; "
+          f"tokenize+write {seconds:.1f}s ({manifest['total_tokens'] / seconds / 1e6:.2f}M tokens/s, "
+          f"{result['text_bytes'] / seconds / 1e6:.1f} MB/s), loading {load_seconds:.1f}s")
+    return {**manifest, "text_bytes": result["text_bytes"], "seconds": seconds, "load_seconds": load_seconds}
+
+
+def describe_source(source: dict) -> str:
+    if source["type"] == "hf":
+        return f"{source['dataset']} ({source['name']}, {source['split']})"
+    if source["type"] == "files":
+        return f"{len(source['files'])} {source['reader']} file(s)"
+    return f"embedded corpus {source['file']}"
+
+
+def check_splits(result: dict, args) -> None:
+    """Refuse a build that would be unusable: no tokens at all, or nothing left for training after validation."""
+    if result["total_tokens"] == 0:
+        raise UserError(f"the input yielded no tokens (no non-empty {args.text_field!r} documents); check the input "
+                        f"and --text-field")
+    if not any(s["split"] == "train" for s in result["shards"]):
+        raise UserError(f"the input yielded only {result['total_tokens']} tokens, all taken for validation by "
+                        f"--val-tokens {args.val_tokens}; lower --val-tokens or add data")
+
+
+main = main_entry(prepare_data)
+
+if __name__ == "__main__":
+    main()

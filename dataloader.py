@@ -1,0 +1,389 @@
+"""Token shards on disk and the loaders that feed them to training: the shard format, the manifest, a seeded and
+resumable rank-aware training loader, and a deterministic validation iterator.
+
+Shard file (`train_000000.bin`, `val_000000.bin`, ...), little-endian, HEADER_BYTES = 32:
+    offset  0  8 bytes   magic b"LFLLMTOK"
+    offset  8  uint32    format version (SHARD_VERSION)
+    offset 12  uint32    dtype code (1 = uint16)
+    offset 16  uint64    token count N
+    offset 24  8 bytes   reserved, zero
+    offset 32  N x uint16 tokens; read them with np.memmap(path, "<u2", "r", offset=HEADER_BYTES, shape=(N,))
+`manifest.json` beside the shards lists them (file, split, tokens, sha256 of the whole file) with the tokenizer's
+hash; data_prep.py writes it last, so a directory without one is an unfinished build.
+
+Training windows: a window is T + 1 consecutive tokens (x = the first T, y = the last T); the windows of a shard
+tile it with stride T (window j starts at token j*T). Epoch e visits the train shards in a permutation drawn from
+(seed, e) and the windows of each shard in a permutation drawn from (seed, e, shard), which defines one global
+stream of windows, epoch after epoch. Micro-batch k of rank r (of W ranks) is the B stream windows starting at
+(k*W + r)*B, so W ranks reading A micro-batches each read exactly what one process reads in A*W micro-batches, and
+the loader's whole state is k.
+"""
+import functools
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tokenizer
+from cli import UserError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "lf-llm-token-shards-v1"
+SHARD_MAGIC = b"LFLLMTOK"
+SHARD_VERSION = 1
+DTYPE_CODES = {1: np.dtype("<u2")}  # header dtype code -> numpy dtype; uint16 holds GPT-2's 50,257 ids
+DTYPE_CODE = 1
+TOKEN_DTYPE = DTYPE_CODES[DTYPE_CODE]
+_HEADER = struct.Struct("<8sIIQ8x")  # magic, version, dtype code, token count, reserved
+HEADER_BYTES = _HEADER.size  # 32: keeps the tokens 8-byte aligned for np.memmap
+HEADER_LAYOUT = ("little-endian: 8 bytes magic 'LFLLMTOK', uint32 version, uint32 dtype code (1 = uint16), "
+                 "uint64 token count, 8 reserved bytes; then the tokens")
+LOADER_STATE_FORMAT = "lf-llm-train-loader-v1"
+BUILD_HINT = "python data_prep.py --source embedded --out {dir} (or --source hf for FineWeb-Edu)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shard files and the manifest
+
+def write_shard(path, tokens: np.ndarray) -> str:
+    """Write header + tokens to a temporary name, fsync, rename to `path`; returns the file's sha256."""
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
+    header = _HEADER.pack(SHARD_MAGIC, SHARD_VERSION, DTYPE_CODE, len(tokens))
+    digest = hashlib.sha256(header)
+    digest.update(memoryview(tokens).cast("B"))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(memoryview(tokens).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
+def read_shard_header(path) -> int:
+    """Validate a shard's header and file size; returns its token count. UserError when truncated or corrupt."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = path.stat().st_size
+    except OSError as e:
+        raise UserError(f"shard {path} cannot be read ({e.strerror}); rebuild the data with data_prep.py")
+    if len(raw) < HEADER_BYTES:
+        raise UserError(f"shard {path} is truncated ({size} bytes, shorter than its header); rebuild the data "
+                        f"with data_prep.py --overwrite")
+    magic, version, dtype_code, count = _HEADER.unpack(raw)
+    if magic != SHARD_MAGIC or version != SHARD_VERSION or dtype_code not in DTYPE_CODES:
+        raise UserError(f"{path} is not a version-{SHARD_VERSION} token shard (bad header); rebuild the data "
+                        f"with data_prep.py --overwrite")
+    expected = HEADER_BYTES + count * DTYPE_CODES[dtype_code].itemsize
+    if size != expected:
+        raise UserError(f"shard {path} is truncated or corrupt: {size} bytes, its header promises {count} tokens "
+                        f"({expected} bytes); rebuild the data with data_prep.py --overwrite")
+    return count
+
+
+def open_shard(path, count: int) -> np.memmap:
+    """The tokens of a shard, memory-mapped read-only (RAM use stays flat whatever the dataset size)."""
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(data_dir, manifest: dict) -> None:
+    """Write manifest.json atomically (temporary name, fsync, rename, fsync the folder): the mark of a finished
+    build, so it must never exist half-written."""
+    path = Path(data_dir) / MANIFEST_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_manifest(data_dir) -> dict:
+    """Parse DIR/manifest.json and check that it is one of ours, made with this repo's tokenizer."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    if not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} does not exist; build it with `{BUILD_HINT.format(dir=data_dir)}`")
+    if not path.is_file():
+        raise UserError(f"data directory {data_dir} has no {MANIFEST_NAME} (empty, or an unfinished data_prep.py "
+                        f"run); build it with `{BUILD_HINT.format(dir=data_dir)}`")
+    try:
+        manifest = json.loads(path.read_text())
+        ok = (manifest["format"] == MANIFEST_FORMAT and isinstance(manifest["shards"], list)
+              and all({"file", "split", "tokens", "sha256"} <= set(s) for s in manifest["shards"]))
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is corrupt or not a data_prep.py manifest; rebuild with `python data_prep.py ... "
+                        f"--out {data_dir} --overwrite`")
+    if manifest.get("tokenizer_sha256") != tokenizer.RANKS_SHA256:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer (sha256 {manifest.get('tokenizer_sha256')}"
+                        f", this repo's GPT-2 BPE is {tokenizer.RANKS_SHA256[:16]}...); rebuild it with this repo's "
+                        f"data_prep.py into a new --out")
+    if manifest.get("header_bytes") != HEADER_BYTES or manifest.get("dtype") != "uint16":
+        raise UserError(f"{path} describes another shard layout (header_bytes {manifest.get('header_bytes')}, dtype "
+                        f"{manifest.get('dtype')}); rebuild with this repo's data_prep.py --overwrite")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    tokens: int
+
+
+class ShardDataset:
+    """The validated shards of one data_prep.py output directory (train and val), memory-mapped on demand."""
+
+    def __init__(self, data_dir: Path, manifest: dict, train: list[Shard], val: list[Shard]):
+        self.data_dir = data_dir
+        self.manifest = manifest
+        self.train_shards = train
+        self.val_shards = val
+        self._memmaps = {}
+        # Identifies the data a loader state belongs to: the shard files and their hashes.
+        listing = [[s["file"], s["split"], s["tokens"], s["sha256"]] for s in manifest["shards"]]
+        self.fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+    @classmethod
+    def open(cls, data_dir, verify_sha256: bool = False) -> "ShardDataset":
+        """Check the manifest, the tokenizer and every shard's header and size (and sha256 when asked: it reads
+        every byte, minutes for the full 10B-token set)."""
+        data_dir = Path(data_dir)
+        manifest = read_manifest(data_dir)
+        splits = {"train": [], "val": []}
+        for entry in manifest["shards"]:
+            path = data_dir / entry["file"]
+            if entry["split"] not in splits or Path(entry["file"]).name != entry["file"]:
+                raise UserError(f"{data_dir / MANIFEST_NAME} lists a bad shard entry {entry['file']!r}; rebuild "
+                                f"with data_prep.py --overwrite")
+            if not path.is_file():
+                raise UserError(f"shard {path} listed in the manifest is missing; rebuild with `python data_prep.py "
+                                f"... --out {data_dir} --overwrite`")
+            count = read_shard_header(path)
+            if count != entry["tokens"]:
+                raise UserError(f"shard {path} holds {count} tokens, the manifest says {entry['tokens']}; rebuild "
+                                f"with data_prep.py --overwrite")
+            if verify_sha256 and file_sha256(path) != entry["sha256"]:
+                raise UserError(f"shard {path} is corrupt (sha256 differs from the manifest); rebuild with "
+                                f"data_prep.py --overwrite")
+            splits[entry["split"]].append(Shard(path, count))
+        for split, shards in splits.items():
+            if not shards:
+                raise UserError(f"{data_dir} has no {split} shards; rebuild it with data_prep.py (its --val-tokens "
+                                f"must leave tokens for both splits)")
+        return cls(data_dir, manifest, splits["train"], splits["val"])
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(s.tokens for s in self.train_shards)
+
+    @property
+    def val_tokens(self) -> int:
+        return sum(s.tokens for s in self.val_shards)
+
+    def tokens(self, shard: Shard) -> np.memmap:
+        if shard.path not in self._memmaps:
+            self._memmaps[shard.path] = open_shard(shard.path, shard.tokens)
+        return self._memmaps[shard.path]
+
+    def windows(self, shard: Shard, starts: np.ndarray, seq_len: int) -> np.ndarray:
+        """(len(starts), seq_len + 1) int64 tokens of the windows starting at `starts` (token offsets)."""
+        index = starts[:, None] + np.arange(seq_len + 1)  # (n, T+1)
+        return self.tokens(shard)[index].astype(np.int64)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _batch_to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) windows -> x = first T tokens, y = last T tokens, both (B, T) int64 on `device`."""
+    return _to_device(windows[:, :-1], device), _to_device(windows[:, 1:], device)
+
+
+def _windows_per_shard(shards: list[Shard], seq_len: int) -> np.ndarray:
+    """Windows of T+1 tokens at stride T that fit in each shard: (tokens - 1) // T."""
+    return np.array([max(s.tokens - 1, 0) // seq_len for s in shards], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loader
+
+@functools.lru_cache(maxsize=4)
+def _shard_order(seed: int, epoch: int, n_shards: int) -> np.ndarray:
+    order = np.random.default_rng([seed, 0, epoch]).permutation(n_shards)
+    order.flags.writeable = False
+    return order
+
+
+@functools.lru_cache(maxsize=8)
+def _window_order(seed: int, epoch: int, shard: int, n_windows: int) -> np.ndarray:
+    """Window order of one shard in one epoch (~50k entries for a 100M-token shard at T = 2048)."""
+    order = np.random.default_rng([seed, 1, epoch, shard]).permutation(n_windows)
+    order.flags.writeable = False
+    return order
+
+
+class TrainLoader:
+    """Rank r's micro-batches of the seeded global window stream (see the module docstring)."""
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device=torch.device("cpu"), log=print):
+        if batch_size < 1 or seq_len < 1 or seed < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"bad loader settings: batch_size {batch_size}, seq_len {seq_len}, seed {seed}, "
+                             f"rank {rank} of {world_size}")
+        largest = max(s.tokens for s in dataset.train_shards)
+        if batch_size * seq_len + 1 > largest:
+            raise UserError(f"a batch of {batch_size} x {seq_len} tokens is larger than the largest train shard of "
+                            f"{dataset.data_dir} ({largest} tokens); lower the batch size or sequence length, or "
+                            f"rebuild the data with a larger --shard-tokens")
+        self.dataset = dataset
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.log = log
+        self._windows = _windows_per_shard(dataset.train_shards, seq_len)
+        self.epoch_windows = int(self._windows.sum())
+        self._micro_batch = 0  # k: the next micro-batch number, counted over all ranks' turns
+        self._epoch_seen = 0  # the latest epoch this loader has read from (to log each crossing once)
+
+    def _locate(self, index: int) -> tuple[int, int, int]:
+        """Stream window number -> (epoch, position of its shard in the epoch's order, position in that shard's
+        window order)."""
+        epoch, offset = divmod(index, self.epoch_windows)
+        order = _shard_order(self.seed, epoch, len(self._windows))
+        ends = np.cumsum(self._windows[order])
+        slot = int(np.searchsorted(ends, offset, side="right"))
+        return epoch, slot, offset - int(ends[slot] - self._windows[order[slot]])
+
+    def _read(self, index: int, count: int) -> tuple[np.ndarray, int]:
+        """`count` stream windows from stream window `index` as (count, T+1) int64, and the last one's epoch."""
+        pieces = []
+        while count:
+            epoch, slot, pos = self._locate(index)
+            shard = int(_shard_order(self.seed, epoch, len(self._windows))[slot])
+            n = min(count, int(self._windows[shard]) - pos)
+            order = _window_order(self.seed, epoch, shard, int(self._windows[shard]))
+            starts = order[pos:pos + n] * self.seq_len
+            pieces.append(self.dataset.windows(self.dataset.train_shards[shard], starts, self.seq_len))
+            index, count = index + n, count - n
+        return np.concatenate(pieces), epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y), each (B, T) int64 on the loader's device; y is x shifted left by one token."""
+        start = (self._micro_batch * self.world_size + self.rank) * self.batch_size
+        windows, epoch = self._read(start, self.batch_size)
+        self._micro_batch += 1
+        if epoch > self._epoch_seen:
+            self.log(f"data: epoch {self._epoch_seen} of {self.dataset.data_dir} done ({self.epoch_windows} windows "
+                     f"of {self.seq_len} tokens); starting epoch {epoch} in a new order")
+            self._epoch_seen = epoch
+        return _batch_to_device(windows, self.device)
+
+    def _settings(self) -> dict:
+        return {"dataset": self.dataset.fingerprint, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "world_size": self.world_size, "seed": self.seed}
+
+    def _position(self, micro_batch: int) -> dict:
+        """Where the global stream stands before micro-batch `micro_batch` of rank 0 (the same on every rank)."""
+        epoch, slot, pos = self._locate(micro_batch * self.world_size * self.batch_size)
+        shard = int(_shard_order(self.seed, epoch, len(self._windows))[slot])
+        return {"epoch": epoch, "shard": self.dataset.train_shards[shard].path.name, "window": pos}
+
+    def state_dict(self) -> dict:
+        """Plain ints and strings (safe for torch.load(weights_only=True)); identical on every rank."""
+        return {"format": LOADER_STATE_FORMAT, **self._settings(), "micro_batch": self._micro_batch,
+                **self._position(self._micro_batch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the loader that saved `state` stopped (same data, B, T, world size and seed)."""
+        if not isinstance(state, dict) or state.get("format") != LOADER_STATE_FORMAT:
+            raise UserError("the saved loader state is not one of this repo's train loader states; start the data "
+                            "from the beginning or use a matching checkpoint")
+        for key, value in self._settings().items():
+            if state.get(key) != value:
+                raise UserError(f"the saved loader state has {key} {state.get(key)!r} but this run has {value!r}; "
+                                f"resume with the same data directory, batch size, sequence length, GPU count and seed")
+        micro_batch = state.get("micro_batch")
+        if not isinstance(micro_batch, int) or micro_batch < 0 or any(
+                state.get(k) != v for k, v in self._position(micro_batch).items()):
+            raise UserError("the saved loader state is inconsistent (its position does not match its micro-batch "
+                            "count); the checkpoint holding it is damaged")
+        self._micro_batch = micro_batch
+        # The epoch of this rank's last window before the save, so a crossing is logged exactly as it would have been.
+        last_read = ((micro_batch - 1) * self.world_size + self.rank + 1) * self.batch_size - 1
+        self._epoch_seen = self._locate(last_read)[0] if micro_batch else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+
+def val_batches(dataset: ShardDataset, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                max_tokens: int | None = None, device=torch.device("cpu")
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic (x, y) batches of the validation split for rank `rank`.
+
+    The split is tiled into windows like the train shards. With `max_tokens` (per evaluation, over all ranks) the
+    windows used are spread evenly over the whole split rather than taken from its start; None uses every window.
+    Every rank gets the same number of full batches (the remainder, under one batch per rank, is left out), so the
+    mean of the per-rank mean losses is the mean over all batches. Settings are checked here, before iterating.
+    """
+    if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad validation settings: batch_size {batch_size}, seq_len {seq_len}, rank {rank} of "
+                         f"{world_size}")
+    device = torch.device(device)
+    counts = _windows_per_shard(dataset.val_shards, seq_len)
+    total = int(counts.sum())
+    usable = total if max_tokens is None else min(total, max_tokens // seq_len)
+    per_rank = usable // (batch_size * world_size)
+    if per_rank == 0:
+        raise UserError(f"validation of {batch_size} x {seq_len} tokens on {world_size} rank(s) needs "
+                        f"{batch_size * seq_len * world_size} tokens per step, but the val split of "
+                        f"{dataset.data_dir} holds {dataset.val_tokens} (limit {max_tokens}); lower the batch size or "
+                        f"rebuild the data with a larger --val-tokens")
+    used = per_rank * batch_size * world_size
+    chosen = np.arange(used, dtype=np.int64) * total // used  # evenly spread, strictly increasing
+    ends = np.cumsum(counts)
+    shard_of = np.searchsorted(ends, chosen, side="right")
+    starts = (chosen - (ends - counts)[shard_of]) * seq_len  # token offset inside its shard
+    return _val_batch_iterator(dataset, shard_of, starts, per_rank, batch_size, seq_len, rank, world_size, device)
+
+
+def _val_batch_iterator(dataset, shard_of, starts, per_rank, batch_size, seq_len, rank, world_size, device):
+    """Batch i of rank r holds chosen windows [(i*W + r)*B, (i*W + r + 1)*B), like the train stream."""
+    for i in range(per_rank):
+        lo = (i * world_size + rank) * batch_size
+        shards, offsets = shard_of[lo:lo + batch_size], starts[lo:lo + batch_size]
+        pieces = [dataset.windows(dataset.val_shards[s], offsets[shards == s], seq_len) for s in np.unique(shards)]
+        yield _batch_to_device(np.concatenate(pieces), device)

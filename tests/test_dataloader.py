@@ -1,0 +1,216 @@
+"""The shard format and the loaders, on small synthetic shards whose token values are their global positions, so
+every window is identified by its first token and y must equal x + 1."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dataloader
+import tokenizer
+from cli import UserError
+from dataloader import ShardDataset, TrainLoader, val_batches
+
+T = 8  # sequence length of the tests
+TRAIN_SIZES = [101, 57, 200, 9]  # (tokens - 1) // T = 12, 7, 24, 1 windows: 44 per epoch
+VAL_SIZES = [100, 100]
+
+
+def make_dataset(folder, train_sizes=TRAIN_SIZES, val_sizes=VAL_SIZES):
+    """Shards of consecutive token values (unique over the dataset) and their manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, next_token = [], 0
+    for split, sizes in [("val", val_sizes), ("train", train_sizes)]:
+        for i, size in enumerate(sizes):
+            name = f"{split}_{i:06d}.bin"
+            tokens = np.arange(next_token, next_token + size, dtype=np.uint16)
+            next_token += size
+            sha = dataloader.write_shard(folder / name, tokens)
+            shards.append({"file": name, "split": split, "tokens": size, "sha256": sha})
+    assert next_token < 2 ** 16
+    dataloader.write_manifest(folder, {"format": dataloader.MANIFEST_FORMAT, "tokenizer_sha256": tokenizer.RANKS_SHA256,
+                                       "header_bytes": dataloader.HEADER_BYTES, "dtype": "uint16", "shards": shards})
+    return folder
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+def all_train_window_starts(ds):
+    """First token of every train window: token value j*T of each shard."""
+    return {int(ds.tokens(s)[j * T]) for s in ds.train_shards for j in range((s.tokens - 1) // T)}
+
+
+def read(loader, n):
+    batches = [loader.next_batch() for _ in range(n)]
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def test_shard_file_round_trip(tmp_path):
+    tokens = np.array([0, 1, 50256, 65535, 7], dtype=np.uint16)
+    sha = dataloader.write_shard(tmp_path / "s.bin", tokens)
+    assert (tmp_path / "s.bin").stat().st_size == dataloader.HEADER_BYTES + 2 * len(tokens)
+    assert dataloader.read_shard_header(tmp_path / "s.bin") == len(tokens)
+    assert np.array_equal(dataloader.open_shard(tmp_path / "s.bin", len(tokens)), tokens)
+    assert sha == dataloader.file_sha256(tmp_path / "s.bin")
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("batch_size", [4, 3])  # 44 windows per epoch: batches end on / straddle the epoch boundary
+def test_epoch_reads_every_window_once(data_dir, batch_size):
+    ds = ShardDataset.open(data_dir)
+    logs = []
+    loader = TrainLoader(ds, batch_size=batch_size, seq_len=T, seed=5, log=logs.append)
+    n_batches = -(-2 * loader.epoch_windows // batch_size)  # two epochs, rounded up
+    x, y = read(loader, n_batches)
+    assert x.dtype == y.dtype == torch.int64 and x.shape == (n_batches * batch_size, T)
+    assert torch.equal(y, x + 1)  # y is x shifted by one (the tokens are consecutive within a shard)
+    starts = x[:, 0].tolist()
+    epoch0, epoch1 = starts[:loader.epoch_windows], starts[loader.epoch_windows:2 * loader.epoch_windows]
+    assert sorted(epoch0) == sorted(all_train_window_starts(ds))  # every window exactly once
+    assert sorted(epoch1) == sorted(epoch0) and epoch1 != epoch0  # again, in a new order
+    epochs_started = (n_batches * batch_size - 1) // loader.epoch_windows  # 1, or 2 when the last batch spills
+    assert len(logs) == epochs_started and "starting epoch 1 " in logs[0]  # each crossing logged once
+
+
+def test_shuffle_depends_on_seed(data_dir):
+    ds = ShardDataset.open(data_dir)
+    a = read(TrainLoader(ds, batch_size=4, seq_len=T, seed=1), 3)[0]
+    b = read(TrainLoader(ds, batch_size=4, seq_len=T, seed=2), 3)[0]
+    assert torch.equal(a, read(TrainLoader(ds, batch_size=4, seq_len=T, seed=1), 3)[0])
+    assert not torch.equal(a, b)
+
+
+def test_ranks_are_disjoint_and_their_union_is_the_single_process_stream(data_dir):
+    ds = ShardDataset.open(data_dir)
+    world, batch, steps = 3, 2, 10  # 60 windows: crosses into the second epoch
+    single = TrainLoader(ds, batch_size=batch, seq_len=T, seed=3, log=lambda _: None)
+    single_batches = [single.next_batch()[0] for _ in range(steps * world)]
+    per_rank = [[loader.next_batch()[0] for _ in range(steps)]
+                for loader in (TrainLoader(ds, batch_size=batch, seq_len=T, rank=r, world_size=world, seed=3,
+                                           log=lambda _: None) for r in range(world))]
+    for k in range(steps):
+        for r in range(world):
+            assert torch.equal(per_rank[r][k], single_batches[k * world + r])
+    in_first_epoch = 44 // (world * batch)  # 7 steps = 42 windows, all of epoch 0
+    starts = torch.cat([per_rank[r][k] for r in range(world) for k in range(in_first_epoch)])[:, 0].tolist()
+    assert len(starts) == len(set(starts)) == 42  # no window read by two ranks
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_resumed_loader_yields_identical_batches(data_dir, rank, world):
+    ds = ShardDataset.open(data_dir)
+    kwargs = dict(batch_size=4, seq_len=T, world_size=world, seed=11, log=lambda _: None)
+    uninterrupted = TrainLoader(ds, rank=rank, **kwargs)
+    read(uninterrupted, 4)
+    saver = TrainLoader(ds, rank=0, **kwargs)  # train.py saves rank 0's state; every rank loads it
+    read(saver, 4)
+    buffer = io.BytesIO()
+    torch.save({"loader": saver.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)["loader"]
+    assert state == saver.state_dict() and state["micro_batch"] == 4
+    resumed = TrainLoader(ds, rank=rank, **kwargs)
+    resumed.load_state_dict(state)
+    for _ in range(12):  # well into the next epoch
+        a, b = uninterrupted.next_batch(), resumed.next_batch()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_resume_refuses_other_settings_or_data(data_dir, tmp_path):
+    ds = ShardDataset.open(data_dir)
+    loader = TrainLoader(ds, batch_size=4, seq_len=T, seed=0)
+    read(loader, 2)
+    state = loader.state_dict()
+    with pytest.raises(UserError, match="batch_size 4"):
+        TrainLoader(ds, batch_size=2, seq_len=T, seed=0).load_state_dict(state)
+    with pytest.raises(UserError, match="seed"):
+        TrainLoader(ds, batch_size=4, seq_len=T, seed=1).load_state_dict(state)
+    other = ShardDataset.open(make_dataset(tmp_path / "other", train_sizes=[300, 300]))
+    with pytest.raises(UserError, match="dataset"):
+        TrainLoader(other, batch_size=4, seq_len=T, seed=0).load_state_dict(state)
+    with pytest.raises(UserError, match="inconsistent"):
+        TrainLoader(ds, batch_size=4, seq_len=T, seed=0).load_state_dict({**state, "micro_batch": 3})
+
+
+def test_batch_larger_than_every_shard_is_refused(data_dir):
+    ds = ShardDataset.open(data_dir)
+    with pytest.raises(UserError, match="larger than the largest train shard"):
+        TrainLoader(ds, batch_size=25, seq_len=T)  # 25 x 8 + 1 > 200 tokens
+    TrainLoader(ds, batch_size=24, seq_len=T)  # fits the largest shard exactly
+
+
+def val_window_starts(ds, **kwargs):
+    return [x[:, 0].tolist() for x, _ in val_batches(ds, seq_len=T, **kwargs)]
+
+
+def test_val_batches_deterministic_and_split_evenly_between_ranks(data_dir):
+    ds = ShardDataset.open(data_dir)
+    x, y = next(val_batches(ds, batch_size=2, seq_len=T))
+    assert x.shape == y.shape == (2, T) and x.dtype == torch.int64 and torch.equal(y, x + 1)
+    assert val_window_starts(ds, batch_size=2) == val_window_starts(ds, batch_size=2)
+    whole = [s for batch in val_window_starts(ds, batch_size=2) for s in batch]
+    assert len(whole) == 24  # (100 - 1) // 8 = 12 windows per val shard, all used
+    ranks = [val_window_starts(ds, batch_size=2, rank=r, world_size=3) for r in range(3)]
+    assert len({len(batches) for batches in ranks}) == 1  # same number of batches on every rank
+    union = [s for batches in ranks for batch in batches for s in batch]
+    assert len(union) == len(set(union)) == 24 and set(union) == set(whole)
+
+
+def test_val_token_bound_spreads_windows_over_the_split(data_dir):
+    ds = ShardDataset.open(data_dir)
+    starts = [s for batch in val_window_starts(ds, batch_size=2, max_tokens=4 * T) for s in batch]
+    assert len(starts) == 4
+    assert any(s < 100 for s in starts) and any(s >= 100 for s in starts)  # both val shards, not just the first
+    with pytest.raises(UserError, match="--val-tokens"):
+        val_batches(ds, batch_size=2, seq_len=T, max_tokens=T)  # less than one batch
+
+
+def test_open_refuses_missing_or_unfinished_data(tmp_path):
+    with pytest.raises(UserError, match="does not exist.*data_prep.py --source"):
+        ShardDataset.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no manifest.json.*data_prep.py --source"):
+        ShardDataset.open(tmp_path / "empty")
+
+
+def edit_manifest(data_dir, **changes):
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    (data_dir / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+
+def test_open_refuses_another_tokenizer(data_dir):
+    edit_manifest(data_dir, tokenizer_sha256="0" * 64)
+    with pytest.raises(UserError, match="another tokenizer"):
+        ShardDataset.open(data_dir)
+
+
+def test_open_refuses_truncated_or_corrupt_shards(data_dir):
+    shard = data_dir / "train_000002.bin"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-2])
+    with pytest.raises(UserError, match="train_000002.bin is truncated"):
+        ShardDataset.open(data_dir)
+    shard.write_bytes(b"NOTOURS!" + data[8:])
+    with pytest.raises(UserError, match="bad header"):
+        ShardDataset.open(data_dir)
+    flipped = bytearray(data)
+    flipped[-1] ^= 1  # same size and header, different content: only the sha256 check sees it
+    shard.write_bytes(bytes(flipped))
+    ShardDataset.open(data_dir)
+    with pytest.raises(UserError, match="sha256"):
+        ShardDataset.open(data_dir, verify_sha256=True)
+
+
+def test_open_refuses_a_manifest_that_disagrees_with_a_shard(data_dir):
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    manifest["shards"][0]["tokens"] += 1
+    edit_manifest(data_dir, shards=manifest["shards"])
+    with pytest.raises(UserError, match="the manifest says"):
+        ShardDataset.open(data_dir)
+    (data_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt or not a data_prep.py manifest"):
+        ShardDataset.open(data_dir)
