@@ -148,6 +148,7 @@ def export_model(model: GPT, out_dir, dtype_name: str = "float32", model_card: s
         write_json(tmp / "generation_config.json",
                    {"bos_token_id": tokenizer.EOT_ID, "eos_token_id": tokenizer.EOT_ID})
         save_file(to_hf_state_dict(model, DTYPES[dtype_name]), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        shutil.copymode(tmp / "config.json", tmp / WEIGHTS_FILE)  # safetensors writes 0600; match the other files
         write_tokenizer_files(tmp, model.config.block_size)
         (tmp / "README.md").write_text(model_card or model_card_text(model, dtype_name, None, {}))
         replace_dir(tmp, out_dir)
