@@ -1,0 +1,196 @@
+"""Sample text from a checkpoint of this repo.
+
+  python generate.py --checkpoint runs/debug --prompt "HTML stands for"
+  python generate.py --checkpoint runs/full/checkpoints/step_019072.pt --prompts-file prompts.txt --num-samples 3
+
+Without --prompt or --prompts-file the three prompts of the reference run are used. Decoding uses the model's KV
+cache; a single sample (one prompt, --num-samples 1) is streamed to the terminal token by token, several samples are
+printed one after the other under a header each. One random generator, seeded with --seed, drives all the sampling,
+so the same command gives the same text (on the same device and library versions); temperature 0 is greedy.
+
+Prompts: `<|endoftext|>` in a prompt is the end-of-text token, so `--prompt "<|endoftext|>"` samples
+unconditionally. An empty prompt, or one longer than the model's context, is refused. Prompt + new tokens may exceed
+the context: the model then keeps the most recent block_size tokens in view.
+"""
+import argparse
+import codecs
+import inspect
+import sys
+
+import torch
+
+from cli import UserError, main_entry
+from model import EOT_ID, GPT
+from tokenizer import EOT_TOKEN, get_tokenizer
+
+REFERENCE_PROMPTS = [
+    "If animals could talk, my pet would probably say",
+    "HTML stands for",
+    "The clever fox built the strange machine with just a feather, a pebble, and a tiny twig",
+]
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """UserError naming the flag when a sampling setting is out of range."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (or 0 for no top-k cut), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
+
+
+def encode_prompt(prompt: str, block_size: int) -> list[int]:
+    """Token ids of a prompt; UserError when it is empty or longer than the model's context."""
+    ids = get_tokenizer().encode(prompt, allowed_special={EOT_TOKEN})
+    if not ids:
+        raise UserError("a prompt is empty; give some text (or '<|endoftext|>' to sample unconditionally)")
+    if len(ids) > block_size:
+        raise UserError(f"prompt {prompt[:30]!r}... is {len(ids)} tokens, longer than the model's context of "
+                        f"{block_size}; shorten it")
+    return ids
+
+
+def continuation_text(new_ids: list[int], stop_at_eot: bool) -> str:
+    """Decode the sampled ids; with stop_at_eot the text ends before the first <|endoftext|>."""
+    if stop_at_eot and EOT_ID in new_ids:
+        new_ids = new_ids[:new_ids.index(EOT_ID)]
+    return get_tokenizer().decode(new_ids)
+
+
+class TokenPrinter:
+    """A model.generate on_token callback that prints row 0's new tokens as text. Token bytes can split a UTF-8
+    character, so they go through an incremental decoder that holds partial characters back until finish()."""
+
+    def __init__(self, stop_at_eot: bool, out=sys.stdout):
+        self.enc, self.stop_at_eot, self.out = get_tokenizer(), stop_at_eot, out
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stopped = False
+
+    def __call__(self, next_id: torch.Tensor) -> None:  # next_id (B, 1)
+        token = int(next_id[0, 0])
+        self.stopped = self.stopped or (self.stop_at_eot and token == EOT_ID)
+        if not self.stopped:
+            self._write(self.decoder.decode(self.enc.decode_single_token_bytes(token)))
+
+    def finish(self) -> None:
+        """Print what the decoder still holds (an incomplete character becomes U+FFFD, as in tiktoken's decode)."""
+        self._write(self.decoder.decode(b"", final=True) + "\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def can_stream() -> bool:
+    """Whether model.generate reports tokens as they come (its on_token callback). Until model.py has it, a single
+    sample is printed whole when done."""
+    return "on_token" in inspect.signature(GPT.generate).parameters
+
+
+@torch.no_grad()
+def sample_continuations(model: GPT, prompt_ids: list[int], num_samples: int, max_new_tokens: int,
+                         temperature: float, top_k: int | None, top_p: float | None,
+                         generator: torch.Generator, stop_at_eot: bool = True, on_token=None) -> list[str]:
+    """num_samples continuations of one prompt, sampled together as the rows of one batch."""
+    device = model.wte.weight.device
+    idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(num_samples, 1)  # (S, T)
+    streaming = {"on_token": on_token} if on_token else {}  # only passed when given: see can_stream
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator, stop_at_eot=stop_at_eot, **streaming)
+    return [continuation_text(row[len(prompt_ids):].tolist(), stop_at_eot) for row in out]
+
+
+def generate_samples(model: GPT, prompts: list[str], max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, seed: int, device, stop_at_eot: bool = True) -> list[str]:
+    """One continuation per prompt (the prompt itself not included).
+
+    Uses its own generator seeded with `seed` (the global RNG streams are untouched, so training is unaffected),
+    puts the model in eval mode and restores its mode afterwards. Runs in the model's dtype, without autocast.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        return [sample_continuations(model, ids, 1, max_new_tokens, temperature, top_k, top_p, generator,
+                                     stop_at_eot)[0] for ids in prompt_ids]
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint file, or a run directory (its newest valid checkpoint is used)")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="a prompt; repeat the flag for several (default: the three reference prompts)")
+    parser.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped); "
+                                               "used after any --prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to sample per sample (default: 100)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="softmax temperature; 0 = greedy, the most likely token each step (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample only among the K most likely tokens; 0 = no cut (default: 50)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: the smallest set of tokens reaching probability P, in (0, 1]; "
+                             "1 = no cut (default: 1.0)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator (default: 1337)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
+                        help="keep sampling past <|endoftext|> (default: a sample ends at its first <|endoftext|>)")
+    return parser.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                from_file = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompts-file {args.prompts_file} ({e})")
+        if not from_file:
+            raise UserError(f"--prompts-file {args.prompts_file} holds no prompt")
+        prompts += from_file
+    return prompts or REFERENCE_PROMPTS
+
+
+@main_entry
+def main(argv=None):
+    args = parse_args(argv)
+    top_k = args.top_k or None  # 0 = off
+    check_sampling_args(args.max_new_tokens, args.temperature, top_k, args.top_p)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    prompts = read_prompts(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = GPT.from_checkpoint(args.checkpoint, device)
+    prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    stream = len(prompts) == 1 and args.num_samples == 1 and can_stream()
+    for p, (prompt, ids) in enumerate(zip(prompts, prompt_ids), start=1):
+        def header(s):
+            return f"=== prompt {p}/{len(prompts)}, sample {s}/{args.num_samples} (seed {args.seed}) ==="
+        if stream:
+            print(f"{header(1)}\n{prompt}", end="", flush=True)
+            printer = TokenPrinter(args.stop_at_eot)
+            sample_continuations(model, ids, 1, args.max_new_tokens, args.temperature, top_k, args.top_p,
+                                 generator, args.stop_at_eot, on_token=printer)
+            printer.finish()
+        else:
+            texts = sample_continuations(model, ids, args.num_samples, args.max_new_tokens, args.temperature, top_k,
+                                         args.top_p, generator, args.stop_at_eot)
+            for s, text in enumerate(texts, start=1):
+                print(f"{header(s)}\n{prompt}{text}")
+
+
+if __name__ == "__main__":
+    main()

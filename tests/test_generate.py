@@ -1,0 +1,152 @@
+import dataclasses
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import save_checkpoint
+from generate import REFERENCE_PROMPTS, TokenPrinter, continuation_text, generate_samples
+from model import EOT_ID, GPT, GPTConfig
+from tokenizer import get_tokenizer
+
+
+# Helpers shared with test_hellaswag.py ----------------------------------------------------------------------------
+
+def tiny_config(**overrides) -> GPTConfig:
+    """The real GPT-2 vocabulary (prompts and HellaSwag are real text) with a tiny body: fast on CPU."""
+    return GPTConfig(**{**dict(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32, ffn_hidden=64),
+                        **overrides})
+
+
+def save_tiny_checkpoint(path, seed: int = 0, **overrides):
+    cfg = tiny_config(**overrides)
+    model = GPT(cfg, seed=seed)
+    save_checkpoint({"model_config": dataclasses.asdict(cfg), "model": model.state_dict()}, path)
+    return model
+
+
+def run_script(repo_dir, script: str, *args, launcher=(), timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *launcher, str(repo_dir / script), *map(str, args)], cwd=repo_dir,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *expected_words: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in expected_words:
+        assert word in lines[0], lines[0]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "tiny.pt"
+    save_tiny_checkpoint(path, seed=5, block_size=24)
+    return path
+
+
+def greedy_without_cache(model, prompt_ids: list[int], n: int) -> list[int]:
+    """The plain definition: every step reruns the whole (cropped) context and takes the argmax."""
+    idx = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx[0, len(prompt_ids):].tolist()
+
+
+def test_greedy_equals_argmax_decoding_without_cache():
+    model = GPT(tiny_config(block_size=24), seed=2).eval()
+    n = 40  # more than block_size: the window slides past the 4-token prompt
+    texts = generate_samples(model, ["HTML stands for", "Hello"], n, temperature=0, top_k=None, top_p=None,
+                             seed=0, device="cpu", stop_at_eot=False)
+    enc = get_tokenizer()
+    for prompt, text in zip(["HTML stands for", "Hello"], texts):
+        assert text == enc.decode(greedy_without_cache(model, enc.encode(prompt), n))
+
+
+def test_same_seed_same_text_and_no_side_effects():
+    model = GPT(tiny_config(), seed=3)
+    model.train()
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=200, top_p=0.95, device="cpu")
+    first = generate_samples(model, REFERENCE_PROMPTS, seed=7, **kwargs)
+    again = generate_samples(model, REFERENCE_PROMPTS, seed=7, **kwargs)
+    other = generate_samples(model, REFERENCE_PROMPTS, seed=8, **kwargs)
+    assert first == again and first != other
+    assert len(first) == 3 and all(first)
+    assert model.training  # mode restored
+    assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched
+
+
+class EotLovingGPT(GPT):
+    """A GPT whose most likely next token is always <|endoftext|>."""
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = super().forward(idx, targets, cache)
+        logits[..., EOT_ID] += 1e4
+        return logits, loss
+
+
+def test_stop_at_eot_ends_the_text_before_endoftext():
+    model = EotLovingGPT(tiny_config(), seed=4)
+    stopped = generate_samples(model, ["Hello"], 5, 0, None, None, 0, "cpu", stop_at_eot=True)
+    kept = generate_samples(model, ["Hello"], 5, 0, None, None, 0, "cpu", stop_at_eot=False)
+    assert stopped == [""] and kept == ["<|endoftext|>" * 5]
+    enc = get_tokenizer()
+    assert continuation_text(enc.encode("Hi there") + [EOT_ID, 42], stop_at_eot=True) == "Hi there"
+
+
+def test_token_printer_joins_characters_split_over_tokens():
+    enc = get_tokenizer()
+    ids = enc.encode(" 日本語 naïve") + [EOT_ID] + enc.encode("after")
+    assert any(not is_utf8(enc.decode_single_token_bytes(t)) for t in ids)  # some token holds part of a character
+    out = io.StringIO()
+    printer = TokenPrinter(stop_at_eot=True, out=out)
+    for t in ids:
+        printer(torch.tensor([[t]]))
+    printer.finish()
+    assert out.getvalue() == " 日本語 naïve\n"
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_cli_prints_the_same_text_as_the_library(repo_dir, checkpoint_file):
+    result = run_script(repo_dir, "generate.py", "--checkpoint", checkpoint_file, "--prompt", "HTML stands for",
+                        "--max-new-tokens", 15, "--temperature", 0.9, "--top-k", 100, "--top-p", 0.9, "--seed", 11,
+                        "--no-stop-at-eot")
+    assert result.returncode == 0, result.stderr
+    model = GPT.from_checkpoint(checkpoint_file)
+    text = generate_samples(model, ["HTML stands for"], 15, 0.9, 100, 0.9, 11, "cpu", stop_at_eot=False)[0]
+    assert result.stdout.splitlines()[0].startswith("=== prompt 1/1, sample 1/1")
+    assert result.stdout.split("\n", 1)[1] == "HTML stands for" + text + "\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--prompt", ""], ["prompt is empty"]),
+    (["--prompt", " ".join(["word"] * 30)], ["30 tokens", "context of 24"]),
+    (["--top-p", "0"], ["--top-p"]),
+    (["--top-p", "1.5"], ["--top-p"]),
+    (["--temperature", "-1"], ["--temperature"]),
+])
+def test_cli_bad_input_is_one_line(repo_dir, checkpoint_file, args, words):
+    assert_one_line_error(run_script(repo_dir, "generate.py", "--checkpoint", checkpoint_file, *args), *words)
+
+
+def test_cli_missing_or_corrupt_checkpoint_is_one_line(repo_dir, tmp_path):
+    assert_one_line_error(run_script(repo_dir, "generate.py", "--checkpoint", tmp_path / "nope.pt"), "does not exist")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_script(repo_dir, "generate.py", "--checkpoint", corrupt), "corrupt")
