@@ -22,6 +22,191 @@ def write_json(result: dict, out) -> None:
         print(f"wrote {out}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# generate: greedy decoding with the KV cache (model.generate, what generate.py runs) vs rerunning the model over the
+# whole context for every new token. Imports are local so that other modes do not pay for torch.
+
+def add_generate_arguments(parser):
+    from model import PRESETS
+    parser.add_argument("--config", choices=sorted(PRESETS), default="debug", help="model preset (default: debug)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per timed run (default: 256)")
+    parser.add_argument("--block-size", type=int, default=512,
+                        help="the model's context. The default fits the 3-token prompt + 256 new tokens, so the cache "
+                             "is filled once. With the debug preset's own 128, once the window is full both paths "
+                             "reread 128 tokens per step and the cache only helps the first 125 (default: 512)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path, median reported (default: 3)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+
+
+def generate_without_cache(model, idx, new_tokens: int):
+    """Greedy decoding the plain way: each new token reruns the model over the (cropped) context, idx (1, T)."""
+    import torch
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits, _ = model(idx[:, -model.config.block_size:])  # (1, T, V)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def run_generate(args) -> dict:
+    import os
+    import platform
+    import statistics
+    import time
+
+    import torch
+
+    from cli import UserError
+    from generate import REFERENCE_PROMPTS
+    from model import GPT, GPTConfig
+    from tokenizer import get_tokenizer
+
+    if args.new_tokens < 1 or args.repeats < 1:
+        raise UserError("--new-tokens and --repeats must be >= 1")
+    device = torch.device(args.device)
+    model = GPT(GPTConfig.from_preset(args.config, block_size=args.block_size)).to(device).eval()
+    prompt = torch.tensor([get_tokenizer().encode(REFERENCE_PROMPTS[1])], device=device)  # "HTML stands for"
+    paths = {"kv_cache": lambda n: model.generate(prompt, n, temperature=0),
+             "recompute": lambda n: generate_without_cache(model, prompt, n)}
+
+    def timed(path):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = paths[path](args.new_tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, out
+
+    for path in paths:  # warm-up: first-call allocations and kernel selection stay out of the timings
+        paths[path](8)
+    seconds, outputs = {path: [] for path in paths}, {}
+    for _ in range(args.repeats):  # alternate the paths so that a burst of load on a shared machine hits both
+        for path in paths:
+            elapsed, outputs[path] = timed(path)
+            seconds[path].append(elapsed)
+    tokens_per_s = {path: args.new_tokens / statistics.median(s) for path, s in seconds.items()}
+    result = {
+        "config": args.config, "block_size": args.block_size, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(), "load_average_1min": os.getloadavg()[0],
+        "kv_cache_tokens_per_s": tokens_per_s["kv_cache"], "recompute_tokens_per_s": tokens_per_s["recompute"],
+        "speedup": tokens_per_s["kv_cache"] / tokens_per_s["recompute"],
+        "same_tokens": torch.equal(outputs["kv_cache"], outputs["recompute"]),  # greedy: both must agree
+    }
+    print(f"generate, {args.config} preset (block_size {args.block_size}), {args.new_tokens} new tokens, greedy, "
+          f"{device}, {result['torch_threads']} threads, median of {args.repeats}")
+    print(f"{'path':<12}{'tokens/s':>12}")
+    for path, rate in tokens_per_s.items():
+        print(f"{path:<12}{rate:>12.1f}")
+    print(f"speedup {result['speedup']:.2f}x, same tokens: {result['same_tokens']}")
+    return result
+
+
+MODES["generate"] = (add_generate_arguments, run_generate)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data-prep: data_prep.py (datasets reader, process pool, shard writer) vs a plain single-process tiktoken loop over
+# the same documents of a local .txt corpus (the embedded text repeated), both from files on disk to uint16 tokens.
+
+def add_data_prep_arguments(parser):
+    from data_prep import available_cores
+    parser.add_argument("--corpus-mb", type=float, default=50, help="corpus size in MB (default: 50)")
+    parser.add_argument("--workers", type=int, default=available_cores(),
+                        help="data_prep.py --workers (default: all cores, here %(default)s)")
+
+
+def write_bench_corpus(folder: Path, megabytes: float, files: int = 8) -> int:
+    """`files` .txt files of the embedded corpus repeated (copies end with a blank line so speeches stay separate);
+    returns the total size in bytes. Several files let datasets prepare them in parallel."""
+    import math
+
+    from data_prep import EMBEDDED_CORPUS
+    copy = EMBEDDED_CORPUS.read_text(encoding="utf-8").rstrip("\n") + "\n\n"
+    copies = math.ceil(megabytes * 1e6 / len(copy.encode("utf-8")))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (folder / f"part_{i:02d}.txt").write_text(copy * len(range(i, copies, files)), encoding="utf-8")
+    return sum(p.stat().st_size for p in folder.glob("*.txt"))
+
+
+def tiktoken_loop(paths: list) -> dict:
+    """The baseline: one process reads the files, splits them into the same documents and encodes them one by one
+    (<|endoftext|> first), into one uint16 array."""
+    import time
+
+    import numpy as np
+
+    from data_prep import split_paragraphs
+    from tokenizer import EOT_ID, get_tokenizer
+    enc = get_tokenizer()
+    start = time.perf_counter()
+    docs = [doc for path in paths for doc in split_paragraphs(Path(path).read_text(encoding="utf-8"))]
+    encode_start = time.perf_counter()
+    ids = []
+    for doc in docs:
+        ids.append(EOT_ID)
+        ids.extend(enc.encode_ordinary(doc))
+    tokens = np.array(ids, dtype=np.uint16)
+    end = time.perf_counter()
+    return {"tokens": int(tokens.size), "encode_seconds": end - encode_start, "total_seconds": end - start}
+
+
+def run_data_prep(args) -> dict:
+    import os
+    import shutil
+    import time
+
+    import datasets  # noqa: F401  (imported here so that the library's import time is not counted as data work)
+
+    import data_prep
+    from cli import REPO_DIR, UserError
+
+    if args.corpus_mb <= 0 or args.workers < 1:
+        raise UserError("--corpus-mb must be > 0 and --workers >= 1")
+    root = REPO_DIR / "temp_data" / "bench_data_prep"
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        corpus_bytes = write_bench_corpus(root / "corpus", args.corpus_mb)
+        paths = sorted(str(p) for p in (root / "corpus").glob("*.txt"))
+        baseline = tiktoken_loop(paths)
+        start = time.perf_counter()  # cold: a fresh datasets cache, so its reading and preparing is counted
+        manifest = data_prep.prepare_data(["--source", "files", "--files", *paths, "--out", str(root / "out"),
+                                           "--cache-dir", str(root / "hf_cache"), "--workers", str(args.workers),
+                                           "--shard-tokens", "4000000", "--val-tokens", "1000000"])
+        end_to_end = time.perf_counter() - start
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    tokens = manifest["total_tokens"]
+    if tokens != baseline["tokens"]:
+        raise UserError(f"data_prep.py wrote {tokens} tokens but the loop made {baseline['tokens']}: not the same work")
+    seconds = {"loop_encode": baseline["encode_seconds"], "loop_read_split_encode": baseline["total_seconds"],
+               "data_prep_tokenize_write": manifest["seconds"], "data_prep_end_to_end": end_to_end}
+    result = {
+        "corpus_mb": corpus_bytes / 1e6, "tokens": tokens, "workers": args.workers, "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0], "seconds": seconds,
+        "tokens_per_s": {k: tokens / s for k, s in seconds.items()},
+        "mb_per_s": {k: corpus_bytes / 1e6 / s for k, s in seconds.items()},
+        "ratio_end_to_end": baseline["total_seconds"] / end_to_end,
+        "ratio_tokenize_write_vs_encode": baseline["encode_seconds"] / manifest["seconds"],
+    }
+    print(f"\ndata-prep: {result['corpus_mb']:.1f} MB of .txt ({tokens / 1e6:.1f}M tokens), data_prep.py with "
+          f"{args.workers} workers, {os.cpu_count()} CPUs, load average {result['load_average_1min']:.2f}")
+    print(f"{'path':<46}{'seconds':>9}{'Mtok/s':>9}{'MB/s':>8}")
+    labels = {"loop_encode": "tiktoken loop, 1 process: encode", "loop_read_split_encode": "  read + split + encode",
+              "data_prep_tokenize_write": "data_prep.py: tokenize + write shards",
+              "data_prep_end_to_end": "  whole run (datasets load, pool, write)"}
+    for key, label in labels.items():
+        print(f"{label:<46}{seconds[key]:>9.2f}{result['tokens_per_s'][key] / 1e6:>9.2f}{result['mb_per_s'][key]:>8.1f}")
+    print(f"ratio, whole runs (files -> tokens): {result['ratio_end_to_end']:.2f}x; "
+          f"tokenize+write vs encode loop: {result['ratio_tokenize_write_vs_encode']:.2f}x")
+    return result
+
+
+MODES["data-prep"] = (add_data_prep_arguments, run_data_prep)
+
+
 @main_entry
 def main(argv=None):
     mode_parser = argparse.ArgumentParser(add_help=False)
