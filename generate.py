@@ -14,7 +14,6 @@ the context: the model then keeps the most recent block_size tokens in view.
 """
 import argparse
 import codecs
-import inspect
 import sys
 
 import torch
@@ -84,12 +83,6 @@ class TokenPrinter:
         self.out.flush()
 
 
-def can_stream() -> bool:
-    """Whether model.generate reports tokens as they come (its on_token callback). Until model.py has it, a single
-    sample is printed whole when done."""
-    return "on_token" in inspect.signature(GPT.generate).parameters
-
-
 @torch.no_grad()
 def sample_continuations(model: GPT, prompt_ids: list[int], num_samples: int, max_new_tokens: int,
                          temperature: float, top_k: int | None, top_p: float | None,
@@ -97,9 +90,8 @@ def sample_continuations(model: GPT, prompt_ids: list[int], num_samples: int, ma
     """num_samples continuations of one prompt, sampled together as the rows of one batch."""
     device = model.wte.weight.device
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(num_samples, 1)  # (S, T)
-    streaming = {"on_token": on_token} if on_token else {}  # only passed when given: see can_stream
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator, stop_at_eot=stop_at_eot, **streaming)
+                         generator=generator, stop_at_eot=stop_at_eot, on_token=on_token)
     return [continuation_text(row[len(prompt_ids):].tolist(), stop_at_eot) for row in out]
 
 
@@ -175,7 +167,7 @@ def main(argv=None):
     model = GPT.from_checkpoint(args.checkpoint, device)
     prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    stream = len(prompts) == 1 and args.num_samples == 1 and can_stream()
+    stream = len(prompts) == 1 and args.num_samples == 1
     for p, (prompt, ids) in enumerate(zip(prompts, prompt_ids), start=1):
         def header(s):
             return f"=== prompt {p}/{len(prompts)}, sample {s}/{args.num_samples} (seed {args.seed}) ==="

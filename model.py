@@ -334,14 +334,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, stop_at_eot: bool = False):
+                 top_p: float | None = None, generator: torch.Generator | None = None, stop_at_eot: bool = False,
+                 on_token=None):
         """Append up to max_new_tokens sampled tokens to idx (B, T) and return prompt + new ids.
 
         A KV cache makes each new token one forward pass over one position. The context is cropped to the model's
         window: a prompt longer than block_size keeps its last block_size tokens in view, and once the window is
         full each step re-reads the last block_size tokens (exactly what recomputing the cropped context gives).
         temperature 0 is greedy. With stop_at_eot, rows that emitted <|endoftext|> keep emitting it, and generation
-        ends when every row has.
+        ends when every row has. on_token, if given, is called with each step's new ids (B, 1), for streaming.
         """
         if idx.dim() == 1:
             idx = idx[None]
@@ -359,6 +360,8 @@ class GPT(nn.Module):
                 next_id = torch.where(done[:, None], torch.full_like(next_id, EOT_ID), next_id)
                 done |= next_id[:, 0] == EOT_ID
             idx = torch.cat([idx, next_id], dim=1)
+            if on_token is not None:
+                on_token(next_id)
             if stop_at_eot and bool(done.all()):
                 break
         return idx
