@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="sample-10BT", help="its config name (default: %(default)s)")
     p.add_argument("--split", default="train", help="its split (default: %(default)s)")
     p.add_argument("--streaming", action="store_true",
-                   help="stream the dataset instead of downloading and preparing it first (default: off); reading "
-                        "then happens in the main process, so it suits --max-docs/--max-tokens slices")
+                   help="hf/files: stream the dataset instead of downloading and preparing it first (default: off);"
+                        " reading then happens in the main process, so it suits --max-docs/--max-tokens slices")
     p.add_argument("--files", nargs="+", metavar="PATH",
                    help="local .txt, .jsonl/.json or .parquet files (one kind per run); globs allowed, e.g. "
                         "'dir/*.jsonl' (quote them); read in sorted order")
@@ -133,10 +133,11 @@ class ArrowTexts:
 
 
 def expand_files(patterns: list[str]) -> tuple[list[str], str]:
-    """Sorted files matching the --files patterns and the datasets builder that reads them."""
+    """Absolute paths of the files matching the --files patterns (sorted per pattern; absolute so that a rerun from
+    another folder recognises a finished output) and the datasets builder that reads them."""
     files = []
     for pattern in patterns:
-        matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        matches = sorted(str(Path(p).resolve()) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not matches:
             raise UserError(f"--files {pattern} matches no file; check the path (quote globs)")
         files += matches
