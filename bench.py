@@ -125,8 +125,9 @@ def write_bench_corpus(folder: Path, megabytes: float, files: int = 8) -> int:
     from data_prep import EMBEDDED_CORPUS
     copy = EMBEDDED_CORPUS.read_text(encoding="utf-8").rstrip("\n") + "\n\n"
     copies = math.ceil(megabytes * 1e6 / len(copy.encode("utf-8")))
+    files = min(files, copies)
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(files):
+    for i in range(files):  # file i gets copies i, i + files, i + 2*files, ...
         (folder / f"part_{i:02d}.txt").write_text(copy * len(range(i, copies, files)), encoding="utf-8")
     return sum(p.stat().st_size for p in folder.glob("*.txt"))
 
@@ -174,7 +175,7 @@ def run_data_prep(args) -> dict:
         start = time.perf_counter()  # cold: a fresh datasets cache, so its reading and preparing is counted
         manifest = data_prep.prepare_data(["--source", "files", "--files", *paths, "--out", str(root / "out"),
                                            "--cache-dir", str(root / "hf_cache"), "--workers", str(args.workers),
-                                           "--shard-tokens", "4000000", "--val-tokens", "1000000"])
+                                           "--shard-tokens", "4000000", "--val-tokens", str(baseline["tokens"] // 10)])
         end_to_end = time.perf_counter() - start
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -198,7 +199,8 @@ def run_data_prep(args) -> dict:
               "data_prep_tokenize_write": "data_prep.py: tokenize + write shards",
               "data_prep_end_to_end": "  whole run (datasets load, pool, write)"}
     for key, label in labels.items():
-        print(f"{label:<46}{seconds[key]:>9.2f}{result['tokens_per_s'][key] / 1e6:>9.2f}{result['mb_per_s'][key]:>8.1f}")
+        rates = f"{result['tokens_per_s'][key] / 1e6:>9.2f}{result['mb_per_s'][key]:>8.1f}"
+        print(f"{label:<46}{seconds[key]:>9.2f}{rates}")
     print(f"ratio, whole runs (files -> tokens): {result['ratio_end_to_end']:.2f}x; "
           f"tokenize+write vs encode loop: {result['ratio_tokenize_write_vs_encode']:.2f}x")
     return result

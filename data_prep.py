@@ -23,8 +23,6 @@ import collections
 import concurrent.futures
 import contextlib
 import glob
-import hashlib
-import itertools
 import multiprocessing
 import os
 import re
@@ -133,8 +131,8 @@ class ArrowTexts:
 
 
 def expand_files(patterns: list[str]) -> tuple[list[str], str]:
-    """Absolute paths of the files matching the --files patterns (sorted per pattern; absolute so that a rerun from
-    another folder recognises a finished output) and the datasets builder that reads them."""
+    """Absolute paths of the non-empty files matching the --files patterns (sorted per pattern; absolute so that a
+    rerun from another folder recognises a finished output) and the datasets builder that reads them."""
     files = []
     for pattern in patterns:
         matches = sorted(str(Path(p).resolve()) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
@@ -147,7 +145,9 @@ def expand_files(patterns: list[str]) -> tuple[list[str], str]:
         raise UserError(f"--files {bad}: unsupported type; use {', '.join(FILE_BUILDERS)} files")
     if len(kinds) > 1:
         raise UserError(f"--files mixes file types ({', '.join(sorted(kinds))}); pass one kind per run")
-    if all(Path(f).stat().st_size == 0 for f in files):
+    # Empty files hold no documents, and datasets fails on a num_proc job made only of empty files: leave them out.
+    files = [f for f in files if Path(f).stat().st_size > 0]
+    if not files:
         raise UserError(f"--files {' '.join(patterns)}: every file is empty; nothing to tokenize")
     return files, kinds.pop()
 
@@ -177,7 +177,7 @@ def source_record(args) -> dict:
 
 
 def load_texts(args, source: dict):
-    """The documents: a sequence the workers slice themselves, or an iterator of texts when streaming."""
+    """The documents: a sequence the workers slice themselves, or (streaming) an iterator of lists of texts."""
     if source["type"] == "embedded":
         return embedded_documents()[:args.max_docs]
     if source["type"] == "hf":
@@ -190,7 +190,10 @@ def load_texts(args, source: dict):
                              num_proc=min(args.workers, len(source["files"])), **options)
     check_text_field(ds, args.text_field, what)
     if args.streaming:
-        return itertools.islice((row[args.text_field] for row in ds), args.max_docs)
+        ds = ds.select_columns([args.text_field])
+        if args.max_docs:
+            ds = ds.take(args.max_docs)
+        return (batch[args.text_field] for batch in ds.iter(batch_size=DOCS_PER_TASK))
     return ArrowTexts(ds, args.text_field, args.max_docs)
 
 
@@ -247,9 +250,10 @@ def _tokenize_task(task) -> Tokenized:
 
 
 def make_tasks(texts):
+    """Row ranges of a sequence; a stream's batches of texts as they come."""
     if hasattr(texts, "__len__"):
         return ((start, min(start + DOCS_PER_TASK, len(texts))) for start in range(0, len(texts), DOCS_PER_TASK))
-    return iter(lambda: list(itertools.islice(texts, DOCS_PER_TASK)), [])
+    return texts
 
 
 def tokenize_in_pool(texts, workers: int):
