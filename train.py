@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +30,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from cli import UserError, main_entry, run_header
 from dataloader import ShardDataset, TrainLoader, val_batches
+from generate import REFERENCE_PROMPTS, generate_samples
+from hellaswag_eval import evaluate_hellaswag, load_examples
 from model import GPT, GPTConfig, mfu, peak_flops
-
-REFERENCE_PROMPTS = (
-    "If animals could talk, my pet would probably say",
-    "HTML stands for",
-    "The clever fox built the strange machine with just a feather, a pebble, and a tiny twig",
-)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -83,7 +78,7 @@ class TrainConfig:
     hellaswag_data: str = ""  # jsonl file; "" = the official validation split (downloaded once)
     hellaswag_limit: int = 0  # examples per evaluation; 0 = all
     sample_every: int = 500
-    sample_prompts: tuple[str, ...] = REFERENCE_PROMPTS
+    sample_prompts: tuple[str, ...] = tuple(REFERENCE_PROMPTS)
     sample_tokens: int = 32
     sample_temperature: float = 1.0
     sample_top_k: int = 50
@@ -239,10 +234,20 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
     device = pick_device(device_flag, d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=attempt_store(d),
+                            rank=d.rank, world_size=d.world_size, device_id=device if device.type == "cuda" else None)
     d.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return d, device
+
+
+def attempt_store(d: Dist):
+    """The rendezvous store torchrun announces (MASTER_ADDR/PORT), under a prefix of its own for each restart
+    (TORCHELASTIC_RESTART_COUNT). The agent's store outlives a worker-group restart, so without the prefix a restarted
+    rank can read the dead group's addresses and fail to connect."""
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), d.world_size,
+                          is_master=not hosted_by_agent and d.rank == 0)
+    return dist.PrefixStore(f"lf-llm/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def pick_device(flag: str, local_rank: int = 0) -> torch.device:
@@ -361,6 +366,7 @@ class Trainer:
         self.peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if self.on_cuda else None)
         self.stop_requested = False
         self.resumed = False
+        self.hellaswag = None  # examples, loaded at the first HellaSwag evaluation
         seed_everything(cfg.seed + d.rank)  # ranks draw different dropout masks
         self._restore_or_init()
         self.forward_model = self._wrap_model()
@@ -418,7 +424,6 @@ class Trainer:
         self._check_fresh_run_dir()
 
     def _check_fresh_run_dir(self) -> None:
-        from checkpoint import list_checkpoints
         if list_checkpoints(self.run_dir):
             raise UserError(f"{self.run_dir} already holds checkpoints; add --resume to continue that run, "
                             "or choose a new --out")
@@ -579,9 +584,18 @@ class Trainer:
         self.log.metrics({"step": step, "val_loss": val.item()})
         self.log.info(f"step {step:6d} | val loss {val.item():.4f} ({batches * self.d.world_size} batches)")
 
+    def _hellaswag_examples(self) -> list[dict]:
+        """Loaded once per run; rank 0 downloads the official split (if needed) before the others read it."""
+        if self.hellaswag is None:
+            if not self.d.is_main:
+                self._barrier()  # wait for rank 0's download
+            self.hellaswag = load_examples(self.cfg.hellaswag_data or None, limit=self.cfg.hellaswag_limit or None)
+            if self.d.is_main:
+                self._barrier()
+        return self.hellaswag
+
     def _eval_hellaswag(self, step: int) -> None:
-        from hellaswag_eval import evaluate_hellaswag, load_examples
-        examples = load_examples(self.cfg.hellaswag_data or None, limit=self.cfg.hellaswag_limit or None)
+        examples = self._hellaswag_examples()
         result = evaluate_hellaswag(self.model, examples, self.device, batch_size=self.micro_batch,
                                     rank=self.d.rank, world_size=self.d.world_size)
         self.log.metrics({"step": step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]})
@@ -591,7 +605,6 @@ class Trainer:
     def _eval_samples(self, step: int) -> None:
         if not self.cfg.sample_prompts or not self.d.is_main:
             return
-        from generate import generate_samples
         texts = generate_samples(self.model, list(self.cfg.sample_prompts), self.cfg.sample_tokens,
                                  self.cfg.sample_temperature, self.cfg.sample_top_k, None, self.cfg.seed, self.device)
         self.log.metrics({"step": step, "samples": [{"prompt": p, "text": t}
