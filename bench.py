@@ -1,5 +1,6 @@
 """Benchmarks: each mode measures one thing and compares against its baseline in the same run.
 
+  python bench.py --config lf_llm_269m ...   training throughput and MFU (the default mode, --mode train)
   python bench.py --mode data-prep ...   data_prep.py throughput vs a single-process tiktoken loop
   python bench.py --mode generate ...    generation with the KV cache vs recomputing the context
 
@@ -7,7 +8,8 @@ Every mode prints a table and, with --out FILE, writes its figures as JSON.
 """
 import argparse
 import json
-import sys
+import statistics
+import time
 from pathlib import Path
 
 from cli import main_entry
@@ -20,6 +22,139 @@ def write_json(result: dict, out) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train: full training steps (forward, backward, clip, AdamW) built by train.py's own Trainer, so what is timed is
+# exactly what training runs: same model, optimizer, compile/autocast settings and data loader.
+
+def add_train_arguments(parser):
+    from train import TRAIN_PRESETS
+    parser.add_argument("--config", choices=sorted(TRAIN_PRESETS), default="debug", help="train preset (default: debug)")
+    parser.add_argument("--data", default="temp_data/data/embedded",
+                        help="prepared data to read (default: the embedded corpus, made by "
+                             "`python data_prep.py --source embedded --out temp_data/data/embedded`)")
+    parser.add_argument("--micro-batch", help="sequences per forward pass, or 'auto' (default: the preset's)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    parser.add_argument("--accum", type=int, default=1,
+                        help="micro-steps per optimizer step (default 1; with --micro-batch auto the preset's token "
+                             "batch decides)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: the preset's)")
+    parser.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast on CUDA (default: the preset's)")
+    parser.add_argument("--pad-vocab-to", type=int, help="pad the vocabulary rows to a multiple of this (1 = off)")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: by GPU name)")
+    parser.add_argument("--device", default="", help="cuda, mps or cpu (default: the best available)")
+
+
+def bench_config(args):
+    """The preset with the benchmark's overrides; the token batch is micro-batch x seq-len x accum."""
+    from train import TrainConfig
+    overrides = {k: v for k, v in (("micro_batch", args.micro_batch), ("seq_len", args.seq_len),
+                                   ("compile", args.compile), ("autocast", args.autocast),
+                                   ("pad_vocab_to", args.pad_vocab_to), ("peak_flops", args.peak_flops),
+                                   ("activation_checkpointing", args.activation_checkpointing)) if v is not None}
+    cfg = TrainConfig.from_preset(args.config, data=args.data, device=args.device, **overrides)
+    if cfg.micro_batch != "auto":
+        if not cfg.micro_batch.isdigit():
+            from cli import UserError
+            raise UserError(f"--micro-batch {cfg.micro_batch!r}: give a positive integer or 'auto'")
+        cfg.total_batch_tokens = int(cfg.micro_batch) * cfg.seq_len * args.accum
+    return cfg
+
+
+def timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def run_train(args) -> dict:
+    import tempfile
+
+    import torch
+
+    from cli import UserError
+    from model import mfu
+    from train import Dist, Trainer, pick_device
+
+    if args.steps < 1 or args.warmup < 0 or args.accum < 1:
+        raise UserError("--steps and --accum must be >= 1, --warmup >= 0")
+    cfg = bench_config(args)
+    device = pick_device(cfg.device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg.out = run_dir
+        trainer = Trainer(cfg, args.config, Dist(), device)
+        losses = []
+
+        def step():
+            loss, _ = trainer.train_step()
+            losses.append(loss)
+        for _ in range(args.warmup):
+            step()
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step_s = [timed(step, sync) for _ in range(args.steps)]
+
+        def read_batches():
+            for _ in range(trainer.accum):
+                trainer.loader.next_batch()
+        loader_s = [timed(read_batches, sync) for _ in range(args.steps)]
+    median = statistics.median(step_s)
+    tokens_per_s = cfg.total_batch_tokens / median
+    result = {
+        "mode": "train", "config": args.config, "device": device_name(device), "torch": torch.__version__,
+        "micro_batch": trainer.micro_batch, "seq_len": cfg.seq_len, "accum": trainer.accum,
+        "tokens_per_step": cfg.total_batch_tokens, "compile": cfg.compile, "autocast": cfg.autocast and on_cuda,
+        "pad_vocab_to": trainer.model_config.pad_vocab_to, "activation_checkpointing": cfg.activation_checkpointing,
+        "steps": args.steps, "step_ms": 1000 * median, "step_ms_min": 1000 * min(step_s),
+        "step_ms_max": 1000 * max(step_s), "tokens_per_s": tokens_per_s,
+        "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak,
+        "mfu": mfu(trainer.flops_per_token, tokens_per_s, trainer.peak),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if on_cuda else None,
+        "loader_fraction": statistics.median(loader_s) / median,
+        "losses": [loss.item() for loss in losses],
+    }
+    print_table([("device", result["device"]), ("batch", f"{result['micro_batch']} x {cfg.seq_len} x {trainer.accum} "
+                                                         f"micro-steps = {cfg.total_batch_tokens:,} tokens/step"),
+                 ("compile / autocast / pad vocab", f"{cfg.compile} / {result['autocast']} / {result['pad_vocab_to']}"),
+                 ("step time (median, min-max)", f"{result['step_ms']:.1f} ms ({result['step_ms_min']:.1f}-"
+                                                 f"{result['step_ms_max']:.1f})"),
+                 ("tokens/s", f"{tokens_per_s:,.0f}"),
+                 ("MFU", f"{result['mfu']:.1%} of {trainer.peak:.3g} FLOP/s" if result["mfu"] is not None
+                  else "n/a (no peak known for this device; pass --peak-flops)"),
+                 ("peak memory", f"{result['peak_memory_bytes'] / 2**30:.2f} GiB" if on_cuda else "n/a (CPU)"),
+                 ("data loader share of step", f"{result['loader_fraction']:.2%}")])
+    return result
+
+
+def device_name(device) -> str:
+    import platform
+
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def print_table(rows) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+MODES["train"] = (add_train_arguments, run_train)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,8 +186,6 @@ def generate_without_cache(model, idx, new_tokens: int):
 def run_generate(args) -> dict:
     import os
     import platform
-    import statistics
-    import time
 
     import torch
 
@@ -135,7 +268,6 @@ def write_bench_corpus(folder: Path, megabytes: float, files: int = 8) -> int:
 def tiktoken_loop(paths: list) -> dict:
     """The baseline: one process reads the files, splits them into the same documents and encodes them one by one
     (<|endoftext|> first), into one uint16 array."""
-    import time
 
     import numpy as np
 
@@ -157,7 +289,6 @@ def tiktoken_loop(paths: list) -> dict:
 def run_data_prep(args) -> dict:
     import os
     import shutil
-    import time
 
     import datasets  # noqa: F401  (imported here so that the library's import time is not counted as data work)
 
