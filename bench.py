@@ -81,8 +81,9 @@ def run_train(args) -> dict:
     import torch
 
     from cli import UserError
+    from devices import Dist, pick_device
     from model import mfu
-    from train import Dist, Trainer, pick_device
+    from train import Trainer
 
     if args.steps < 1 or args.warmup < 0 or args.accum < 1:
         raise UserError("--steps and --accum must be >= 1, --warmup >= 0")

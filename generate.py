@@ -19,6 +19,7 @@ import sys
 import torch
 
 from cli import UserError, main_entry
+from devices import pick_device
 from model import EOT_ID, GPT
 from tokenizer import EOT_TOKEN, get_tokenizer
 
@@ -135,7 +136,7 @@ def parse_args(argv=None):
                              "1 = no cut (default: 1.0)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator (default: 1337)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     parser.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
                         help="keep sampling past <|endoftext|> (default: a sample ends at its first <|endoftext|>)")
     return parser.parse_args(argv)
@@ -163,7 +164,7 @@ def main(argv=None):
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     prompts = read_prompts(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     model = GPT.from_checkpoint(args.checkpoint, device)
     prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(args.seed)

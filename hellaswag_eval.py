@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import REPO_DIR, UserError, main_entry
+from devices import init_distributed
 from model import EOT_ID, GPT, IGNORE_INDEX
 from tokenizer import get_tokenizer
 
@@ -218,30 +219,22 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint",
                         help="a checkpoint file, or a run directory (its newest valid checkpoint is used)")
+    parser.add_argument("--download-only", action="store_true",
+                        help="only download (and check) the official validation split into temp_data/hellaswag/")
     parser.add_argument("--data", help="a HellaSwag jsonl file (default: the official validation split, downloaded "
                                        f"once into temp_data/hellaswag/; offline: {SAMPLE_FILE.relative_to(REPO_DIR)})")
     parser.add_argument("--limit", type=_positive_int, help="score only the first N examples (default: all)")
     parser.add_argument("--batch-size", type=_positive_int, default=16,
                         help="examples per forward pass, each 4 rows (default: 16)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu; under torchrun "
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun "
                                          "each process takes cuda:LOCAL_RANK)")
     parser.add_argument("--out", help="also write the result as JSON to this file")
-    return parser.parse_args(argv)
-
-
-def setup_device(requested: str | None) -> tuple[torch.device, int, int]:
-    """(device, rank, world_size); under torchrun (WORLD_SIZE > 1) also joins the process group (nccl on CUDA)."""
-    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return device, 0, 1
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), world_size
+    args = parser.parse_args(argv)
+    if not args.checkpoint and not args.download_only:
+        parser.error("--checkpoint is required (unless --download-only)")
+    return args
 
 
 def write_result(result: dict, out) -> None:
@@ -256,13 +249,17 @@ def write_result(result: dict, out) -> None:
 @main_entry
 def main(argv=None):
     args = parse_args(argv)
-    device, rank, world_size = setup_device(args.device)
+    if args.download_only:
+        print(f"HellaSwag validation: {len(load_examples(args.data))} examples ready")
+        return
+    d, device = init_distributed(args.device)
+    rank, world_size = d.rank, d.world_size
     try:
         examples = load_examples(args.data, args.limit)
         model = GPT.from_checkpoint(args.checkpoint, device)
         result = evaluate_hellaswag(model, examples, device, args.batch_size, rank, world_size, progress=True)
     finally:
-        if world_size > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
         print(f"HellaSwag ({result['total']} examples): acc {result['acc']:.4f} ({result['correct']}/{result['total']}), "

@@ -122,3 +122,11 @@ def test_offline_without_cache_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot download the HellaSwag validation set") as e:
         load_examples()
     assert "\n" not in str(e.value) and "--data" in str(e.value)
+
+
+def test_download_only_checks_a_given_file_without_a_checkpoint():
+    from conftest import run_script
+    proc = run_script("hellaswag_eval.py", "--download-only", "--data", "assets/hellaswag/hellaswag_val_head10.jsonl")
+    assert proc.returncode == 0 and "10 examples ready" in proc.stdout
+    proc = run_script("hellaswag_eval.py", "--data", "assets/hellaswag/hellaswag_val_head10.jsonl")
+    assert proc.returncode != 0 and "--checkpoint is required" in proc.stderr

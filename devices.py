@@ -1,0 +1,57 @@
+"""Devices and processes, shared by the scripts: pick CUDA / MPS / CPU, and join torchrun's process group."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cli import UserError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    control: object = None  # a gloo group for host-side agreement (stop flag, RNG gathering): no GPU syncs
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (global rank across nodes, local rank on this node)."""
+    if "RANK" not in os.environ:
+        return Dist(), pick_device(device_flag)
+    d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    device = pick_device(device_flag, d.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=attempt_store(d),
+                            rank=d.rank, world_size=d.world_size, device_id=device if device.type == "cuda" else None)
+    d.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return d, device
+
+
+def attempt_store(d: Dist):
+    """The rendezvous store torchrun announces (MASTER_ADDR/PORT), under a prefix of its own for each restart
+    (TORCHELASTIC_RESTART_COUNT). The agent's store outlives a worker-group restart, so without the prefix a restarted
+    rank can read the dead group's addresses and fail to connect."""
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), d.world_size,
+                          is_master=not hosted_by_agent and d.rank == 0)
+    return dist.PrefixStore(f"lf-llm/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def pick_device(flag: str | None, local_rank: int = 0) -> torch.device:
+    """--device value (cuda, cuda:N, mps, cpu; empty = the best available) -> torch.device; plain cuda under
+    torchrun means this process's GPU, cuda:LOCAL_RANK."""
+    if flag and flag not in ("cuda", "mps", "cpu") and not flag.startswith("cuda:"):
+        raise UserError(f"--device {flag!r}: use cuda, mps or cpu")
+    kind = flag or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if kind.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    if kind == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(kind)
