@@ -1,0 +1,68 @@
+"""bench.py: every mode runs and reports its fields; the compiled training step computes what the eager one does."""
+import json
+
+import pytest
+import torch
+
+from conftest import run_script
+
+TINY_TRAIN = ["--config", "debug", "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
+
+
+def test_train_mode_reports_throughput_fields(embedded_data, tmp_path):
+    out = tmp_path / "train.json"
+    run_script("bench.py", *TINY_TRAIN, "--accum", "2", "--data", embedded_data, "--no-compile", "--peak-flops", "1e12",
+               "--out", out, check=True)
+    result = json.loads(out.read_text())
+    for key in ("tokens_per_s", "step_ms", "mfu", "peak_memory_bytes", "loader_fraction", "device"):
+        assert key in result, key
+    assert result["device"].startswith("cpu") and result["peak_memory_bytes"] is None  # CUDA-only figure
+    assert result["tokens_per_step"] == 2 * 32 * 2 and result["accum"] == 2
+    assert result["tokens_per_s"] == pytest.approx(128 / (result["step_ms"] / 1000))
+    assert result["mfu"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"] / 1e12)
+    assert 0 < result["loader_fraction"] < 1
+    assert result["step_ms_min"] <= result["step_ms"] <= result["step_ms_max"]
+
+
+def test_compiled_step_matches_eager_step(embedded_data, tmp_path):
+    """torch.compile must not change what a training step computes (float32 on CPU; dropout off, since compiled
+    dropout draws its masks differently)."""
+    from devices import Dist
+    from train import TrainConfig, Trainer
+    losses, norms = {}, {}
+    for compiled in (False, True):
+        cfg = TrainConfig.from_preset("debug", data=str(embedded_data), out=str(tmp_path / f"run{compiled}"),
+                                      micro_batch="2", seq_len=32, total_batch_tokens=128, compile=compiled,
+                                      attn_dropout=0.0, ffn_dropout=0.0)
+        trainer = Trainer(cfg, "debug", Dist(), torch.device("cpu"))
+        steps = [trainer.train_step() for _ in range(3)]
+        losses[compiled] = torch.stack([loss for loss, _ in steps])
+        norms[compiled] = torch.stack([norm for _, norm in steps])
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(norms[True], norms[False], rtol=1e-3, atol=1e-4)
+    assert losses[False][2] < losses[False][0]  # the steps did train
+
+
+def test_generate_mode_compares_cache_with_recompute(tmp_path):
+    out = tmp_path / "gen.json"
+    run_script("bench.py", "--mode", "generate", "--new-tokens", "8", "--repeats", "1", "--out", out, check=True)
+    result = json.loads(out.read_text())
+    assert result["kv_cache_tokens_per_s"] > 0 and result["recompute_tokens_per_s"] > 0
+    assert result["speedup"] == pytest.approx(result["kv_cache_tokens_per_s"] / result["recompute_tokens_per_s"])
+    assert result["same_tokens"] is True  # both paths decode the same greedy continuation
+
+
+def test_data_prep_mode_compares_with_single_process_loop(tmp_path):
+    out = tmp_path / "prep.json"
+    run_script("bench.py", "--mode", "data-prep", "--corpus-mb", "1", "--workers", "2", "--out", out, check=True)
+    result = json.loads(out.read_text())
+    assert result["tokens"] > 100_000 and result["ratio_end_to_end"] > 0
+    assert set(result["tokens_per_s"]) == {"loop_encode", "loop_read_split_encode", "data_prep_tokenize_write",
+                                           "data_prep_end_to_end"}
+
+
+def test_bad_flag_values_are_one_line_errors(embedded_data):
+    proc = run_script("bench.py", *TINY_TRAIN, "--data", embedded_data, "--micro-batch", "lots")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--micro-batch" in proc.stderr
+    proc = run_script("bench.py", "--config", "debug", "--data", "/nonexistent/data")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "data_prep.py" in proc.stderr
