@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The whole pipeline on a laptop, offline: prepare the embedded corpus, train the tiny `debug` model (validation,
+# HellaSwag on the committed sample, samples and checkpoints along the way), evaluate it, sample from it and plot
+# its curves. Runs on 2 CPU cores in a few minutes; uses a GPU or Apple MPS when present.
+#
+# Environment (all optional):
+#   DEVICE=cpu|cuda|mps   force a device (default: the best available)
+#   RUN_DIR=path          run directory (default: a new temp_data/runs/debug-<time>)
+#   RESUME=1              continue the run in RUN_DIR from its newest checkpoint
+#   DATA_DIR=path         prepared data (default temp_data/data/embedded; reused when complete)
+#   TRAIN_ARGS="..."      extra train.py flags, e.g. "--max-steps 100"
+set -euo pipefail
+cd "$(dirname "$0")"
+start=$(date +%s)
+
+stage() {  # stage NAME COMMAND...: announce, run, and stop the script with the stage's name if it fails
+  local name=$1; shift
+  echo; echo "=== $name"
+  "$@" || { echo "error: stage '$name' failed (exit $?)" >&2; exit 1; }
+}
+
+source ./setup_env.sh requirements.txt
+DATA_DIR=${DATA_DIR:-temp_data/data/embedded}
+RUN_DIR=${RUN_DIR:-temp_data/runs/debug-$(date +%Y%m%d-%H%M%S)}
+device_args=(); [ -n "${DEVICE:-}" ] && device_args=(--device "$DEVICE")
+resume_args=(); [ "${RESUME:-0}" = 1 ] && resume_args=(--resume)
+# shellcheck disable=SC2206
+extra_args=(${TRAIN_ARGS:-})
+
+stage "prepare the embedded corpus -> $DATA_DIR" python data_prep.py --source embedded --out "$DATA_DIR"
+stage "train the debug model -> $RUN_DIR" python train.py --config debug --data "$DATA_DIR" --out "$RUN_DIR" \
+  "${device_args[@]}" "${resume_args[@]}" "${extra_args[@]}"
+stage "HellaSwag (committed sample)" python hellaswag_eval.py --checkpoint "$RUN_DIR" \
+  --data assets/hellaswag/hellaswag_val_head10.jsonl --out "$RUN_DIR/hellaswag.json" "${device_args[@]}"
+stage "samples" python generate.py --checkpoint "$RUN_DIR" --max-new-tokens 32 --temperature 0.8 --top-k 50 \
+  --seed 1337 "${device_args[@]}" \
+  --prompt "If animals could talk, my pet would probably say" --prompt "HTML stands for" \
+  --prompt "The clever fox built the strange machine with just a feather, a pebble, and a tiny twig"
+stage "plots" python plot_metrics.py "$RUN_DIR"
+
+summary() {
+  python - "$RUN_DIR" "$(( $(date +%s) - start ))" <<'PY'
+import sys
+from checkpoint import list_checkpoints
+from plot_metrics import latest_values, read_metrics
+run, seconds = sys.argv[1], int(sys.argv[2])
+latest = latest_values(read_metrics(run))
+first_val = next(e["val_loss"] for e in read_metrics(run) if "val_loss" in e)
+print(f"run directory : {run}")
+print(f"plots         : {run}/plots/ (training.png, loss.png, hellaswag.png)")
+print(f"checkpoint    : {list_checkpoints(run)[-1]}")
+print(f"val loss      : {first_val:.4f} at step 0 -> {latest['val_loss'][1]:.4f} at step {latest['val_loss'][0]}")
+print(f"wall time     : {seconds // 60} min {seconds % 60} s")
+PY
+}
+stage "summary" summary

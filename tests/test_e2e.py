@@ -1,0 +1,55 @@
+"""The two run scripts, end to end on CPU with tiny settings (the full script in its SMOKE mode)."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+SCRIPTS = ["run_pre_training_e2e.sh", "run_pre_training_e2e_debug.sh", "run_tests.sh", ".ci/run"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", REPO / script]).returncode == 0
+
+
+def run_bash(script, env, timeout=300):
+    return subprocess.run(["bash", REPO / script], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def test_full_script_smoke_mode_runs_every_stage_and_resumes(tmp_path):
+    env = {"SMOKE": "1", "DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path / "run")}
+    proc = run_bash("run_pre_training_e2e.sh", env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("prepare data", "train debug on 1 x 2 processes", "final HellaSwag", "samples", "plots"):
+        assert f"=== {stage}" in proc.stdout, stage
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step_000008.pt").exists()
+    assert json.loads((run / "hellaswag.json").read_text())["total"] == 10
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["hellaswag.png", "loss.png", "training.png"]
+    # Running it again reuses the data and resumes the finished run instead of training from scratch.
+    again = run_bash("run_pre_training_e2e.sh", env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to do" in again.stdout.split("=== train")[0]
+    assert "resume: continuing after step 8" in again.stdout
+
+
+def test_debug_script_runs_and_summarizes(tmp_path):
+    env = {"DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu",
+           "TRAIN_ARGS": "--max-steps 6 --micro-batch 2 --seq-len 32 --total-batch-tokens 64 --eval-every 3 "
+                         "--val-tokens 256 --final-val-tokens 512 --ckpt-every 3 --hellaswag-every 0 --sample-every 0"}
+    proc = run_bash("run_pre_training_e2e_debug.sh", env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = proc.stdout.split("=== summary")[1]
+    assert f"run directory : {tmp_path / 'run'}" in summary and "step_000006.pt" in summary
+    assert "val loss      : " in summary and "at step 6" in summary
+
+
+def test_failing_stage_is_named(tmp_path):
+    env = {"DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path / "run"), "TRAIN_ARGS": "--max-lr fast"}
+    proc = run_bash("run_pre_training_e2e_debug.sh", env)
+    assert proc.returncode != 0
+    assert "error: stage 'train the debug model" in proc.stderr
