@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from cli import main_entry
+from cli import REPO_DIR, UserError, main_entry, run_header
 
 MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 
@@ -61,7 +61,6 @@ def bench_config(args):
     cfg = TrainConfig.from_preset(args.config, data=args.data, device=args.device, **overrides)
     if cfg.micro_batch != "auto":
         if not cfg.micro_batch.isdigit():
-            from cli import UserError
             raise UserError(f"--micro-batch {cfg.micro_batch!r}: give a positive integer or 'auto'")
         cfg.total_batch_tokens = int(cfg.micro_batch) * cfg.seq_len * args.accum
     return cfg
@@ -80,7 +79,6 @@ def run_train(args) -> dict:
 
     import torch
 
-    from cli import UserError
     from devices import Dist, pick_device
     from model import mfu
     from train import Trainer
@@ -94,6 +92,8 @@ def run_train(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
+    for line in run_header(device):
+        print(line)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg.out = run_dir
         trainer = Trainer(cfg, args.config, Dist(), device)
@@ -136,7 +136,7 @@ def run_train(args) -> dict:
                  ("MFU", f"{result['mfu']:.1%} of {trainer.peak:.3g} FLOP/s" if result["mfu"] is not None
                   else "n/a (no peak known for this device; pass --peak-flops)"),
                  ("peak memory", f"{result['peak_memory_bytes'] / 2**30:.2f} GiB" if on_cuda else "n/a (CPU)"),
-                 ("data loader share of step", f"{result['loader_fraction']:.2%}")])
+                 ("data loader share of step", f"{100 * result['loader_fraction']:.3g}%")])
     return result
 
 
@@ -190,7 +190,6 @@ def run_generate(args) -> dict:
 
     import torch
 
-    from cli import UserError
     from generate import REFERENCE_PROMPTS
     from model import GPT, GPTConfig
     from tokenizer import get_tokenizer
@@ -294,7 +293,6 @@ def run_data_prep(args) -> dict:
     import datasets  # noqa: F401  (imported here so that the library's import time is not counted as data work)
 
     import data_prep
-    from cli import REPO_DIR, UserError
 
     if args.corpus_mb <= 0 or args.workers < 1:
         raise UserError("--corpus-mb must be > 0 and --workers >= 1")
