@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import tokenizer
-from checkpoint import list_checkpoints, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from cli import UserError, main_entry
 from model import GPT, GPTConfig
 
@@ -287,30 +287,14 @@ print(tok.decode(model.generate(ids, max_new_tokens=30, do_sample=False)[0]))
 """
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step in a checkpoint's file name (step_NNNNNN.pt, see checkpoint.checkpoint_path), or None."""
-    digits = path.stem.removeprefix("step_")
-    return int(digits) if path.stem.startswith("step_") and digits.isdigit() else None
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file as given, or a run directory's newest checkpoint."""
-    if not path.is_dir():
-        return path
-    found = list_checkpoints(path)
-    if not found:
-        raise UserError(f"--checkpoint {path} is a directory with no checkpoints/step_*.pt; pass a checkpoint file")
-    return found[-1]
-
-
 def export_checkpoint(checkpoint, out_dir, dtype_name: str = "float32", force: bool = False) -> Path:
     """Export a checkpoint file (or a run directory's newest) with a model card from its run's metrics.jsonl
     (the run directory is the checkpoint's folder's parent)."""
     check_dtype(dtype_name)
     check_output_dir(Path(out_dir), force)  # fail before the (slow) checkpoint load
-    file = resolve_checkpoint(Path(checkpoint))
-    model = GPT.from_checkpoint(file)
-    step = checkpoint_step(file)
+    state, file = load_checkpoint(Path(checkpoint))
+    model = GPT.from_state(state, file)
+    step = state.get("step")
     card = model_card_text(model, dtype_name, step, run_metrics(file.parent.parent, step))
     return export_model(model, out_dir, dtype_name, card, force)
 

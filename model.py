@@ -311,19 +311,24 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path, device="cpu") -> "GPT":
         """The model of a checkpoint file, or of a run directory's newest valid checkpoint, in eval mode."""
         from checkpoint import load_checkpoint
-        from cli import UserError
         state, file = load_checkpoint(path, map_location="cpu")
+        return cls.from_state(state, file, device)
+
+    @classmethod
+    def from_state(cls, state: dict, source, device="cpu") -> "GPT":
+        """The model of a loaded checkpoint dict (`source` names it in errors), in eval mode."""
+        from cli import UserError
         try:
             config = GPTConfig.from_dict(state["model_config"])
         except (TypeError, ValueError) as e:
-            raise UserError(f"checkpoint {file} has an invalid model config: {e}")
+            raise UserError(f"checkpoint {source} has an invalid model config: {e}")
         with torch.device("meta"):
             model = cls(config)
         model = model.to_empty(device=device)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise UserError(f"checkpoint {file} does not match its model config: {str(e).splitlines()[0]}")
+            raise UserError(f"checkpoint {source} does not match its model config: {str(e).splitlines()[0]}")
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta, device=device)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)

@@ -142,7 +142,7 @@ def write_run(run_dir, step: int) -> GPTConfig:
     """A run directory as train.py leaves it: a checkpoint at `step` and metrics before and after it."""
     config = GPTConfig.from_preset("debug", n_layer=1)
     model = random_model(config)
-    save_checkpoint({"model_config": dataclasses.asdict(config), "model": model.state_dict()},
+    save_checkpoint({"model_config": dataclasses.asdict(config), "model": model.state_dict(), "step": step},
                     checkpoint_path(run_dir, step))
     records = [{"step": 10, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "step_ms": 9.0, "tokens_per_s": 1e3,
                 "mfu": None, "tokens": 40960},
