@@ -5,14 +5,13 @@ A checkpoint is one `torch.save` file, RUN_DIR/checkpoints/step_NNNNNN.pt, holdi
 optimizer, step, loader and RNG state. Files are written to a temporary name, fsynced and renamed, so a kill
 during a save never leaves a damaged file under a checkpoint name.
 """
-import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from cli import UserError
+from cli import UserError, atomic_write
 
 FORMAT = "lf-llm-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{6,})\.pt$")
@@ -39,17 +38,8 @@ def save_checkpoint(state: dict, path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def prune_checkpoints(run_dir, keep: int) -> None:

@@ -1,5 +1,7 @@
 """What every command-line script here shares: user errors as one clear line, and the run header."""
+import contextlib
 import functools
+import os
 import platform
 import subprocess
 import sys
@@ -22,6 +24,29 @@ def main_entry(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return wrapper
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Write `path` all or nothing: yields a temporary file beside it; on success it is fsynced and renamed over
+    `path` and the folder fsynced, so a reader (or a crash) sees the old file or the whole new one, never a part.
+    On an error the temporary file is removed. Used for checkpoints, shards, manifests and result files."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def git_commit() -> str:

@@ -44,7 +44,7 @@ EMBEDDED_VAL_TOKENS = 32_768
 DEFAULT_SHARD_TOKENS = 100_000_000
 DOCS_PER_TASK = 1024  # documents per pool task: big enough to hide the IPC cost, small enough to balance the load
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp)?|\.manifest\.json\.tmp)$")
+_OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|\.manifest\.json\.tmp\d*)$")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ the loader's whole state is k.
 import functools
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 import tokenizer
-from cli import UserError
+from cli import UserError, atomic_write
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lf-llm-token-shards-v1"
@@ -58,13 +57,9 @@ def write_shard(path, tokens: np.ndarray) -> str:
     header = _HEADER.pack(SHARD_MAGIC, SHARD_VERSION, DTYPE_CODE, len(tokens))
     digest = hashlib.sha256(header)
     digest.update(memoryview(tokens).cast("B"))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         f.write(header)
         f.write(memoryview(tokens).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return digest.hexdigest()
 
 
@@ -107,19 +102,9 @@ def file_sha256(path) -> str:
 def write_manifest(data_dir, manifest: dict) -> None:
     """Write manifest.json atomically (temporary name, fsync, rename, fsync the folder): the mark of a finished
     build, so it must never exist half-written."""
-    path = Path(data_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(Path(data_dir) / MANIFEST_NAME, "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def read_manifest(data_dir) -> dict:

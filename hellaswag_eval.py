@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import REPO_DIR, UserError, main_entry
+from cli import REPO_DIR, UserError, atomic_write, main_entry
 from devices import init_distributed
 from model import EOT_ID, GPT, IGNORE_INDEX
 from tokenizer import get_tokenizer
@@ -241,9 +241,8 @@ def write_result(result: dict, out) -> None:
     """JSON written to a temporary name and renamed: a reader never sees half a file."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    with atomic_write(out, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
 
 
 @main_entry
