@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from cli import REPO_DIR, UserError, main_entry, run_header
+from cli import REPO_DIR, UserError, atomic_write, hardware_name, main_entry, run_header
 
 MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 
@@ -20,7 +20,8 @@ MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 def write_json(result: dict, out) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_write(out, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
 
 
@@ -59,9 +60,8 @@ def bench_config(args):
                                    ("pad_vocab_to", args.pad_vocab_to), ("peak_flops", args.peak_flops),
                                    ("activation_checkpointing", args.activation_checkpointing)) if v is not None}
     cfg = TrainConfig.from_preset(args.config, data=args.data, device=args.device, **overrides)
+    cfg.validate()
     if cfg.micro_batch != "auto":
-        if not cfg.micro_batch.isdigit():
-            raise UserError(f"--micro-batch {cfg.micro_batch!r}: give a positive integer or 'auto'")
         cfg.total_batch_tokens = int(cfg.micro_batch) * cfg.seq_len * args.accum
     return cfg
 
@@ -79,7 +79,7 @@ def run_train(args) -> dict:
 
     import torch
 
-    from devices import Dist, pick_device
+    from devices import Dist, enable_tf32, pick_device
     from model import mfu
     from train import Trainer
 
@@ -88,9 +88,7 @@ def run_train(args) -> dict:
     cfg = bench_config(args)
     device = pick_device(cfg.device)
     on_cuda = device.type == "cuda"
-    if on_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
     sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
     for line in run_header(device):
         print(line)
@@ -115,7 +113,7 @@ def run_train(args) -> dict:
     median = statistics.median(step_s)
     tokens_per_s = cfg.total_batch_tokens / median
     result = {
-        "mode": "train", "config": args.config, "device": device_name(device), "torch": torch.__version__,
+        "mode": "train", "config": args.config, "device": hardware_name(device), "torch": torch.__version__,
         "micro_batch": trainer.micro_batch, "seq_len": cfg.seq_len, "accum": trainer.accum,
         "tokens_per_step": cfg.total_batch_tokens, "compile": cfg.compile, "autocast": cfg.autocast and on_cuda,
         "pad_vocab_to": trainer.model_config.pad_vocab_to, "activation_checkpointing": cfg.activation_checkpointing,
@@ -138,15 +136,6 @@ def run_train(args) -> dict:
                  ("peak memory", f"{result['peak_memory_bytes'] / 2**30:.2f} GiB" if on_cuda else "n/a (CPU)"),
                  ("data loader share of step", f"{100 * result['loader_fraction']:.3g}%")])
     return result
-
-
-def device_name(device) -> str:
-    import platform
-
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def print_table(rows) -> None:
@@ -190,38 +179,34 @@ def run_generate(args) -> dict:
 
     import torch
 
+    from devices import pick_device
     from generate import REFERENCE_PROMPTS
     from model import GPT, GPTConfig
     from tokenizer import get_tokenizer
 
     if args.new_tokens < 1 or args.repeats < 1:
         raise UserError("--new-tokens and --repeats must be >= 1")
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     model = GPT(GPTConfig.from_preset(args.config, block_size=args.block_size)).to(device).eval()
     prompt = torch.tensor([get_tokenizer().encode(REFERENCE_PROMPTS[1])], device=device)  # "HTML stands for"
     paths = {"kv_cache": lambda n: model.generate(prompt, n, temperature=0),
              "recompute": lambda n: generate_without_cache(model, prompt, n)}
 
-    def timed(path):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = paths[path](args.new_tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, out
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def decode(path):
+        outputs[path] = paths[path](args.new_tokens)
 
     for path in paths:  # warm-up: first-call allocations and kernel selection stay out of the timings
         paths[path](8)
     seconds, outputs = {path: [] for path in paths}, {}
     for _ in range(args.repeats):  # alternate the paths so that a burst of load on a shared machine hits both
         for path in paths:
-            elapsed, outputs[path] = timed(path)
-            seconds[path].append(elapsed)
+            seconds[path].append(timed(lambda: decode(path), sync))
     tokens_per_s = {path: args.new_tokens / statistics.median(s) for path, s in seconds.items()}
     result = {
         "config": args.config, "block_size": args.block_size, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device": hardware_name(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "load_average_1min": os.getloadavg()[0],
         "kv_cache_tokens_per_s": tokens_per_s["kv_cache"], "recompute_tokens_per_s": tokens_per_s["recompute"],
         "speedup": tokens_per_s["kv_cache"] / tokens_per_s["recompute"],

@@ -49,6 +49,13 @@ def prune_checkpoints(run_dir, keep: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def quarantine_checkpoints(run_dir, from_step: int) -> None:
+    """Rename checkpoints of step >= from_step to *.pt.nonfinite (kept for inspection, never picked by a resume)."""
+    for path in list_checkpoints(run_dir):
+        if int(_NAME.match(path.name).group(1)) >= from_step:
+            path.rename(path.with_name(path.name + ".nonfinite"))
+
+
 def load_checkpoint_file(path, map_location="cpu") -> dict:
     """Load and validate one checkpoint file; UserError when it is missing, truncated or not one of ours."""
     path = Path(path)

@@ -1,4 +1,5 @@
 """What every command-line script here shares: user errors as one clear line, and the run header."""
+import argparse
 import contextlib
 import functools
 import os
@@ -12,6 +13,14 @@ REPO_DIR = Path(__file__).resolve().parent
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, flag, corrupt file). Scripts print it as one line, no traceback."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def main_entry(main):
@@ -61,14 +70,21 @@ def git_commit() -> str:
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
+def hardware_name(device) -> str:
+    """'NVIDIA H100 80GB HBM3' for a GPU; 'cpu (x86_64, 2 threads)' otherwise."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def run_header(device) -> list[str]:
     """The first lines of every run's log: commit, library versions, hardware."""
     import numpy
     import torch
+    hardware = hardware_name(device)
     if device.type == "cuda":
-        hardware = f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()} (CUDA {torch.version.cuda})"
-    else:
-        hardware = f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        hardware += f" x{torch.cuda.device_count()} (CUDA {torch.version.cuda})"
     return [
         f"commit: {git_commit()}",
         f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}",

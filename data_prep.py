@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import dataloader
 import tokenizer
-from cli import REPO_DIR, UserError, main_entry
+from cli import REPO_DIR, UserError, main_entry, positive_int
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
 EMBEDDED_CORPUS = REPO_DIR / "assets" / "corpus" / "tinyshakespeare.txt"
@@ -49,13 +49,6 @@ _OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|\.manifest\.json
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

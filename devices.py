@@ -55,3 +55,10 @@ def pick_device(flag: str | None, local_rank: int = 0) -> torch.device:
     if kind == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(kind)
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 tensor cores for the float32 matmuls and convolutions left outside bf16 autocast (CUDA only)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import REPO_DIR, UserError, atomic_write, main_entry
+from cli import REPO_DIR, UserError, atomic_write, main_entry, positive_int
 from devices import init_distributed
 from model import EOT_ID, GPT, IGNORE_INDEX
 from tokenizer import get_tokenizer
@@ -47,8 +47,8 @@ def _parse_example(line: str, where: str) -> dict:
     if not isinstance(example, dict):
         raise UserError(f"{where}: expected a JSON object with 'ctx', 'endings' and 'label'")
     ctx, endings, label = example.get("ctx"), example.get("endings"), example.get("label")
-    if not isinstance(ctx, str):
-        raise UserError(f"{where}: 'ctx' must be a string")
+    if not isinstance(ctx, str) or not ctx.strip():
+        raise UserError(f"{where}: 'ctx' must be a non-empty string")
     if not (isinstance(endings, list) and len(endings) == N_ENDINGS
             and all(isinstance(e, str) and e.strip() for e in endings)):
         raise UserError(f"{where}: 'endings' must be a list of {N_ENDINGS} non-empty strings")
@@ -210,13 +210,6 @@ def evaluate_hellaswag(model: GPT, examples: list[dict], device, batch_size: int
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint",
@@ -225,8 +218,8 @@ def parse_args(argv=None):
                         help="only download (and check) the official validation split into temp_data/hellaswag/")
     parser.add_argument("--data", help="a HellaSwag jsonl file (default: the official validation split, downloaded "
                                        f"once into temp_data/hellaswag/; offline: {SAMPLE_FILE.relative_to(REPO_DIR)})")
-    parser.add_argument("--limit", type=_positive_int, help="score only the first N examples (default: all)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16,
+    parser.add_argument("--limit", type=positive_int, help="score only the first N examples (default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="examples per forward pass, each 4 rows (default: 16)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun "
                                          "each process takes cuda:LOCAL_RANK)")

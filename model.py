@@ -14,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tokenizer import EOT_ID  # <|endoftext|> (50256): generation can stop there
+
 IGNORE_INDEX = -100  # targets equal to this (padding) are left out of the loss
-EOT_ID = 50256  # <|endoftext|> in the GPT-2 BPE
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,7 +113,6 @@ class KVCache:
         shape = (batch_size, config.n_head, max_len, config.head_dim)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.max_len = max_len
         self.pos = 0  # positions [0, pos) hold valid keys/values
 
     def update(self, layer: int, k, v):
@@ -226,7 +226,13 @@ class GPT(nn.Module):
             block.norm1.weight.fill_(1.0)
             block.norm2.weight.fill_(1.0)
         self.norm_f.weight.fill_(1.0)
-        cos, sin = rope_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta, self.rope_cos.device)
+        self.reset_rope_tables()
+
+    @torch.no_grad()
+    def reset_rope_tables(self) -> None:
+        """(Re)compute the RoPE buffers in place, e.g. after to_empty() left them uninitialized."""
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
@@ -329,9 +335,7 @@ class GPT(nn.Module):
             model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise UserError(f"checkpoint {source} does not match its model config: {str(e).splitlines()[0]}")
-        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta, device=device)
-        model.rope_cos.copy_(cos)
-        model.rope_sin.copy_(sin)
+        model.reset_rope_tables()
         return model.eval()
 
     # ------------------------------------------------------------------------------------------------------------

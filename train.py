@@ -29,13 +29,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
-from cli import UserError, main_entry, run_header
+from checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
+                        quarantine_checkpoints, save_checkpoint)
+from cli import UserError, atomic_write, main_entry, run_header
 from dataloader import ShardDataset, TrainLoader, val_batches
-from devices import Dist, init_distributed
+from devices import Dist, enable_tf32, init_distributed
 from generate import REFERENCE_PROMPTS, generate_samples
-from hellaswag_eval import evaluate_hellaswag, load_examples
-from model import GPT, GPTConfig, mfu, peak_flops
+from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
+from model import GPT, PRESETS, GPTConfig, mfu, peak_flops
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -91,12 +92,33 @@ class TrainConfig:
     resume: bool = False  # continue from the newest valid checkpoint in the run directory
     allow_fresh_start: bool = False  # with --resume: start from scratch when there is no checkpoint yet
     init_from: str = ""  # start a new run from this checkpoint's weights (file or run directory)
+    verify_data: bool = True  # check every shard's sha256 against the manifest at start (about 1 min per 10B tokens)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
         if name not in TRAIN_PRESETS:
             raise UserError(f"unknown --config {name!r}; valid configs: {', '.join(TRAIN_PRESETS)}")
         return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
+
+    def validate(self) -> None:
+        """Refuse values that cannot work, naming the flag: one clear line now instead of a crash later."""
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {rule}")
+        for name in ("total_batch_tokens", "seq_len", "max_steps", "log_every", "sample_tokens"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("warmup_steps", "eval_every", "val_tokens", "final_val_tokens", "hellaswag_every",
+                     "hellaswag_limit", "sample_every", "sample_top_k", "ckpt_every", "keep_checkpoints", "seed",
+                     "stop_at_step", "min_lr", "weight_decay", "sample_temperature", "peak_flops"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("max_lr", "grad_clip", "eps"):
+            need(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("beta1", "beta2", "attn_dropout", "ffn_dropout"):
+            need(getattr(self, name) is None or 0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        need(self.pad_vocab_to is None or self.pad_vocab_to >= 1, "pad_vocab_to", "must be >= 1 (1 = no padding)")
+        need(self.micro_batch == "auto" or (self.micro_batch.isdigit() and int(self.micro_batch) >= 1), "micro_batch",
+             "give a positive integer or 'auto'")
+        need(self.model in PRESETS, "model", f"valid model presets: {', '.join(PRESETS)}")
 
     def model_config(self) -> GPTConfig:
         overrides = {k: getattr(self, k) for k in ("attn_dropout", "ffn_dropout", "pad_vocab_to")
@@ -110,7 +132,7 @@ TRAIN_PRESETS = {
     "debug": TrainConfig(model="debug", data="temp_data/data/embedded", total_batch_tokens=1024, micro_batch="8",
                          seq_len=128, max_steps=250, warmup_steps=25, max_lr=3e-3, min_lr=3e-4, compile=False,
                          log_every=10, eval_every=50, val_tokens=8192, final_val_tokens=0, hellaswag_every=125,
-                         hellaswag_data="assets/hellaswag/hellaswag_val_head10.jsonl", sample_every=125,
+                         hellaswag_data=str(SAMPLE_FILE), sample_every=125,
                          sample_tokens=24, ckpt_every=125),
 }
 
@@ -257,7 +279,7 @@ class RunLog:
     def __init__(self, run_dir: Path, active: bool):
         self.active = active
         self.log_file = open(run_dir / "train.log", "a") if active else None
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a") if active else None
+        self.metrics_path = run_dir / "metrics.jsonl"
 
     def info(self, line: str = "") -> None:
         if self.active:
@@ -266,9 +288,9 @@ class RunLog:
             self.log_file.flush()
 
     def metrics(self, event: dict) -> None:
-        if self.active:
-            self.metrics_file.write(json.dumps(event) + "\n")
-            self.metrics_file.flush()
+        if self.active:  # opened per event: a resume may have rewritten the file (drop_metrics_after)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(event) + "\n")
 
 
 def drop_metrics_after(run_dir: Path, step: int) -> None:
@@ -285,7 +307,8 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
         is_train_step = "loss" in event
         if event["step"] < step or (event["step"] == step and not is_train_step):
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    with atomic_write(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,10 +320,13 @@ class NonFiniteLoss(Exception):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, preset: str, d: Dist, device: torch.device):
+        cfg.validate()
         self.cfg, self.d, self.device = cfg, d, device
+        self.on_cuda = device.type == "cuda"
         self.run_dir = self._resolve_run_dir(preset)
         self.log = RunLog(self.run_dir, d.is_main)
-        self.dataset = ShardDataset.open(cfg.data)
+        # One process per node checks every shard's sha256 against the manifest (a corrupt shard is refused).
+        self.dataset = ShardDataset.open(cfg.data, verify_sha256=cfg.verify_data and d.local_rank == 0)
         self.model_config = cfg.model_config()
         if cfg.seq_len > self.model_config.block_size:
             raise UserError(f"--seq-len {cfg.seq_len} is longer than model {cfg.model}'s context "
@@ -308,8 +334,8 @@ class Trainer:
         self.model = GPT(self.model_config, seed=cfg.seed).to(device)
         if cfg.activation_checkpointing:
             self.model.enable_activation_checkpointing()
-        self.on_cuda = device.type == "cuda"
-        self.micro_batch = self._resolve_micro_batch()
+        resume = self._checkpoint_to_resume()
+        self.micro_batch = self._resolve_micro_batch(resume)
         self.accum = grad_accum_steps(cfg.total_batch_tokens, self.micro_batch, cfg.seq_len, d.world_size)
         self.optimizer = self.model.configure_optimizer(cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
         self.loader = TrainLoader(self.dataset, self.micro_batch, cfg.seq_len, rank=d.rank, world_size=d.world_size,
@@ -318,10 +344,14 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if self.on_cuda else None)
         self.stop_requested = False
-        self.resumed = False
         self.hellaswag = None  # examples, loaded at the first HellaSwag evaluation
         seed_everything(cfg.seed + d.rank)  # ranks draw different dropout masks
-        self._restore_or_init()
+        if resume:
+            self._load_training_state(*resume)
+        else:
+            self._start_fresh()
+        self.resumed = resume is not None
+        self._check_ranks_agree_on_step()
         self.forward_model = self._wrap_model()
 
     # --- setup ---
@@ -341,50 +371,61 @@ class Trainer:
         self._barrier()
         return run_dir
 
-    def _resolve_micro_batch(self) -> int:
+    def _resolve_micro_batch(self, resume) -> int:
         value = self.cfg.micro_batch
-        if value == "auto":
-            candidates = micro_batch_candidates(self.cfg.total_batch_tokens, self.cfg.seq_len, self.d.world_size)
-            fits = cuda_memory_probe(self.model, self.cfg.seq_len, self.device, self.autocast) if self.on_cuda \
-                else (lambda b: b <= CPU_AUTO_MICRO_BATCH)
-            batch = largest_fitting(candidates, fits)
-            self.log.info(f"micro-batch auto: {batch} sequences of {self.cfg.seq_len} tokens")
-            return batch
-        if not value.isdigit() or int(value) < 1:
-            raise UserError(f"--micro-batch {value!r}: give a positive integer or 'auto'")
-        return int(value)
+        if value != "auto":
+            return int(value)
+        if resume:  # keep the resumed run's choice: the loader state depends on it
+            return resume[0]["micro_batch"]
+        candidates = micro_batch_candidates(self.cfg.total_batch_tokens, self.cfg.seq_len, self.d.world_size)
+        fits = cuda_memory_probe(self.model, self.cfg.seq_len, self.device, self.autocast) if self.on_cuda \
+            else (lambda b: b <= CPU_AUTO_MICRO_BATCH)
+        batch = min(self._gather(largest_fitting(candidates, fits)))  # every rank must use the same micro-batch
+        self.log.info(f"micro-batch auto: {batch} sequences of {self.cfg.seq_len} tokens")
+        return batch
 
-    def _restore_or_init(self) -> None:
+    def _checkpoint_to_resume(self):
+        """(state, path) of the newest valid checkpoint when --resume, else None."""
         cfg = self.cfg
-        if cfg.resume:
-            if cfg.init_from:
-                raise UserError("--resume and --init-from exclude each other: resume continues this run, "
-                                "init-from starts a new one")
-            try:
-                state, path = load_checkpoint(self.run_dir, map_location="cpu")
-            except UserError as e:
-                if not cfg.allow_fresh_start:
-                    raise UserError(f"--resume: {e} (add --allow-fresh-start to start from scratch when there is none)")
-                self.log.info(f"resume: no checkpoint in {self.run_dir} yet, starting from scratch")
-            else:
-                self._load_training_state(state, path)
-                return
-        elif cfg.init_from:
-            state, path = load_checkpoint(cfg.init_from, map_location="cpu")
-            self._check_model_config(state, path)
+        if not cfg.resume:
+            return None
+        if cfg.init_from:
+            raise UserError("--resume and --init-from exclude each other: resume continues this run, "
+                            "init-from starts a new one")
+        try:
+            state, path = load_checkpoint(self.run_dir, map_location="cpu")
+        except UserError as e:
+            if not cfg.allow_fresh_start:
+                raise UserError(f"--resume: {e} (add --allow-fresh-start to start from scratch when there is none)")
+            self.log.info(f"resume: no checkpoint in {self.run_dir} yet, starting from scratch")
+            return None
+        missing = sorted({"optimizer", "loader", "rng", "step", "train_config", "micro_batch"} - state.keys())
+        if missing:
+            raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)} missing); start a new "
+                            f"run from its weights with --init-from {path}")
+        return state, path
+
+    def _start_fresh(self) -> None:
+        if self.cfg.init_from:
+            state, path = load_checkpoint(self.cfg.init_from, map_location="cpu")
+            self._check_model_config(state, path, ignore=("attn_dropout", "ffn_dropout"))
             self.model.load_state_dict(state["model"])
             self.log.info(f"init: weights from {path}")
-        self._check_fresh_run_dir()
-
-    def _check_fresh_run_dir(self) -> None:
         if list_checkpoints(self.run_dir):
             raise UserError(f"{self.run_dir} already holds checkpoints; add --resume to continue that run, "
                             "or choose a new --out")
+        if self.d.is_main:
+            (self.run_dir / "metrics.jsonl").write_text("")  # events of an attempt that never checkpointed
 
-    def _check_model_config(self, state: dict, path: Path) -> None:
-        if state["model_config"] != dataclasses.asdict(self.model_config):
-            diff = {k: (v, state["model_config"].get(k)) for k, v in dataclasses.asdict(self.model_config).items()
-                    if state["model_config"].get(k) != v}
+    def _check_ranks_agree_on_step(self) -> None:
+        if self.d.world_size > 1 and len(set(self._gather(self.step))) > 1:
+            raise UserError(f"the processes found different checkpoints in {self.run_dir}; on several nodes the run "
+                            "directory must be on a filesystem that every node shares")
+
+    def _check_model_config(self, state: dict, path: Path, ignore=()) -> None:
+        ours, theirs = dataclasses.asdict(self.model_config), state["model_config"]
+        diff = {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) != v and k not in ignore}
+        if diff:
             raise UserError(f"checkpoint {path} is from a different model config (field: (ours, checkpoint's)): {diff}")
 
     def _load_training_state(self, state: dict, path: Path) -> None:
@@ -398,10 +439,13 @@ class Trainer:
             self.log.info(f"resume: these settings differ from the checkpoint's run: {sorted(changed)}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, configured in zip(self.optimizer.param_groups, self.model.param_groups(self.cfg.weight_decay)):
+            # the config's hyperparameters win over the saved ones (the LR is set every step anyway)
+            group.update(weight_decay=configured["weight_decay"], betas=(self.cfg.beta1, self.cfg.beta2),
+                         eps=self.cfg.eps)
         self.loader.load_state_dict(state["loader"][self.d.rank])
         set_rng_state(state["rng"][self.d.rank])
         self.step = state["step"]
-        self.resumed = True
         if self.d.is_main:
             drop_metrics_after(self.run_dir, self.step)
         self.log.info(f"resume: continuing after step {self.step} from {path}")
@@ -456,7 +500,8 @@ class Trainer:
         self._install_signal_handlers()
         while self.step < last_step:
             loss, grad_norm = self.train_step()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), self.step, bad_step)
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            bad_step = torch.where((bad_step < 0) & ~finite, self.step, bad_step)
             self.step += 1
             window_steps += 1
             bar.update(1)
@@ -501,8 +546,12 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.d.control)
             step = int(flag.item())
         if step >= 0:
-            raise NonFiniteLoss(f"loss became NaN/inf at step {step}; the last good checkpoint is kept in "
-                                f"{self.run_dir / 'checkpoints'} (try a lower --max-lr, then --resume)")
+            if self.d.is_main:  # weights saved at or after that step produced it: --resume must not pick them
+                quarantine_checkpoints(self.run_dir, from_step=step)
+            good = list_checkpoints(self.run_dir)
+            raise NonFiniteLoss(f"loss or gradient became NaN/inf at step {step}; "
+                                + (f"the last good checkpoint is {good[-1]}" if good else "no checkpoint before it")
+                                + " (try a lower --max-lr, then --resume)")
 
     def _log_train(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_s: float) -> None:
         loss = self._mean_over_ranks(loss)
@@ -571,7 +620,8 @@ class Trainer:
         if not self.cfg.sample_prompts or not self.d.is_main:
             return
         texts = generate_samples(self.model, list(self.cfg.sample_prompts), self.cfg.sample_tokens,
-                                 self.cfg.sample_temperature, self.cfg.sample_top_k, None, self.cfg.seed, self.device)
+                                 self.cfg.sample_temperature, self.cfg.sample_top_k or None, None, self.cfg.seed,
+                                 self.device)
         self.log.metrics({"step": step, "samples": [{"prompt": p, "text": t}
                                                     for p, t in zip(self.cfg.sample_prompts, texts)]})
         for prompt, text in zip(self.cfg.sample_prompts, texts):
@@ -594,6 +644,7 @@ class Trainer:
                 "step": self.step,
                 "tokens_seen": self.step * self.cfg.total_batch_tokens,
                 "world_size": self.d.world_size,
+                "micro_batch": self.micro_batch,
                 "loader": loader,
                 "rng": rng,
             }, path)
@@ -619,6 +670,7 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
             self.stop_requested = True
+            signal.signal(signum, signal.SIG_DFL)  # a second signal stops the process at once
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
@@ -650,9 +702,7 @@ def main(argv=None) -> int:
     cfg, preset = parse_config(argv)
     d, device = init_distributed(cfg.device)
     try:
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        enable_tf32(device)
         return Trainer(cfg, preset, d, device).run()
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)

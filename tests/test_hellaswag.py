@@ -86,6 +86,7 @@ def test_cli_two_gloo_ranks_count_like_one_process(repo_dir, checkpoint_file, tm
     ('{"ctx": "a", "endings": ["b", "c", "d"], "label": 0}', "4 non-empty strings"),
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}', "'label'"),
     ('{"ctx": 3, "endings": ["b", "c", "d", "e"], "label": 1}', "'ctx'"),
+    ('{"ctx": " ", "endings": ["b", "c", "d", "e"], "label": 1}', "'ctx' must be a non-empty"),
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1', "not valid JSON"),
     ('[1, 2]', "JSON object"),
 ])

@@ -186,14 +186,19 @@ def test_killed_worker_restarts_from_checkpoint(embedded_data, tmp_path):
     assert sorted(train_losses(out)) == list(range(8))
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(embedded_data, tmp_path):
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(embedded_data, tmp_path):
     out = tmp_path / "nan"
-    proc = train(embedded_data, out, "--max-lr", "1e30", "--ckpt-every", "1", "--eval-every", "0", check=False)
+    train(embedded_data, out, "--ckpt-every", "1", "--stop-at-step", "2")  # two sane steps first
+    proc = train(embedded_data, out, "--resume", "--max-lr", "1e30", "--ckpt-every", "1", "--eval-every", "0",
+                 check=False)  # then an LR that blows the weights up
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "NaN/inf at step" in proc.stderr
     bad = int(proc.stderr.split("NaN/inf at step ")[1].split(";")[0])
-    saved = sorted(int(p.stem.split("_")[1]) for p in (out / "checkpoints").iterdir())
-    assert all(step <= bad for step in saved)  # no checkpoint holds the broken weights
+    files = [p.name for p in (out / "checkpoints").iterdir()]
+    kept = sorted(int(name[5:11]) for name in files if name.endswith(".pt"))
+    assert kept and all(step < bad for step in kept)  # weights of step >= bad produced the NaN: not resumable
+    assert f"step_{bad:06d}.pt.nonfinite" in files
+    assert f"last good checkpoint is {out / 'checkpoints' / f'step_{kept[-1]:06d}.pt'}" in proc.stderr
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
@@ -225,6 +230,19 @@ def test_indivisible_batch_and_long_sequence_refused(embedded_data, tmp_path):
     one_line_error(train(embedded_data, tmp_path / "a", "--micro-batch", "3", check=False), "not a multiple")
     one_line_error(train(embedded_data, tmp_path / "b", "--seq-len", "256", "--total-batch-tokens", "1024",
                          check=False), "context")
+
+
+@pytest.mark.parametrize("flag, value", [("--log-every", "0"), ("--pad-vocab-to", "0"), ("--attn-dropout", "2"),
+                                         ("--seed", "-1"), ("--micro-batch", "many"), ("--max-lr", "0")])
+def test_impossible_flag_values_refused(embedded_data, tmp_path, flag, value):
+    one_line_error(train(embedded_data, tmp_path / "run", flag, value, check=False), flag)
+
+
+def test_resume_from_weights_only_checkpoint_suggests_init_from(straight_run, embedded_data, tmp_path):
+    from checkpoint import checkpoint_path, save_checkpoint
+    state = torch.load(straight_run / "checkpoints" / "step_000008.pt", weights_only=True)
+    save_checkpoint({"model_config": state["model_config"], "model": state["model"]}, checkpoint_path(tmp_path / "w", 0))
+    one_line_error(train(embedded_data, tmp_path / "w", "--resume", check=False), "--init-from")
 
 
 def test_resume_without_checkpoint_refused(embedded_data, tmp_path):
