@@ -53,6 +53,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 # shellcheck disable=SC2206
 extra_args=(${TRAIN_ARGS:-})
+# Arrays are expanded as ${a[@]+"${a[@]}"}: macOS's bash 3.2 calls an empty "${a[@]}" unbound under set -u.
 hellaswag_args=(); train_hellaswag_args=()
 if [ -n "$HELLASWAG_DATA" ]; then
   hellaswag_args=(--data "$HELLASWAG_DATA"); train_hellaswag_args=(--hellaswag-data "$HELLASWAG_DATA")
@@ -64,17 +65,21 @@ if [ -z "$HELLASWAG_DATA" ]; then
   stage "download HellaSwag validation" python hellaswag_eval.py --download-only
 fi
 # --resume --allow-fresh-start: the first launch starts from scratch; a restart (torchrun's or a re-run of this
-# script) continues from the newest checkpoint in RUN_DIR.
+# script) continues from the newest checkpoint in RUN_DIR (on several nodes RUN_DIR must be on a shared filesystem).
+# On SIGTERM (preemption) the workers checkpoint and exit 0, but torchrun itself then reports the signal as a failure:
+# re-run the script to continue.
 stage "train $CONFIG on $NNODES x $NPROC processes" python -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" --max_restarts "$MAX_RESTARTS" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "lf-llm-$(basename "$RUN_DIR")" \
   train.py --config "$CONFIG" --data "$DATA_DIR" --out "$RUN_DIR" --resume --allow-fresh-start \
-  "${device_args[@]}" "${train_hellaswag_args[@]}" "${extra_args[@]}"
+  ${device_args[@]+"${device_args[@]}"} ${train_hellaswag_args[@]+"${train_hellaswag_args[@]}"} \
+  ${extra_args[@]+"${extra_args[@]}"}
 if [ "$NODE_RANK" != 0 ]; then exit 0; fi  # evaluation, samples and plots once, on the first node
 stage "final HellaSwag" python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" hellaswag_eval.py \
-  --checkpoint "$RUN_DIR" "${hellaswag_args[@]}" --out "$RUN_DIR/hellaswag.json" "${device_args[@]}"
+  --checkpoint "$RUN_DIR" ${hellaswag_args[@]+"${hellaswag_args[@]}"} --out "$RUN_DIR/hellaswag.json" \
+  ${device_args[@]+"${device_args[@]}"}
 stage "samples" python generate.py --checkpoint "$RUN_DIR" --max-new-tokens 64 --temperature 0.8 --top-k 50 \
-  --seed 1337 "${device_args[@]}" \
+  --seed 1337 ${device_args[@]+"${device_args[@]}"} \
   --prompt "If animals could talk, my pet would probably say" --prompt "HTML stands for" \
   --prompt "The clever fox built the strange machine with just a feather, a pebble, and a tiny twig"
 stage "plots" python plot_metrics.py "$RUN_DIR"

@@ -6,7 +6,7 @@
 # Environment (all optional):
 #   DEVICE=cpu|cuda|mps   force a device (default: the best available)
 #   RUN_DIR=path          run directory (default: a new temp_data/runs/debug-<time>)
-#   RESUME=1              continue the run in RUN_DIR from its newest checkpoint
+#   RESUME=1              continue the run in RUN_DIR (required then) from its newest checkpoint
 #   DATA_DIR=path         prepared data (default temp_data/data/embedded; reused when complete)
 #   TRAIN_ARGS="..."      extra train.py flags, e.g. "--max-steps 100"
 set -euo pipefail
@@ -19,6 +19,10 @@ stage() {  # stage NAME COMMAND...: announce, run, and stop the script with the 
   "$@" || { echo "error: stage '$name' failed (exit $?)" >&2; exit 1; }
 }
 
+if [ "${RESUME:-0}" = 1 ] && [ -z "${RUN_DIR:-}" ]; then
+  echo "error: RESUME=1 needs RUN_DIR=<the run to continue>, e.g. RUN_DIR=temp_data/runs/debug-20260101-120000" >&2
+  exit 2
+fi
 source ./setup_env.sh requirements.txt
 DATA_DIR=${DATA_DIR:-temp_data/data/embedded}
 RUN_DIR=${RUN_DIR:-temp_data/runs/debug-$(date +%Y%m%d-%H%M%S)}
@@ -26,14 +30,17 @@ device_args=(); [ -n "${DEVICE:-}" ] && device_args=(--device "$DEVICE")
 resume_args=(); [ "${RESUME:-0}" = 1 ] && resume_args=(--resume)
 # shellcheck disable=SC2206
 extra_args=(${TRAIN_ARGS:-})
+# Arrays are expanded as ${a[@]+"${a[@]}"}: macOS's bash 3.2 calls an empty "${a[@]}" unbound under set -u.
 
 stage "prepare the embedded corpus -> $DATA_DIR" python data_prep.py --source embedded --out "$DATA_DIR"
 stage "train the debug model -> $RUN_DIR" python train.py --config debug --data "$DATA_DIR" --out "$RUN_DIR" \
-  "${device_args[@]}" "${resume_args[@]}" "${extra_args[@]}"
+  ${device_args[@]+"${device_args[@]}"} ${resume_args[@]+"${resume_args[@]}"} \
+  ${extra_args[@]+"${extra_args[@]}"}
 stage "HellaSwag (committed sample)" python hellaswag_eval.py --checkpoint "$RUN_DIR" \
-  --data assets/hellaswag/hellaswag_val_head10.jsonl --out "$RUN_DIR/hellaswag.json" "${device_args[@]}"
+  --data assets/hellaswag/hellaswag_val_head10.jsonl --out "$RUN_DIR/hellaswag.json" \
+  ${device_args[@]+"${device_args[@]}"}
 stage "samples" python generate.py --checkpoint "$RUN_DIR" --max-new-tokens 32 --temperature 0.8 --top-k 50 \
-  --seed 1337 "${device_args[@]}" \
+  --seed 1337 ${device_args[@]+"${device_args[@]}"} \
   --prompt "If animals could talk, my pet would probably say" --prompt "HTML stands for" \
   --prompt "The clever fox built the strange machine with just a feather, a pebble, and a tiny twig"
 stage "plots" python plot_metrics.py "$RUN_DIR"

@@ -11,7 +11,7 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 _stamp="$VENV/.installed-$(basename "$_req")"
-_hash="$(cat "$_req" requirements.txt 2>/dev/null | sha256sum | cut -d' ' -f1)"
+_hash="$(python3 -c 'import hashlib, sys; print(hashlib.sha256(b"".join(open(f, "rb").read() for f in sys.argv[1:])).hexdigest())' "$_req" requirements.txt)"
 if [ "$(cat "$_stamp" 2>/dev/null)" != "$_hash" ]; then
   echo "setup: installing $_req into $VENV"
   python -m pip install -q --disable-pip-version-check -r "$_req"

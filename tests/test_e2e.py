@@ -20,8 +20,16 @@ def run_bash(script, env, timeout=300):
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_full_script_smoke_mode_runs_every_stage_and_resumes(tmp_path):
-    env = {"SMOKE": "1", "DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path / "run")}
+    env = {"SMOKE": "1", "DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path / "run"),
+           "MASTER_PORT": str(free_port())}
     proc = run_bash("run_pre_training_e2e.sh", env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("prepare data", "train debug on 1 x 2 processes", "final HellaSwag", "samples", "plots"):
@@ -46,6 +54,11 @@ def test_debug_script_runs_and_summarizes(tmp_path):
     summary = proc.stdout.split("=== summary")[1]
     assert f"run directory : {tmp_path / 'run'}" in summary and "step_000006.pt" in summary
     assert "val loss      : " in summary and "at step 6" in summary
+
+
+def test_resume_needs_run_dir():
+    proc = run_bash("run_pre_training_e2e_debug.sh", {"RESUME": "1", "RUN_DIR": ""})
+    assert proc.returncode != 0 and "RESUME=1 needs RUN_DIR" in proc.stderr
 
 
 def test_failing_stage_is_named(tmp_path):
