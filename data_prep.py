@@ -373,7 +373,7 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
                 raise UserError(f"--out {out} holds a dataset built with other settings ({describe(existing)}); use "
                                 f"one --out per dataset, or --overwrite to replace it")
             try:
-                dataloader.ShardDataset.open(out)
+                dataloader.ShardDataset.open(out, verify_sha256=True)  # complete means every shard hashes right
                 print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
                 return False
             except UserError as e:
