@@ -142,12 +142,18 @@ def test_unfinished_build_is_cleared_and_rebuilt(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])])
 
 
-def test_damaged_finished_output_is_rebuilt(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte"])  # the second keeps the size: only sha256 sees it
+def test_damaged_finished_output_is_rebuilt(tmp_path, capsys, damage):
     out = tmp_path / "d"
     args = ["--source", "embedded", "--max-docs", "300", "--val-tokens", "1000"]
     prepare(out, *args)
     shard = out / "train_000000.bin"
-    shard.write_bytes(shard.read_bytes()[:-10])
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        data = data[:-10]
+    else:
+        data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
     prepare(out, *args)
     assert "damaged" in capsys.readouterr().out
     ShardDataset.open(out, verify_sha256=True)
