@@ -226,6 +226,17 @@ def test_other_tokenizer_refused(embedded_data, tmp_path):
     one_line_error(train(data, tmp_path / "run", check=False), "tokenizer")
 
 
+def test_corrupt_shard_refused(embedded_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(embedded_data, data)
+    shard = sorted(data.glob("train_*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # same size: only the sha256 check can see it
+    shard.write_bytes(bytes(raw))
+    one_line_error(train(data, tmp_path / "run", check=False), shard.name)
+
+
 def test_indivisible_batch_and_long_sequence_refused(embedded_data, tmp_path):
     one_line_error(train(embedded_data, tmp_path / "a", "--micro-batch", "3", check=False), "not a multiple")
     one_line_error(train(embedded_data, tmp_path / "b", "--seq-len", "256", "--total-batch-tokens", "1024",
