@@ -78,9 +78,7 @@ if [ "$NODE_RANK" != 0 ]; then exit 0; fi  # evaluation, samples and plots once,
 stage "final HellaSwag" python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" hellaswag_eval.py \
   --checkpoint "$RUN_DIR" ${hellaswag_args[@]+"${hellaswag_args[@]}"} --out "$RUN_DIR/hellaswag.json" \
   ${device_args[@]+"${device_args[@]}"}
-stage "samples" python generate.py --checkpoint "$RUN_DIR" --max-new-tokens 64 --temperature 0.8 --top-k 50 \
-  --seed 1337 ${device_args[@]+"${device_args[@]}"} \
-  --prompt "If animals could talk, my pet would probably say" --prompt "HTML stands for" \
-  --prompt "The clever fox built the strange machine with just a feather, a pebble, and a tiny twig"
+stage "samples (the three reference prompts)" python generate.py --checkpoint "$RUN_DIR" --max-new-tokens 64 \
+  --temperature 0.8 --top-k 50 --seed 1337 ${device_args[@]+"${device_args[@]}"}
 stage "plots" python plot_metrics.py "$RUN_DIR"
 echo; echo "done: run directory $RUN_DIR (metrics.jsonl, train.log, checkpoints/, plots/, hellaswag.json)"

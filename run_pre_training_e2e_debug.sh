@@ -39,10 +39,8 @@ stage "train the debug model -> $RUN_DIR" python train.py --config debug --data 
 stage "HellaSwag (committed sample)" python hellaswag_eval.py --checkpoint "$RUN_DIR" \
   --data assets/hellaswag/hellaswag_val_head10.jsonl --out "$RUN_DIR/hellaswag.json" \
   ${device_args[@]+"${device_args[@]}"}
-stage "samples" python generate.py --checkpoint "$RUN_DIR" --max-new-tokens 32 --temperature 0.8 --top-k 50 \
-  --seed 1337 ${device_args[@]+"${device_args[@]}"} \
-  --prompt "If animals could talk, my pet would probably say" --prompt "HTML stands for" \
-  --prompt "The clever fox built the strange machine with just a feather, a pebble, and a tiny twig"
+stage "samples (the three reference prompts)" python generate.py --checkpoint "$RUN_DIR" --max-new-tokens 32 \
+  --temperature 0.8 --top-k 50 --seed 1337 ${device_args[@]+"${device_args[@]}"}
 stage "plots" python plot_metrics.py "$RUN_DIR"
 
 summary() {
