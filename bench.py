@@ -31,7 +31,8 @@ def write_json(result: dict, out) -> None:
 
 def add_train_arguments(parser):
     from train import TRAIN_PRESETS
-    parser.add_argument("--config", choices=sorted(TRAIN_PRESETS), default="debug", help="train preset (default: debug)")
+    parser.add_argument("--config", choices=sorted(TRAIN_PRESETS), default="debug",
+                        help="train preset (default: debug)")
     parser.add_argument("--data", default="temp_data/data/embedded",
                         help="prepared data to read (default: the embedded corpus, made by "
                              "`python data_prep.py --source embedded --out temp_data/data/embedded`)")
@@ -59,7 +60,7 @@ def bench_config(args):
                                    ("compile", args.compile), ("autocast", args.autocast),
                                    ("pad_vocab_to", args.pad_vocab_to), ("peak_flops", args.peak_flops),
                                    ("activation_checkpointing", args.activation_checkpointing)) if v is not None}
-    cfg = TrainConfig.from_preset(args.config, data=args.data, device=args.device, **overrides)
+    cfg = TrainConfig.from_preset(args.config, data=args.data, device=args.device, verify_data=False, **overrides)
     cfg.validate()
     if cfg.micro_batch != "auto":
         cfg.total_batch_tokens = int(cfg.micro_batch) * cfg.seq_len * args.accum

@@ -65,7 +65,7 @@ def load_checkpoint_file(path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated/garbled files
         raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use an earlier checkpoint")
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state or "model_config" not in state:
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not {"model", "model_config"} <= state.keys():
         raise UserError(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
     return state
 

@@ -34,7 +34,8 @@ def _read_verified(path: Path, sha256: str) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise UserError(f"tokenizer file {path} cannot be read ({e.strerror}); restore it with `git checkout -- {path.name}`")
+        raise UserError(f"tokenizer file {path} cannot be read ({e.strerror}); restore it with "
+                        f"`git checkout -- assets/gpt2_bpe/{path.name}`")
     if hashlib.sha256(data).hexdigest() != sha256:
         raise UserError(f"tokenizer file {path} is corrupt (sha256 mismatch); restore it from the repository "
                         f"(`git checkout -- assets/gpt2_bpe/{path.name}`)")
@@ -74,7 +75,8 @@ def _mergeable_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
     derived = {"".join(byte_map[b] for b in token): rank for token, rank in ranks.items()}
     encoder.pop(EOT_TOKEN, None)
     if encoder != derived:
-        raise UserError("tokenizer files encoder.json and vocab.bpe disagree; restore assets/gpt2_bpe/ from the repository")
+        raise UserError("tokenizer files encoder.json and vocab.bpe disagree; "
+                        "restore assets/gpt2_bpe/ from the repository")
     return ranks
 
 

@@ -218,7 +218,8 @@ def _flag_type(annotation):
 
 def parse_config(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="lf_llm_269m", help=f"preset: {', '.join(TRAIN_PRESETS)} (default %(default)s)")
+    parser.add_argument("--config", default="lf_llm_269m",
+                        help=f"preset: {', '.join(TRAIN_PRESETS)} (default %(default)s)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
@@ -525,7 +526,8 @@ class Trainer:
                               f"Continue with the same command plus --resume")
                 break
         bar.close()
-        self.log.info(f"done: {self.step} steps, {self.step * cfg.total_batch_tokens:,} tokens, run directory {self.run_dir}")
+        self.log.info(f"done: {self.step} steps, {self.step * cfg.total_batch_tokens:,} tokens, "
+                      f"run directory {self.run_dir}")
         return 0
 
     def _elapsed(self, since: float) -> float:
@@ -692,7 +694,8 @@ class Trainer:
         self.log.info(f"model {self.cfg.model}: {self.model.num_params():,} parameters "
                       f"({self.model.num_params(include_embedding=False):,} without the embedding), "
                       f"{self.flops_per_token / 1e9:.2f} GFLOP per token")
-        self.log.info(f"data {self.cfg.data}: {self.dataset.train_tokens:,} train / {self.dataset.val_tokens:,} val tokens")
+        self.log.info(f"data {self.cfg.data}: {self.dataset.train_tokens:,} train / "
+                      f"{self.dataset.val_tokens:,} val tokens")
         config = {"train": dataclasses.asdict(self.cfg), "model": dataclasses.asdict(self.model_config)}
         self.log.info("config: " + json.dumps(config))
         if self.d.is_main:

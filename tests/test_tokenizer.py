@@ -53,5 +53,6 @@ def test_corrupt_bpe_file_refused(tmp_path, monkeypatch, name):
 
 
 def test_committed_files_hash():
-    for path, sha in [(tokenizer.VOCAB_BPE, tokenizer.VOCAB_BPE_SHA256), (tokenizer.ENCODER_JSON, tokenizer.ENCODER_JSON_SHA256)]:
+    for path, sha in [(tokenizer.VOCAB_BPE, tokenizer.VOCAB_BPE_SHA256),
+                      (tokenizer.ENCODER_JSON, tokenizer.ENCODER_JSON_SHA256)]:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == sha

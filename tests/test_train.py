@@ -65,8 +65,9 @@ def test_lr_schedule_formula():
     assert lr_at(225, cfg) == pytest.approx(2.1e-3)
     assert lr_at(226, cfg) == pytest.approx(2.1e-3)  # cosine starts at the peak
     assert lr_at(19_072, cfg) == pytest.approx(2.1e-4)  # and reaches 10% of it at the last step
-    mid = 226 + (19_072 - 226) / 2
-    assert lr_at(int(mid), cfg) == pytest.approx(2.1e-4 + 0.5 * (1 + math.cos(math.pi * (int(mid) - 226) / (19_072 - 226))) * 1.89e-3)
+    mid = 226 + (19_072 - 226) // 2
+    progress = (mid - 226) / (19_072 - 226)
+    assert lr_at(mid, cfg) == pytest.approx(2.1e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * 1.89e-3)
 
 
 def test_grad_accum_derivation_and_error():
@@ -110,7 +111,8 @@ def test_run_writes_metrics_config_log_and_checkpoint(straight_run):
     assert log.startswith("commit: ") and "torch " in log and "config: " in log
     assert json.loads((straight_run / "config.json").read_text())["train"]["max_steps"] == 8
     state = torch.load(straight_run / "checkpoints" / "step_000008.pt", weights_only=True)
-    assert {"model", "optimizer", "step", "loader", "rng", "train_config", "model_config", "tokens_seen"} <= state.keys()
+    assert {"model", "optimizer", "step", "loader", "rng", "train_config", "model_config",
+            "tokens_seen", "micro_batch"} <= state.keys()
     assert state["step"] == 8 and state["tokens_seen"] == 8 * 256
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in state["model"])
 
@@ -176,7 +178,8 @@ def test_killed_worker_restarts_from_checkpoint(embedded_data, tmp_path):
     while not (out / "checkpoints" / "step_000002.pt").exists():
         assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
         time.sleep(0.2)
-    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)],
+                             capture_output=True, text=True).stdout.split()
     assert workers, "torchrun has no worker processes"
     os.kill(int(workers[0]), signal.SIGKILL)
     output, _ = proc.communicate(timeout=240)
@@ -252,7 +255,8 @@ def test_impossible_flag_values_refused(embedded_data, tmp_path, flag, value):
 def test_resume_from_weights_only_checkpoint_suggests_init_from(straight_run, embedded_data, tmp_path):
     from checkpoint import checkpoint_path, save_checkpoint
     state = torch.load(straight_run / "checkpoints" / "step_000008.pt", weights_only=True)
-    save_checkpoint({"model_config": state["model_config"], "model": state["model"]}, checkpoint_path(tmp_path / "w", 0))
+    save_checkpoint({"model_config": state["model_config"], "model": state["model"]},
+                    checkpoint_path(tmp_path / "w", 0))
     one_line_error(train(embedded_data, tmp_path / "w", "--resume", check=False), "--init-from")
 
 
