@@ -80,41 +80,39 @@ def training_figure(events: list[dict], title: str = ""):
     return fig
 
 
-def loss_figure(events: list[dict], title: str = ""):
+def _lines_figure(title: str, ylabel: str, lines: list, empty_message: str, chance: float | None = None):
+    """One panel of several (steps, values, matplotlib style, label) lines against step."""
     fig, (ax,) = _figure(1, 1, 8, 5)
-    train_steps, train = series(events, "loss")
-    val_steps, val = series(events, "val_loss")
-    if not train and not val:
-        _empty(ax, "no losses yet")
+    if not any(values for _, values, _, _ in lines):
+        _empty(ax, empty_message)
     else:
-        ax.plot(train_steps, train, lw=1, alpha=0.8, label="train (batch mean)")
-        ax.plot(val_steps, val, "o-", lw=1.5, ms=4, label="validation")
+        for steps, values, style, label in lines:
+            ax.plot(steps, values, style, ms=4, lw=1.2, label=label)
+        if chance is not None:
+            ax.axhline(chance, color="gray", ls=":", label=f"chance ({chance:g}%)")
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_ylabel(ylabel)
         ax.legend()
         ax.grid(alpha=0.3)
-    ax.set_title(title or "Train vs validation loss")
+    ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def loss_figure(events: list[dict], title: str = ""):
+    return _lines_figure(title or "Train vs validation loss", "cross-entropy (nats/token)",
+                         [(*series(events, "loss"), "-", "train (batch mean)"),
+                          (*series(events, "val_loss"), "o-", "validation")], "no losses yet")
 
 
 def hellaswag_figure(events: list[dict], title: str = ""):
-    fig, (ax,) = _figure(1, 1, 8, 5)
-    steps, acc = series(events, "hellaswag_acc")
-    norm_steps, acc_norm = series(events, "hellaswag_acc_norm")
-    if not acc and not acc_norm:
-        _empty(ax, "no HellaSwag evaluations yet")
-    else:
-        ax.plot(norm_steps, [100 * v for v in acc_norm], "o-", ms=4, label="acc_norm (mean log-prob per token)")
-        ax.plot(steps, [100 * v for v in acc], "s--", ms=4, label="acc (sum of log-probs)")
-        ax.axhline(25, color="gray", ls=":", label="chance (25%)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("accuracy (%)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    ax.set_title(title or "HellaSwag")
-    fig.tight_layout()
-    return fig
+    def percent(key):
+        steps, values = series(events, key)
+        return steps, [100 * v for v in values]
+    return _lines_figure(title or "HellaSwag", "accuracy (%)",
+                         [(*percent("hellaswag_acc_norm"), "o-", "acc_norm (mean log-prob per token)"),
+                          (*percent("hellaswag_acc"), "s--", "acc (sum of log-probs)")],
+                         "no HellaSwag evaluations yet", chance=25)
 
 
 def latest_values(events: list[dict]) -> dict:
