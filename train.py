@@ -421,7 +421,7 @@ class Trainer:
             (self.run_dir / "metrics.jsonl").write_text("")  # events of an attempt that never checkpointed
 
     def _check_ranks_agree_on_step(self) -> None:
-        if self.d.world_size > 1 and len(set(self._gather(self.step))) > 1:
+        if len(set(self._gather(self.step))) > 1:
             raise UserError(f"the processes found different checkpoints in {self.run_dir}; on several nodes the run "
                             "directory must be on a filesystem that every node shares")
 
@@ -634,10 +634,7 @@ class Trainer:
     # --- checkpoints and signals ---
 
     def save(self) -> None:
-        rng = [rng_state()]
-        loader = [self.loader.state_dict()]
-        if self.d.world_size > 1:
-            rng, loader = self._gather(rng[0]), self._gather(loader[0])
+        rng, loader = self._gather(rng_state()), self._gather(self.loader.state_dict())
         if self.d.is_main:
             path = checkpoint_path(self.run_dir, self.step)
             save_checkpoint({
@@ -663,6 +660,9 @@ class Trainer:
         return value
 
     def _gather(self, obj) -> list:
+        """[rank 0's obj, rank 1's, ...] (host-side, over the control group)."""
+        if self.d.world_size == 1:
+            return [obj]
         out = [None] * self.d.world_size
         dist.all_gather_object(out, obj, group=self.d.control)
         return out

@@ -85,6 +85,16 @@ def test_micro_batch_auto_picks_largest_fitting_divisor():
         largest_fitting(candidates, lambda b: False)
 
 
+def test_micro_batch_auto_on_cpu_trains_and_resumes(embedded_data, tmp_path):
+    out = tmp_path / "auto"
+    auto = ["--micro-batch", "auto", "--total-batch-tokens", "1024"]  # 32 sequences of 32: auto takes 16 on CPU
+    train(embedded_data, out, *auto, "--stop-at-step", "2")
+    train(embedded_data, out, *auto, "--resume", "--max-steps", "4")
+    log = (out / "train.log").read_text()
+    assert "micro-batch auto: 16 sequences" in log and "micro-batch 16 x 32, 2 accumulation steps" in log
+    assert torch.load(out / "checkpoints" / "step_000004.pt", weights_only=True)["micro_batch"] == 16
+
+
 def test_every_field_is_a_flag_and_bad_flags_are_refused():
     cfg, preset = parse_config(["--config", "debug", "--max-lr", "1e-3", "--no-compile", "--sample-prompts", "a", "b",
                                 "--attn-dropout", "0"])
