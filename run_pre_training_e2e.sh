@@ -18,12 +18,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-stage() {  # stage NAME COMMAND...: announce, run, and stop the script with the stage's name if it fails
-  local name=$1; shift
-  echo; echo "=== $name"
-  "$@" || { echo "error: stage '$name' failed (exit $?)" >&2; exit 1; }
-}
-
 source ./setup_env.sh requirements.txt
 
 if [ "${SMOKE:-0}" = 1 ]; then

@@ -13,12 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 start=$(date +%s)
 
-stage() {  # stage NAME COMMAND...: announce, run, and stop the script with the stage's name if it fails
-  local name=$1; shift
-  echo; echo "=== $name"
-  "$@" || { echo "error: stage '$name' failed (exit $?)" >&2; exit 1; }
-}
-
 if [ "${RESUME:-0}" = 1 ] && [ -z "${RUN_DIR:-}" ]; then
   echo "error: RESUME=1 needs RUN_DIR=<the run to continue>, e.g. RUN_DIR=temp_data/runs/debug-20260101-120000" >&2
   exit 2

@@ -1,7 +1,7 @@
 # Sourced by run_tests.sh and the run scripts: make (once) and activate the virtual environment in $VENV
 # (default .venv). It is created with --system-site-packages, so an installed torch (a GPU box's CUDA build, say)
 # is reused rather than replaced; requirements are installed again only when the requirements file changes.
-# Usage: source setup_env.sh REQUIREMENTS_FILE
+# Usage: source setup_env.sh REQUIREMENTS_FILE. It also defines stage(), which the run scripts use.
 _req="${1:?usage: source setup_env.sh REQUIREMENTS_FILE}"
 VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -18,3 +18,9 @@ if [ "$(cat "$_stamp" 2>/dev/null)" != "$_hash" ]; then
   echo "$_hash" > "$_stamp"
 fi
 unset _req _stamp _hash
+
+stage() {  # stage NAME COMMAND...: announce, run, and stop the script with the stage's name if it fails
+  local name=$1; shift
+  echo; echo "=== $name"
+  "$@" || { echo "error: stage '$name' failed (exit $?)" >&2; exit 1; }
+}

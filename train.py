@@ -37,6 +37,7 @@ from devices import Dist, enable_tf32, init_distributed
 from generate import REFERENCE_PROMPTS, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
 from model import GPT, PRESETS, GPTConfig, mfu, peak_flops
+from plot_metrics import read_metrics
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -216,7 +217,8 @@ def _flag_type(annotation):
     return annotation
 
 
-def parse_config(argv=None) -> TrainConfig:
+def parse_config(argv=None) -> tuple[TrainConfig, str]:
+    """(config, preset name) from the command line: the preset's values, overridden by the flags given."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="lf_llm_269m",
                         help=f"preset: {', '.join(TRAIN_PRESETS)} (default %(default)s)")
@@ -301,17 +303,9 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the crash
-        is_train_step = "loss" in event
-        if event["step"] < step or (event["step"] == step and not is_train_step):
-            kept.append(line)
+    kept = [e for e in read_metrics(path) if e["step"] < step or (e["step"] == step and "loss" not in e)]
     with atomic_write(path, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
+        f.write("".join(json.dumps(event) + "\n" for event in kept))
 
 
 # ----------------------------------------------------------------------------------------------------------------
