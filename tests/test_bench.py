@@ -66,3 +66,59 @@ def test_bad_flag_values_are_one_line_errors(embedded_data):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--micro-batch" in proc.stderr
     proc = run_script("bench.py", "--config", "debug", "--data", "/nonexistent/data")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "data_prep.py" in proc.stderr
+
+
+class HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the GPU on CUDA: reading a tensor's value (.item(), bool(),
+    float()) and ops whose output shape depends on values. Recorded on CPU, where the same ops are dispatched."""
+    SYNCING = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2",
+               "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and func.overloadpacket.__name__ in self.SYNCING:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs_in_run(embedded_data, out, steps: int) -> int:
+    """Host syncs of a training run that stops after `steps` steps and logs only then. AdamW's step is left out:
+    on CUDA it is fused AdamW, while the CPU optimizer reads its step counter with .item()."""
+    import signal
+
+    from devices import Dist
+    from train import TrainConfig, Trainer
+    cfg = TrainConfig.from_preset("debug", data=str(embedded_data), out=str(out), micro_batch="2", seq_len=32,
+                                  total_batch_tokens=128, max_steps=100, stop_at_step=steps, log_every=1000,
+                                  eval_every=0, hellaswag_every=0, sample_every=0, ckpt_every=0)
+    trainer = Trainer(cfg, "debug", Dist(), torch.device("cpu"))
+    counter, optimizer_step = HostSyncCounter(), trainer.optimizer.step
+
+    def step_unrecorded(*args, **kwargs):
+        counter.paused = True
+        try:
+            return optimizer_step(*args, **kwargs)
+        finally:
+            counter.paused = False
+    trainer.optimizer.step = step_unrecorded
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with counter:
+            trainer.run()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert trainer.step == steps
+    return counter.count
+
+
+def test_training_steps_do_not_wait_for_the_device_between_log_steps(embedded_data, tmp_path):
+    """The syncs of the log step and checkpoint at the end are the same for 2 steps and for 6: a step that is not
+    logged reads no tensor value back (which on CUDA would stall the queue of kernels)."""
+    short = host_syncs_in_run(embedded_data, tmp_path / "short", steps=2)
+    long = host_syncs_in_run(embedded_data, tmp_path / "long", steps=6)
+    assert short > 0  # the counter does see the log step's reads (loss, grad norm, NaN check)
+    assert long == short
