@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from cli import REPO_DIR, UserError, atomic_write, hardware_name, main_entry, run_header
+from cli import REPO_DIR, TRAIN_MEMORY_HINT, UserError, atomic_write, hardware_name, main_entry, run_header
 
 MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 
@@ -325,7 +325,7 @@ def run_data_prep(args) -> dict:
 MODES["data-prep"] = (add_data_prep_arguments, run_data_prep)
 
 
-@main_entry
+@main_entry(memory_hint=TRAIN_MEMORY_HINT)
 def main(argv=None):
     mode_parser = argparse.ArgumentParser(add_help=False)
     mode_parser.add_argument("--mode", choices=sorted(MODES), default="train" if "train" in MODES else None)

@@ -23,8 +23,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def main_entry(main):
-    """Wrap a script's main(): a UserError becomes `error: ...` on stderr and exit status 2."""
+TRAIN_MEMORY_HINT = ("try --micro-batch auto (the largest that fits), a lower --micro-batch (accumulation keeps "
+                     "the token batch) or --activation-checkpointing")
+
+
+def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
+    """Wrap a script's main(): a UserError, or running out of GPU memory, becomes `error: ...` on stderr and exit
+    status 2. `@main_entry(memory_hint=...)` names the flags that lower the script's memory use."""
+    if main is None:
+        return functools.partial(main_entry, memory_hint=memory_hint)
+
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -32,7 +40,17 @@ def main_entry(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Exception as e:
+            if not is_device_out_of_memory(e):
+                raise
+            print(f"error: out of GPU memory ({str(e).splitlines()[0]}); {memory_hint}", file=sys.stderr)
+            sys.exit(2)
     return wrapper
+
+
+def is_device_out_of_memory(error: Exception) -> bool:
+    torch = sys.modules.get("torch")  # only a script that imported torch can run out of GPU memory
+    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
 
 
 @contextlib.contextmanager

@@ -156,7 +156,7 @@ def read_prompts(args) -> list[str]:
     return prompts or REFERENCE_PROMPTS
 
 
-@main_entry
+@main_entry(memory_hint="lower --num-samples")
 def main(argv=None):
     args = parse_args(argv)
     top_k = args.top_k or None  # 0 = off

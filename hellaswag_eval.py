@@ -61,7 +61,8 @@ def read_examples(path) -> list[dict]:
     """Every example of a HellaSwag jsonl file (blank lines skipped); UserError naming the first bad line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"HellaSwag file {path} does not exist; pass --data FILE (e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
+        raise UserError(f"HellaSwag file {path} does not exist; pass --data FILE "
+                        f"(e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -171,7 +172,8 @@ def score_examples(model: GPT, examples: list[dict], device, batch_size: int = 1
     enc = get_tokenizer()
     sums, counts = [], []
     for start in tqdm(range(0, len(examples), batch_size), desc="HellaSwag", unit="batch", disable=not progress):
-        rows = [row for ex in examples[start:start + batch_size] for row in example_rows(ex, enc, model.config.block_size)]
+        batch = examples[start:start + batch_size]
+        rows = [row for ex in batch for row in example_rows(ex, enc, model.config.block_size)]
         sums.append(completion_logprob_sums(model, rows, device).view(-1, N_ENDINGS))
         counts.append(torch.tensor([n for _, n in rows]).view(-1, N_ENDINGS))
     if not sums:
@@ -238,7 +240,7 @@ def write_result(result: dict, out) -> None:
         f.write(json.dumps(result, indent=2) + "\n")
 
 
-@main_entry
+@main_entry(memory_hint="lower --batch-size")
 def main(argv=None):
     args = parse_args(argv)
     if args.download_only:
@@ -254,10 +256,12 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        print(f"HellaSwag ({result['total']} examples): acc {result['acc']:.4f} ({result['correct']}/{result['total']}), "
-              f"acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{result['total']})")
+        print(f"HellaSwag ({result['total']} examples): acc {result['acc']:.4f} "
+              f"({result['correct']}/{result['total']}), acc_norm {result['acc_norm']:.4f} "
+              f"({result['correct_norm']}/{result['total']})")
         if args.out:
-            write_result({**result, "checkpoint": str(args.checkpoint), "data": str(args.data or OFFICIAL_URL)}, args.out)
+            source = {"checkpoint": str(args.checkpoint), "data": str(args.data or OFFICIAL_URL)}
+            write_result({**result, **source}, args.out)
             print(f"wrote {args.out}")
 
 

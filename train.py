@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                         quarantine_checkpoints, save_checkpoint)
-from cli import UserError, atomic_write, main_entry, run_header
+from cli import TRAIN_MEMORY_HINT, UserError, atomic_write, main_entry, run_header
 from dataloader import ShardDataset, TrainLoader, val_batches
 from devices import Dist, enable_tf32, init_distributed
 from generate import REFERENCE_PROMPTS, generate_samples
@@ -490,36 +490,35 @@ class Trainer:
         last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
         if not self.resumed:  # a resumed run evaluated this step before its checkpoint
             self.evaluate(self.step, self.due_evaluations(self.step))
-        bar = tqdm(total=last_step, initial=self.step, desc="train", unit="step", disable=not self.d.is_main,
-                   dynamic_ncols=True)
-        bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first step with a NaN/inf loss
-        window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # step time excludes evals and saves
-        self._install_signal_handlers()
-        while self.step < last_step:
-            loss, grad_norm = self.train_step()
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            bad_step = torch.where((bad_step < 0) & ~finite, self.step, bad_step)
-            self.step += 1
-            window_steps += 1
-            bar.update(1)
-            done = self.step == last_step
-            stop = self._agree_to_stop()
-            if self.step % cfg.log_every == 0 or done or stop:
-                self._check_finite(bad_step)
-                elapsed = self._elapsed(window_start) - paused
-                self._log_train(loss, grad_norm, elapsed / window_steps)
-                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-            evaluations = self.due_evaluations(self.step)
-            if evaluations:
-                paused += self._duration(self.evaluate, self.step, evaluations)
-            if due_at(self.step, cfg.ckpt_every) or done or stop:
-                self._check_finite(bad_step)
-                paused += self._duration(self.save)
-            if stop:
-                self.log.info(f"stopped by signal after step {self.step}; checkpoint written. "
-                              f"Continue with the same command plus --resume")
-                break
-        bar.close()
+        with tqdm(total=last_step, initial=self.step, desc="train", unit="step", disable=not self.d.is_main,
+                  dynamic_ncols=True) as bar:  # closed on any exit, so an error starts on its own line
+            bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first step with a NaN/inf loss
+            window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # step time excludes evals and saves
+            self._install_signal_handlers()
+            while self.step < last_step:
+                loss, grad_norm = self.train_step()
+                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+                bad_step = torch.where((bad_step < 0) & ~finite, self.step, bad_step)
+                self.step += 1
+                window_steps += 1
+                bar.update(1)
+                done = self.step == last_step
+                stop = self._agree_to_stop()
+                if self.step % cfg.log_every == 0 or done or stop:
+                    self._check_finite(bad_step)
+                    elapsed = self._elapsed(window_start) - paused
+                    self._log_train(loss, grad_norm, elapsed / window_steps)
+                    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+                evaluations = self.due_evaluations(self.step)
+                if evaluations:
+                    paused += self._duration(self.evaluate, self.step, evaluations)
+                if due_at(self.step, cfg.ckpt_every) or done or stop:
+                    self._check_finite(bad_step)
+                    paused += self._duration(self.save)
+                if stop:
+                    self.log.info(f"stopped by signal after step {self.step}; checkpoint written. "
+                                  f"Continue with the same command plus --resume")
+                    break
         self.log.info(f"done: {self.step} steps, {self.step * cfg.total_batch_tokens:,} tokens, "
                       f"run directory {self.run_dir}")
         return 0
@@ -696,7 +695,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-@main_entry
+@main_entry(memory_hint=TRAIN_MEMORY_HINT)
 def main(argv=None) -> int:
     cfg, preset = parse_config(argv)
     d, device = init_distributed(cfg.device)

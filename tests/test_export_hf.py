@@ -1,4 +1,5 @@
-"""export_hf.py: the transformers model computes what ours computes, the round trip is bitwise, bad input is one line."""
+"""export_hf.py: the transformers model computes what ours computes, the round trip is bitwise, bad input is one
+line."""
 import dataclasses
 import gc
 import json
@@ -130,7 +131,8 @@ def test_tokenizer_from_export_encodes_like_ours(tmp_path):
     assert hf_tok.eos_token_id == EOT
     ours = tokenizer.get_tokenizer()
     texts = ["HTML stands for", "If animals could talk, my pet would probably say",
-             "Ünïcödé: naïve café, 日本語のテキスト, emoji 🦊🪶 and math ∑x²", "  leading spaces\n\n\ttabs   and\r\nCRLF",
+             "Ünïcödé: naïve café, 日本語のテキスト, emoji 🦊🪶 and math ∑x²",
+             "  leading spaces\n\n\ttabs   and\r\nCRLF",
              "first document<|endoftext|>second document", "don't you'll I'm 12345 3.14"]
     for text in texts:
         ids = hf_tok(text)["input_ids"]

@@ -286,3 +286,17 @@ def test_init_from_starts_a_new_run_from_the_weights(straight_run, embedded_data
 def test_checkpoint_of_other_model_config_refused(straight_run, embedded_data, tmp_path):
     one_line_error(train(embedded_data, tmp_path / "run", "--init-from", straight_run, "--pad-vocab-to", "64",
                          check=False), "different model config")
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_memory_flags(embedded_data, tmp_path, monkeypatch, capsys):
+    import train as train_module
+
+    def out_of_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB\nmore details")
+    monkeypatch.setattr(train_module.Trainer, "train_step", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main([*TINY, "--data", str(embedded_data), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 3.07 GiB)")
+    assert "--micro-batch auto" in error[-1] and "--activation-checkpointing" in error[-1]
