@@ -8,7 +8,9 @@ Every mode prints a table and, with --out FILE, writes its figures as JSON.
 """
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -136,7 +138,20 @@ def run_train(args) -> dict:
                   else "n/a (no peak known for this device; pass --peak-flops)"),
                  ("peak memory", f"{result['peak_memory_bytes'] / 2**30:.2f} GiB" if on_cuda else "n/a (CPU)"),
                  ("data loader share of step", f"{100 * result['loader_fraction']:.3g}%")])
+    result["benchmarks_md_row"] = benchmarks_md_row(result, args.command)
+    print(f"BENCHMARKS.md row:\n{result['benchmarks_md_row']}")
     return result
+
+
+def benchmarks_md_row(result: dict, command: str) -> str:
+    """The measurement as a row of BENCHMARKS.md's training table (date, device, torch, command, tokens/s, step,
+    MFU, peak memory, loader share), so that figures are pasted, never retyped."""
+    cells = [time.strftime("%Y-%m-%d"), result["device"], result["torch"], f"`{command}`",
+             f"{result['tokens_per_s']:,.0f}", f"{result['step_ms']:,.0f} ms",
+             f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a",
+             f"{result['peak_memory_bytes'] / 2**30:.1f} GiB" if result["peak_memory_bytes"] else "n/a",
+             f"{100 * result['loader_fraction']:.2g}%"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def print_table(rows) -> None:
@@ -328,16 +343,14 @@ MODES["data-prep"] = (add_data_prep_arguments, run_data_prep)
 @main_entry(memory_hint=TRAIN_MEMORY_HINT)
 def main(argv=None):
     mode_parser = argparse.ArgumentParser(add_help=False)
-    mode_parser.add_argument("--mode", choices=sorted(MODES), default="train" if "train" in MODES else None)
+    mode_parser.add_argument("--mode", choices=sorted(MODES), default="train")
     known, _ = mode_parser.parse_known_args(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[mode_parser])
     parser.add_argument("--out", help="write the figures as JSON to this file")
-    if known.mode:
-        MODES[known.mode][0](parser)
+    MODES[known.mode][0](parser)
     args = parser.parse_args(argv)
-    if not args.mode:
-        parser.error("choose a --mode")
+    args.command = "bench.py " + shlex.join(map(str, sys.argv[1:] if argv is None else argv))
     write_json(MODES[args.mode][1](args), args.out)
 
 

@@ -22,6 +22,9 @@ def test_train_mode_reports_throughput_fields(embedded_data, tmp_path):
     assert result["mfu"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"] / 1e12)
     assert 0 < result["loader_fraction"] < 1
     assert result["step_ms_min"] <= result["step_ms"] <= result["step_ms_max"]
+    row = result["benchmarks_md_row"].strip("| ").split(" | ")  # pasted into BENCHMARKS.md's table as it is
+    assert len(row) == 9 and row[1] == result["device"] and row[3].startswith("`bench.py --config debug")
+    assert row[4] == f"{result['tokens_per_s']:,.0f}" and row[6] == f"{result['mfu']:.1%}"
 
 
 def test_compiled_step_matches_eager_step(embedded_data, tmp_path):
