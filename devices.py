@@ -26,8 +26,6 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
         return Dist(), pick_device(device_flag)
     d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     device = pick_device(device_flag, d.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=attempt_store(d),
                             rank=d.rank, world_size=d.world_size, device_id=device if device.type == "cuda" else None)
     d.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
@@ -46,15 +44,22 @@ def attempt_store(d: Dist):
 
 def pick_device(flag: str | None, local_rank: int = 0) -> torch.device:
     """--device value (cuda, cuda:N, mps, cpu; empty = the best available) -> torch.device; plain cuda under
-    torchrun means this process's GPU, cuda:LOCAL_RANK."""
+    torchrun means this process's GPU, cuda:LOCAL_RANK. A CUDA device becomes the current one, so that calls without
+    a device (CUDA RNG state, new streams) act on it rather than on GPU 0."""
     if flag and flag not in ("cuda", "mps", "cpu") and not flag.startswith("cuda:"):
         raise UserError(f"--device {flag!r}: use cuda, mps or cpu")
     kind = flag or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     if kind.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    if kind == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(kind)
+    try:
+        device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device(kind)
+    except RuntimeError:
+        raise UserError(f"--device {flag!r}: use cuda, cuda:N (N a GPU number), mps or cpu") from None
+    if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        torch.cuda.set_device(device)
+    return device
 
 
 def enable_tf32(device: torch.device) -> None:

@@ -5,7 +5,8 @@
 
 Every TrainConfig field is a --kebab-case flag (`--max-lr 1e-3`); `--config` picks the preset they override.
 A run directory holds config.json, train.log, metrics.jsonl and checkpoints/step_NNNNNN.pt. A checkpoint holds
-everything needed to continue bit-for-bit: model, optimizer, step, loader position and every rank's RNG states.
+everything needed to continue exactly: model, optimizer, step, loader position and every rank's RNG states
+(bit-for-bit on CPU; on CUDA up to the rounding of kernels that add in a varying order, as between any two GPU runs).
 SIGTERM/SIGINT finish the current step, checkpoint and exit 0; `--resume` continues from the newest valid
 checkpoint; under `torchrun --max-restarts=K ... --resume --allow-fresh-start` a crashed worker group restarts
 from the last checkpoint.
@@ -166,6 +167,7 @@ def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, wo
 
 
 CPU_AUTO_MICRO_BATCH = 16  # without a GPU memory limit to probe, `--micro-batch auto` takes at most this
+AUTO_HEADROOM = 0.05  # share of GPU memory `--micro-batch auto` leaves free (fragmentation, evaluation shapes)
 
 
 def micro_batch_candidates(total_batch_tokens: int, seq_len: int, world_size: int) -> list[int]:
@@ -178,32 +180,46 @@ def micro_batch_candidates(total_batch_tokens: int, seq_len: int, world_size: in
 
 
 def largest_fitting(candidates: list[int], fits) -> int:
-    for batch in candidates:
-        if fits(batch):
-            return batch
-    raise UserError("even a micro-batch of 1 sequence does not fit in device memory; "
-                    "try --activation-checkpointing or a shorter --seq-len")
+    """The first (largest) candidate that fits, or 0 when none does."""
+    return next((batch for batch in candidates if fits(batch)), 0)
 
 
-def cuda_memory_probe(model, seq_len: int, device, autocast):
-    """fits(b): whether a forward + backward of b sequences fits next to AdamW's two moment buffers (allocated
-    here as stand-ins, so the weights and the optimizer stay untouched). Eager mode: compiled steps need less."""
+def memory_probe(model, seq_len: int, device, autocast, stand_in_copies: int, headroom_bytes: int):
+    """fits(b): whether training on micro-batches of b sequences fits in device memory. Two forward + backward
+    passes run (the second with the first's gradients held, as in accumulation) next to stand-ins for what training
+    adds: `stand_in_copies` of the parameters (AdamW's two moments; DDP's gradient buckets) and `headroom_bytes` kept
+    free against fragmentation. The weights and the optimizer stay untouched. Eager mode: compiled steps need less."""
     def fits(batch: int) -> bool:
         reserve = []
         try:
-            reserve = [torch.empty_like(p) for p in model.parameters() for _ in range(2)]
+            reserve = [torch.empty_like(p) for p in model.parameters() for _ in range(stand_in_copies)]
+            reserve.append(torch.empty(headroom_bytes, dtype=torch.uint8, device=device))
             x = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
-            with autocast():
-                _, loss = model(x, x)
-            loss.backward()
+            for _ in range(2):
+                with autocast():
+                    loss = model(x, x)[1]
+                loss.backward()
             return True
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
             del reserve
             model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return fits
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load the saved moments and step counts under this run's hyperparameters: the config's betas, eps and weight
+    decay, and the fused/foreach choice of this device (a run saved on CPU and resumed on CUDA gets fused AdamW,
+    with its step counts moved to the GPU by load_state_dict). The LR is set every step anyway."""
+    groups = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(saved["param_groups"]):
+        raise UserError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this model's "
+                        f"{len(groups)}; resume with the code that wrote it")
+    groups = [{**ours, "params": theirs["params"]} for ours, theirs in zip(groups, saved["param_groups"])]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,11 +391,18 @@ class Trainer:
         if resume:  # keep the resumed run's choice: the loader state depends on it
             return resume[0]["micro_batch"]
         candidates = micro_batch_candidates(self.cfg.total_batch_tokens, self.cfg.seq_len, self.d.world_size)
-        fits = cuda_memory_probe(self.model, self.cfg.seq_len, self.device, self.autocast) if self.on_cuda \
-            else (lambda b: b <= CPU_AUTO_MICRO_BATCH)
+        fits = self._cuda_memory_probe() if self.on_cuda else (lambda b: b <= CPU_AUTO_MICRO_BATCH)
         batch = min(self._gather(largest_fitting(candidates, fits)))  # every rank must use the same micro-batch
+        if batch == 0:  # raised on every rank at once, so none waits for the others
+            raise UserError("even a micro-batch of 1 sequence does not fit in device memory; "
+                            "try --activation-checkpointing or a shorter --seq-len")
         self.log.info(f"micro-batch auto: {batch} sequences of {self.cfg.seq_len} tokens")
         return batch
+
+    def _cuda_memory_probe(self):
+        headroom = int(AUTO_HEADROOM * torch.cuda.get_device_properties(self.device).total_memory)
+        return memory_probe(self.model, self.cfg.seq_len, self.device, self.autocast,
+                            stand_in_copies=2 + (self.d.world_size > 1), headroom_bytes=headroom)
 
     def _checkpoint_to_resume(self):
         """(state, path) of the newest valid checkpoint when --resume, else None."""
@@ -435,11 +458,7 @@ class Trainer:
         if changed:
             self.log.info(f"resume: these settings differ from the checkpoint's run: {sorted(changed)}")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, configured in zip(self.optimizer.param_groups, self.model.param_groups(self.cfg.weight_decay)):
-            # the config's hyperparameters win over the saved ones (the LR is set every step anyway)
-            group.update(weight_decay=configured["weight_decay"], betas=(self.cfg.beta1, self.cfg.beta2),
-                         eps=self.cfg.eps)
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.loader.load_state_dict(state["loader"][self.d.rank])
         set_rng_state(state["rng"][self.d.rank])
         self.step = state["step"]
@@ -452,7 +471,8 @@ class Trainer:
         if self.cfg.compile:
             model = torch.compile(model)
         if self.d.world_size > 1:
-            model = DDP(model, device_ids=[self.device.index] if self.on_cuda else None)
+            # no buffer broadcast: the only buffers, the RoPE tables, are computed identically on every rank
+            model = DDP(model, device_ids=[self.device.index] if self.on_cuda else None, broadcast_buffers=False)
         return model
 
     # --- the loop ---
@@ -476,7 +496,8 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.d.world_size == 1 else self.forward_model.no_sync()
             with sync:
                 with self.autocast():
-                    _, loss = self.forward_model(x, y)
+                    # only the loss is kept: the (B, T, V) logits are freed now instead of living through backward
+                    loss = self.forward_model(x, y)[1]
                 (loss / self.accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -494,6 +515,7 @@ class Trainer:
                   dynamic_ncols=True) as bar:  # closed on any exit, so an error starts on its own line
             bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first step with a NaN/inf loss
             window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # step time excludes evals and saves
+            first_step = self.step
             self._install_signal_handlers()
             while self.step < last_step:
                 loss, grad_norm = self.train_step()
@@ -508,6 +530,10 @@ class Trainer:
                     self._check_finite(bad_step)
                     elapsed = self._elapsed(window_start) - paused
                     self._log_train(loss, grad_norm, elapsed / window_steps)
+                    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+                elif self.step == first_step + 1:
+                    # this process's first step compiled the model (tens of seconds): keep it out of the logged rate
+                    self._elapsed(window_start)
                     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
                 evaluations = self.due_evaluations(self.step)
                 if evaluations:
@@ -587,7 +613,7 @@ class Trainer:
         for x, y in val_batches(self.dataset, self.micro_batch, self.cfg.seq_len, self.d.rank, self.d.world_size,
                                 max_tokens=max_tokens or None, device=self.device):
             with self.autocast():
-                _, loss = self.model(x, y)
+                loss = self.model(x, y)[1]
             total += loss
             batches += 1
         self.model.train(was_training)
