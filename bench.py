@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli import REPO_DIR, TRAIN_MEMORY_HINT, UserError, atomic_write, hardware_name, main_entry, run_header
+from cli import REPO_DIR, UserError, atomic_write, hardware_name, main_entry, run_header
 
 MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 
@@ -340,7 +340,18 @@ def run_data_prep(args) -> dict:
 MODES["data-prep"] = (add_data_prep_arguments, run_data_prep)
 
 
-@main_entry(memory_hint=TRAIN_MEMORY_HINT)
+def command_without_out(argv: list[str]) -> str:
+    """The arguments as a shell command line without --out FILE (where the JSON went is not part of the figure)."""
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--out" and not arg.startswith("--out="):
+            kept.append(arg)
+        skip = arg == "--out"
+    return shlex.join(kept)
+
+
+@main_entry(memory_hint="try a lower --micro-batch with a higher --accum (the same tokens per step), --micro-batch "
+                        "auto or --activation-checkpointing")
 def main(argv=None):
     mode_parser = argparse.ArgumentParser(add_help=False)
     mode_parser.add_argument("--mode", choices=sorted(MODES), default="train")
@@ -350,7 +361,7 @@ def main(argv=None):
     parser.add_argument("--out", help="write the figures as JSON to this file")
     MODES[known.mode][0](parser)
     args = parser.parse_args(argv)
-    args.command = "bench.py " + shlex.join(map(str, sys.argv[1:] if argv is None else argv))
+    args.command = command_without_out(list(map(str, sys.argv[1:] if argv is None else argv)))
     write_json(MODES[args.mode][1](args), args.out)
 
 

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -21,10 +22,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
-
-
-TRAIN_MEMORY_HINT = ("try --micro-batch auto (the largest that fits), a lower --micro-batch (accumulation keeps "
-                     "the token batch) or --activation-checkpointing")
 
 
 def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
@@ -43,9 +40,18 @@ def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
         except Exception as e:
             if not is_device_out_of_memory(e):
                 raise
-            print(f"error: out of GPU memory ({str(e).splitlines()[0]}); {memory_hint}", file=sys.stderr)
+            detail, where = (str(e).splitlines() or [""])[0], repo_frame(e)
+            print(f"error: out of GPU memory{f' ({detail})' if detail else ''}{f' in {where}' if where else ''}; "
+                  f"{memory_hint}", file=sys.stderr)
             sys.exit(2)
     return wrapper
+
+
+def repo_frame(error: Exception) -> str:
+    """'train.py:497 (train_step)': the innermost frame of this repo's code in the error's traceback, or ''."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if Path(f.filename).parent == REPO_DIR and Path(f.filename).name != "cli.py"]  # not main_entry's own
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
 
 
 def is_device_out_of_memory(error: Exception) -> bool:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                         quarantine_checkpoints, save_checkpoint)
-from cli import TRAIN_MEMORY_HINT, UserError, atomic_write, main_entry, run_header
+from cli import UserError, atomic_write, main_entry, run_header
 from dataloader import ShardDataset, TrainLoader, val_batches
 from devices import Dist, enable_tf32, init_distributed
 from generate import REFERENCE_PROMPTS, generate_samples
@@ -496,7 +496,8 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.d.world_size == 1 else self.forward_model.no_sync()
             with sync:
                 with self.autocast():
-                    # only the loss is kept: the (B, T, V) logits are freed now instead of living through backward
+                    # only the loss is kept: the (B, T, V) bf16 logits are freed now instead of living through
+                    # backward (which needs only the float32 log-softmax saved by the loss)
                     loss = self.forward_model(x, y)[1]
                 (loss / self.accum).backward()
             loss_sum += loss.detach()
@@ -532,7 +533,8 @@ class Trainer:
                     self._log_train(loss, grad_norm, elapsed / window_steps)
                     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
                 elif self.step == first_step + 1:
-                    # this process's first step compiled the model (tens of seconds): keep it out of the logged rate
+                    # this process's first step compiles the model (tens of seconds): it is timed on its own (when it
+                    # is a log step) and never averaged into a later window
                     self._elapsed(window_start)
                     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
                 evaluations = self.due_evaluations(self.step)
@@ -721,7 +723,8 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-@main_entry(memory_hint=TRAIN_MEMORY_HINT)
+@main_entry(memory_hint="try --micro-batch auto (the largest that fits), a lower --micro-batch (accumulation keeps the "
+                        "token batch) or --activation-checkpointing")
 def main(argv=None) -> int:
     cfg, preset = parse_config(argv)
     d, device = init_distributed(cfg.device)

@@ -23,7 +23,8 @@ def test_train_mode_reports_throughput_fields(embedded_data, tmp_path):
     assert 0 < result["loader_fraction"] < 1
     assert result["step_ms_min"] <= result["step_ms"] <= result["step_ms_max"]
     row = result["benchmarks_md_row"].strip("| ").split(" | ")  # pasted into BENCHMARKS.md's table as it is
-    assert len(row) == 9 and row[1] == result["device"] and row[3].startswith("`bench.py --config debug")
+    assert len(row) == 9 and row[1] == result["device"] and row[3].startswith("`--config debug")
+    assert "--out" not in row[3] and "--no-compile" in row[3]
     assert row[4] == f"{result['tokens_per_s']:,.0f}" and row[6] == f"{result['mfu']:.1%}"
 
 
@@ -71,9 +72,9 @@ def test_bad_flag_values_are_one_line_errors(embedded_data):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "data_prep.py" in proc.stderr
 
 
-class HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that make the host wait for the GPU on CUDA: reading a tensor's value (.item(), bool(),
-    float()) and ops whose output shape depends on values. Recorded on CPU, where the same ops are dispatched."""
+class SyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts dispatched ops that make the host wait for the GPU on CUDA: reading a value (also from inside torch's
+    own code) and ops whose output shape depends on values."""
     SYNCING = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2",
                "unique_consecutive"}
 
@@ -87,9 +88,25 @@ class HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts Python-level reads of a tensor into host memory, which wait for the GPU on CUDA but dispatch nothing
+    for a CPU tensor (.cpu(), .tolist(), .numpy()), and the value reads (.item(), bool(), float(), int()).
+    `.to("cpu")` is not counted: on this CPU-only test machine the loader's host-to-device copies look the same."""
+    READS = {"cpu", "tolist", "numpy", "item", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.paused and getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def host_syncs_in_run(embedded_data, out, steps: int) -> int:
-    """Host syncs of a training run that stops after `steps` steps and logs only then. AdamW's step is left out:
-    on CUDA it is fused AdamW, while the CPU optimizer reads its step counter with .item()."""
+    """Host syncs of a training run (one process, eager) that stops after `steps` steps and logs only then. AdamW's
+    step is left out: on CUDA it is fused AdamW, while the CPU optimizer reads its step counter with .item()."""
     import signal
 
     from devices import Dist
@@ -98,24 +115,26 @@ def host_syncs_in_run(embedded_data, out, steps: int) -> int:
                                   total_batch_tokens=128, max_steps=100, stop_at_step=steps, log_every=1000,
                                   eval_every=0, hellaswag_every=0, sample_every=0, ckpt_every=0)
     trainer = Trainer(cfg, "debug", Dist(), torch.device("cpu"))
-    counter, optimizer_step = HostSyncCounter(), trainer.optimizer.step
+    counters, optimizer_step = (SyncingOps(), HostReads()), trainer.optimizer.step
 
     def step_unrecorded(*args, **kwargs):
-        counter.paused = True
+        for counter in counters:
+            counter.paused = True
         try:
             return optimizer_step(*args, **kwargs)
         finally:
-            counter.paused = False
+            for counter in counters:
+                counter.paused = False
     trainer.optimizer.step = step_unrecorded
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with counter:
+        with counters[0], counters[1]:
             trainer.run()
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     assert trainer.step == steps
-    return counter.count
+    return sum(counter.count for counter in counters)
 
 
 def test_training_steps_do_not_wait_for_the_device_between_log_steps(embedded_data, tmp_path):

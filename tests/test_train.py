@@ -343,6 +343,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_memory_flags(embedded_data, tm
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 3.07 GiB)")
+    assert " in train.py:" in error[-1] and "(run);" in error[-1]  # where it happened: the innermost repo frame
     assert "--micro-batch auto" in error[-1] and "--activation-checkpointing" in error[-1]
 
 
@@ -366,3 +367,15 @@ def test_resumed_optimizer_keeps_saved_moments_under_this_runs_settings():
     assert float(optimizer.state[first]["step"]) == 1.0
     optimizer.step()  # the fused kernel accepts the loaded state
     assert float(optimizer.state[first]["step"]) == 2.0
+
+
+def test_out_of_gpu_memory_without_a_message_is_still_one_line(capsys):
+    from cli import main_entry
+
+    @main_entry(memory_hint="lower --batch-size")
+    def main():
+        raise torch.cuda.OutOfMemoryError()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: out of GPU memory; lower --batch-size\n"
