@@ -47,6 +47,18 @@ def test_compiled_step_matches_eager_step(embedded_data, tmp_path):
     assert losses[False][2] < losses[False][0]  # the steps did train
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_training_forward_compiles_to_one_graph(checkpointing):
+    """A graph break would split the compiled step and leave the pieces between graphs in eager mode (slower on GPU)."""
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig.from_preset("debug"))
+    if checkpointing:
+        model.enable_activation_checkpointing()
+    idx = torch.zeros((2, 32), dtype=torch.long)
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
 def test_generate_mode_compares_cache_with_recompute(tmp_path):
     out = tmp_path / "gen.json"
     run_script("bench.py", "--mode", "generate", "--new-tokens", "8", "--repeats", "1", "--out", out, check=True)
