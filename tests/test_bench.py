@@ -30,7 +30,7 @@ def test_train_mode_reports_throughput_fields(embedded_data, tmp_path):
 
 def test_compiled_step_matches_eager_step(embedded_data, tmp_path):
     """torch.compile must not change what a training step computes (float32 on CPU; dropout off, since compiled
-    dropout draws its masks differently)."""
+    dropout draws its masks differently), and compiles once."""
     from devices import Dist
     from train import TrainConfig, Trainer
     losses, norms = {}, {}
@@ -39,7 +39,10 @@ def test_compiled_step_matches_eager_step(embedded_data, tmp_path):
                                       micro_batch="2", seq_len=32, total_batch_tokens=128, compile=compiled,
                                       attn_dropout=0.0, ffn_dropout=0.0)
         trainer = Trainer(cfg, "debug", Dist(), torch.device("cpu"))
+        torch._dynamo.utils.counters.clear()
         steps = [trainer.train_step() for _ in range(3)]
+        if compiled:  # compiled once, at the first step; later steps reuse it (no recompilation)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
         losses[compiled] = torch.stack([loss for loss, _ in steps])
         norms[compiled] = torch.stack([norm for _, norm in steps])
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-4)
