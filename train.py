@@ -514,42 +514,47 @@ class Trainer:
             self.evaluate(self.step, self.due_evaluations(self.step))
         with tqdm(total=last_step, initial=self.step, desc="train", unit="step", disable=not self.d.is_main,
                   dynamic_ncols=True) as bar:  # closed on any exit, so an error starts on its own line
-            bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first step with a NaN/inf loss
-            window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # step time excludes evals and saves
-            first_step = self.step
-            self._install_signal_handlers()
-            while self.step < last_step:
-                loss, grad_norm = self.train_step()
-                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-                bad_step = torch.where((bad_step < 0) & ~finite, self.step, bad_step)
-                self.step += 1
-                window_steps += 1
-                bar.update(1)
-                done = self.step == last_step
-                stop = self._agree_to_stop()
-                if self.step % cfg.log_every == 0 or done or stop:
-                    self._check_finite(bad_step)
-                    elapsed = self._elapsed(window_start) - paused
-                    self._log_train(loss, grad_norm, elapsed / window_steps)
-                    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-                elif self.step == first_step + 1:
-                    # this process's first step compiles the model (tens of seconds): it is timed on its own (when it
-                    # is a log step) and never averaged into a later window
-                    self._elapsed(window_start)
-                    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-                evaluations = self.due_evaluations(self.step)
-                if evaluations:
-                    paused += self._duration(self.evaluate, self.step, evaluations)
-                if due_at(self.step, cfg.ckpt_every) or done or stop:
-                    self._check_finite(bad_step)
-                    paused += self._duration(self.save)
-                if stop:
-                    self.log.info(f"stopped by signal after step {self.step}; checkpoint written. "
-                                  f"Continue with the same command plus --resume")
-                    break
+            self._train_until(last_step, bar)
         self.log.info(f"done: {self.step} steps, {self.step * cfg.total_batch_tokens:,} tokens, "
                       f"run directory {self.run_dir}")
         return 0
+
+    def _train_until(self, last_step: int, bar) -> None:
+        """Optimizer steps up to last_step (or a stop signal), with logs, evaluations and checkpoints when due."""
+        cfg = self.cfg
+        bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first step with a NaN/inf loss
+        window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # step time excludes evals and saves
+        first_step = self.step
+        self._install_signal_handlers()
+        while self.step < last_step:
+            loss, grad_norm = self.train_step()
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            bad_step = torch.where((bad_step < 0) & ~finite, self.step, bad_step)
+            self.step += 1
+            window_steps += 1
+            bar.update(1)
+            done = self.step == last_step
+            stop = self._agree_to_stop()
+            if self.step % cfg.log_every == 0 or done or stop:
+                self._check_finite(bad_step)
+                elapsed = self._elapsed(window_start) - paused
+                self._log_train(loss, grad_norm, elapsed / window_steps)
+                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+            elif self.step == first_step + 1:
+                # this process's first step compiles the model (tens of seconds): it is timed on its own (when it
+                # is a log step) and never averaged into a later window
+                self._elapsed(window_start)
+                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+            evaluations = self.due_evaluations(self.step)
+            if evaluations:
+                paused += self._duration(self.evaluate, self.step, evaluations)
+            if due_at(self.step, cfg.ckpt_every) or done or stop:
+                self._check_finite(bad_step)
+                paused += self._duration(self.save)
+            if stop:
+                self.log.info(f"stopped by signal after step {self.step}; checkpoint written. "
+                              f"Continue with the same command plus --resume")
+                break
 
     def _elapsed(self, since: float) -> float:
         if self.on_cuda:
