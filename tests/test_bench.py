@@ -60,6 +60,9 @@ def test_training_forward_compiles_to_one_graph(checkpointing):
     idx = torch.zeros((2, 32), dtype=torch.long)
     explanation = torch._dynamo.explain(model)(idx, idx)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    if checkpointing:  # a block dynamo cannot trace runs eagerly beside the graph, without a break being reported
+        nodes = explanation.graphs[0].graph.nodes
+        assert sum("checkpoint" in str(n.target) for n in nodes if n.op == "call_function") == model.config.n_layer
 
 
 def test_generate_mode_compares_cache_with_recompute(tmp_path):
