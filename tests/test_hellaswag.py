@@ -32,7 +32,7 @@ def reference_scores(model, example) -> tuple[list[float], list[float]]:
 @pytest.mark.parametrize("block_size", [256, 40])  # 40 crops most contexts from the left
 def test_batched_scorer_matches_one_ending_at_a_time(block_size):
     # float64 so that batched and unbatched matmuls agree far below the 1e-5 tolerance
-    model = GPT(tiny_config(block_size=block_size), seed=1).double().eval()
+    model = GPT(tiny_config(block_size=block_size), seed=3).double().eval()
     examples = load_examples(SAMPLE_FILE)
     sums, counts = score_examples(model, examples, "cpu", batch_size=3)  # 3 does not divide 10: a short last batch
     ref = [reference_scores(model, ex) for ex in examples]
@@ -43,6 +43,8 @@ def test_batched_scorer_matches_one_ending_at_a_time(block_size):
 
     result = evaluate_hellaswag(model, examples, "cpu", batch_size=4)
     labels = torch.tensor([ex["label"] for ex in examples])
+    # the two metrics must count differently here, or acc_norm computed from the sums would go unnoticed
+    assert int((ref_sums.argmax(1) == labels).sum()) != int((ref_means.argmax(1) == labels).sum())
     assert result["total"] == 10
     assert result["correct"] == int((ref_sums.argmax(1) == labels).sum())
     assert result["correct_norm"] == int((ref_means.argmax(1) == labels).sum())

@@ -116,6 +116,16 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
         sample_next(logits, -1.0, None, None)
 
 
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    """On [.5, .3, .2] a nucleus of 0.7 is the first two tokens (.5 alone falls short; .8 reaches it), and 0.85
+    needs all three."""
+    from model import sample_next
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(2000, 3)  # 2000 rows: 2000 draws in one call
+    for top_p, kept in ((0.7, {0, 1}), (0.85, {0, 1, 2})):
+        draws = sample_next(logits, 1.0, None, top_p, torch.Generator().manual_seed(0))
+        assert set(draws.flatten().tolist()) == kept, top_p
+
+
 def test_stop_at_eot(monkeypatch):
     import model as model_module
     model = GPT(tiny_config(), seed=0).eval()
@@ -191,6 +201,40 @@ def test_mfu_peaks():
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("cpu") is None and mfu(10, 10, None) is None
     assert mfu(2_322_044_928, 38_600, 312e12) == pytest.approx(0.287, abs=0.001)  # the reference run's ~29%
+
+
+def block_by_hand(block, x, cos, sin, attn_mask=1.0, ffn_mask=1.0):
+    """The reference block with explicit dropout masks: x + mask_a * attn(norm1(x)), then
+    h + proj(mask_f * value * silu(gate)) (the FFN's dropout after the activation, before the output projection)."""
+    import torch.nn.functional as F
+    h = x + attn_mask * block.attn(block.norm1(x), cos, sin)
+    value, gate = block.ffn.fc(block.norm2(h)).chunk(2, dim=-1)
+    return h + block.ffn.proj(ffn_mask * value * F.silu(gate))
+
+
+def test_dropout_sits_on_the_attention_output_and_after_the_swiglu_activation():
+    """With both dropouts at 1 the attention branch vanishes and the FFN branch is its output bias; at 0.5 the block
+    equals the one by hand with masks drawn from the same seed in the block's order (attention's (B, T, C), then the
+    FFN's (B, T, hidden)); in eval mode it equals the one by hand without masks."""
+    import torch.nn.functional as F
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
+    for p in (1.0, 0.5):
+        model = GPT(tiny_config(attn_dropout=p, ffn_dropout=p), seed=1).train()
+        block = model.blocks[0]
+        with torch.no_grad():
+            for param in block.parameters():  # biases and norm weights away from 0 and 1, where a misplaced op hides
+                if param.dim() == 1:
+                    param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
+        cos, sin = model.rope_cos[:8], model.rope_sin[:8]
+        torch.manual_seed(3)
+        out = block(x, cos, sin)
+        with torch.no_grad():
+            if p == 1.0:
+                assert torch.equal(out, x + block.ffn.proj.bias)
+            torch.manual_seed(3)
+            masks = F.dropout(torch.ones(2, 8, 32), p), F.dropout(torch.ones(2, 8, 64), p)  # 0 or 1 / (1 - p)
+            torch.testing.assert_close(out, block_by_hand(block, x, cos, sin, *masks), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(block.eval()(x, cos, sin), block_by_hand(block, x, cos, sin))
 
 
 def test_activation_checkpointing_gives_same_loss_and_grads():
