@@ -34,13 +34,10 @@ def final_weights(run_dir, step=8):
     return torch.load(run_dir / "checkpoints" / f"step_{step:06d}.pt", weights_only=True)["model"]
 
 
-def assert_same_weights(a, b, exact=True, atol=0.0):
+def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")
@@ -205,23 +202,47 @@ def single_run_without_dropout(embedded_data, tmp_path_factory):
     return out
 
 
+def train_events(run_dir):
+    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+
+
+def assert_weights_close_relative_to_training(a, b, rel):
+    """Per tensor: ||a - b|| <= rel * ||a - init||, the distance between two runs small next to how far training
+    moved the weights. Elementwise tolerances do not fit here: AdamW's update m / (sqrt(v) + eps) turns a rounding
+    difference in a near-zero gradient element into a full-size step of either sign, so a handful of elements differ
+    by ~lr after a few steps without any bug, while a real bug (other data, other gradients) moves every tensor."""
+    from model import GPT, GPTConfig
+    init = GPT(GPTConfig.from_preset("debug"), seed=1337).state_dict()  # TINY's model and seed
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).norm() <= rel * (a[k] - init[k]).norm(), k
+
+
 @pytest.mark.parametrize("speed_flags, tolerance", [([], 1e-5), (["--compile", "--activation-checkpointing"], 1e-4)],
                          ids=["eager", "compiled-checkpointed"])
 def test_ddp_two_processes_match_one_process_with_accumulation(single_run_without_dropout, embedded_data, tmp_path,
                                                                speed_flags, tolerance):
     """2 gloo processes equal 1 process accumulating both halves; also with the model compiled inside DDP and its
-    blocks recomputed in backward (the full run's combination on GPUs)."""
+    blocks recomputed in backward (the full run's combination on GPUs). Only the order of the gradient sums differs:
+    per-step losses and pre-clip grad norms (averages over every weight) agree to `tolerance` (measured eager: 2e-7
+    and 9e-7), the final weights relative to how far they moved to 1e-3 (measured: 8e-5)."""
     single, ddp = single_run_without_dropout, tmp_path / "ddp"
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
                "--data", embedded_data, "--out", ddp, *NO_DROPOUT, *speed_flags, check=True)
-    a, b = train_losses(single), train_losses(ddp)
-    assert a.keys() == b.keys()
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=tolerance), step
-    assert_same_weights(final_weights(single), final_weights(ddp), exact=False, atol=tolerance)
+    a, b = train_events(single), train_events(ddp)
+    assert [e["step"] for e in a] == [e["step"] for e in b] == list(range(8))
+    for ours, theirs in zip(a, b):
+        assert theirs["loss"] == pytest.approx(ours["loss"], rel=tolerance), ours["step"]
+        assert theirs["grad_norm"] == pytest.approx(ours["grad_norm"], rel=tolerance), ours["step"]
+    assert_weights_close_relative_to_training(final_weights(single), final_weights(ddp), rel=1e-3)
 
 
 def test_killed_worker_restarts_from_checkpoint(embedded_data, tmp_path):
+    """SIGKILL of a worker under torchrun --max-restarts: the group restarts from the last checkpoint and continues
+    exactly like a run that was never interrupted (2 gloo processes, dropout on: data, masks and optimizer state)."""
+    uninterrupted = tmp_path / "uninterrupted"
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+               "--data", embedded_data, "--out", uninterrupted, check=True)
     out = tmp_path / "restart"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            "train.py", *TINY, "--data", str(embedded_data), "--out", str(out), "--ckpt-every", "2",
@@ -239,8 +260,8 @@ def test_killed_worker_restarts_from_checkpoint(embedded_data, tmp_path):
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert "resume: continuing after step" in output
-    assert (out / "checkpoints" / "step_000008.pt").exists()
-    assert sorted(train_losses(out)) == list(range(8))
+    assert train_losses(out) == train_losses(uninterrupted)  # float equality: steps 0-7, those after the restart too
+    assert_same_weights(final_weights(out), final_weights(uninterrupted))
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(embedded_data, tmp_path):
