@@ -9,17 +9,29 @@ from conftest import run_script
 TINY_TRAIN = ["--config", "debug", "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
 
 
+# Training FLOPs per token of the debug model (C 128, 4 layers, SwiGLU hidden 512) at 32 tokens, counted by hand:
+# 6 x (per layer: QKV 128x384 + out 128x128 + FFN in 128x1024 + FFN out 512x128; tied head 50257x128)
+# + 12 x layers x C x T for the attention scores.
+DEBUG_FLOPS_PER_TOKEN_AT_32 = (6 * (4 * (128 * 384 + 128 * 128 + 128 * 1024 + 512 * 128) + 50257 * 128)
+                               + 12 * 4 * 128 * 32)
+
+
 def test_train_mode_reports_throughput_fields(embedded_data, tmp_path):
+    import time
     out = tmp_path / "train.json"
+    start = time.perf_counter()
     run_script("bench.py", *TINY_TRAIN, "--accum", "2", "--data", embedded_data, "--no-compile", "--peak-flops", "1e12",
                "--out", out, check=True)
+    wall = time.perf_counter() - start  # the whole process: more than the 2 timed steps it contains
     result = json.loads(out.read_text())
     for key in ("tokens_per_s", "step_ms", "mfu", "peak_memory_bytes", "loader_fraction", "device"):
         assert key in result, key
     assert result["device"].startswith("cpu") and result["peak_memory_bytes"] is None  # CUDA-only figure
     assert result["tokens_per_step"] == 2 * 32 * 2 and result["accum"] == 2
-    assert result["tokens_per_s"] == pytest.approx(128 / (result["step_ms"] / 1000))
-    assert result["mfu"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"] / 1e12)
+    # bounds from the clock outside: a wrong unit or a figure from the wrong span would cross them
+    assert 0 < 2 * result["step_ms"] / 1000 < wall and result["tokens_per_s"] > 2 * 128 / wall
+    assert result["flops_per_token"] == DEBUG_FLOPS_PER_TOKEN_AT_32
+    assert result["mfu"] == pytest.approx(DEBUG_FLOPS_PER_TOKEN_AT_32 * result["tokens_per_s"] / 1e12)
     assert 0 < result["loader_fraction"] < 1
     assert result["step_ms_min"] <= result["step_ms"] <= result["step_ms_max"]
     row = result["benchmarks_md_row"].strip("| ").split(" | ")  # pasted into BENCHMARKS.md's table as it is
@@ -70,7 +82,6 @@ def test_generate_mode_compares_cache_with_recompute(tmp_path):
     run_script("bench.py", "--mode", "generate", "--new-tokens", "8", "--repeats", "1", "--out", out, check=True)
     result = json.loads(out.read_text())
     assert result["kv_cache_tokens_per_s"] > 0 and result["recompute_tokens_per_s"] > 0
-    assert result["speedup"] == pytest.approx(result["kv_cache_tokens_per_s"] / result["recompute_tokens_per_s"])
     assert result["same_tokens"] is True  # both paths decode the same greedy continuation
 
 
