@@ -70,8 +70,10 @@ def test_norm_and_rope_match_llama_layers_over_the_whole_context():
 
     from model import RMSNorm, rope_tables
     config = GPTConfig.from_preset("lf_llm_269m")
-    hf_config = LlamaConfig(**{k: v for k, v in export_hf.hf_config(config, "float32").items()
-                               if k not in ("architectures", export_hf.EXTRA_CONFIG_KEY)})
+    # the reference model's values, written out (not passed through export_hf): RMSNorm eps 1e-5, RoPE theta 10,000
+    # over head dim 64, context 2048
+    hf_config = LlamaConfig(hidden_size=1024, num_attention_heads=16, num_key_value_heads=16, rms_norm_eps=1e-5,
+                            rope_theta=10000.0, max_position_embeddings=2048)
     x = torch.randn(2, 8, config.n_embd, generator=torch.Generator().manual_seed(0))
     ours, theirs = RMSNorm(config.n_embd, config.norm_eps), LlamaRMSNorm(config.n_embd, hf_config.rms_norm_eps)
     with torch.no_grad():

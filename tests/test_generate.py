@@ -123,15 +123,32 @@ def is_utf8(data: bytes) -> bool:
         return False
 
 
-def test_cli_prints_the_same_text_as_the_library(repo_dir, checkpoint_file):
+def test_cli_greedy_text_equals_plain_argmax_decoding(repo_dir, checkpoint_file):
+    """The streamed CLI output against the definition (rerun the whole context, take the argmax), decoded here;
+    30 new tokens pass the checkpoint's 24-token context."""
     result = run_script(repo_dir, "generate.py", "--checkpoint", checkpoint_file, "--prompt", "HTML stands for",
-                        "--max-new-tokens", 15, "--temperature", 0.9, "--top-k", 100, "--top-p", 0.9, "--seed", 11,
-                        "--no-stop-at-eot")
+                        "--max-new-tokens", 30, "--temperature", 0, "--no-stop-at-eot")
     assert result.returncode == 0, result.stderr
-    model = GPT.from_checkpoint(checkpoint_file)
-    text = generate_samples(model, ["HTML stands for"], 15, 0.9, 100, 0.9, 11, "cpu", stop_at_eot=False)[0]
+    enc = get_tokenizer()
+    model = torch.load(checkpoint_file, weights_only=True)
+    reference = GPT(GPTConfig(**model["model_config"])).eval()
+    reference.load_state_dict(model["model"])
+    text = enc.decode(greedy_without_cache(reference, enc.encode("HTML stands for"), 30))
     assert result.stdout.splitlines()[0].startswith("=== prompt 1/1, sample 1/1")
     assert result.stdout.split("\n", 1)[1] == "HTML stands for" + text + "\n"
+
+
+def test_cli_sampling_follows_the_seed(repo_dir, checkpoint_file):
+    def sample(seed):
+        result = run_script(repo_dir, "generate.py", "--checkpoint", checkpoint_file, "--prompt", "Hello",
+                            "--max-new-tokens", 12, "--temperature", 0.9, "--top-k", 100, "--top-p", 0.9,
+                            "--seed", seed, "--num-samples", 2, "--no-stop-at-eot")
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    first = sample(11)
+    assert first == sample(11) and first != sample(12)
+    texts = first.split("=== prompt 1/1, sample 2/2")
+    assert len(texts) == 2 and texts[0] != texts[1]  # the two samples of one run differ
 
 
 @pytest.mark.parametrize("args, words", [
