@@ -39,6 +39,7 @@ from generate import REFERENCE_PROMPTS, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
 from model import GPT, PRESETS, GPTConfig, mfu, peak_flops
 from plot_metrics import read_metrics
+from trackers import Trackers, check_installed, open_trackers, parse_trackers
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -89,6 +90,10 @@ class TrainConfig:
     sample_top_k: int = 50
     ckpt_every: int = 1000
     keep_checkpoints: int = 3  # newest checkpoints kept; 0 = all
+    # Live mirrors of metrics.jsonl on rank 0 (trackers.py): TensorBoard event files in the run directory, W&B.
+    tracker: str = "none"  # none, tensorboard, wandb, or both comma-separated: tensorboard,wandb
+    wandb_project: str = ""  # "" = $WANDB_PROJECT, else lf-llm
+    wandb_run_name: str = ""  # "" = $WANDB_NAME, else the run directory's name
     # Control.
     seed: int = 1337
     device: str = ""  # cuda, mps, cpu; "" = the best available
@@ -123,6 +128,7 @@ class TrainConfig:
         need(self.micro_batch == "auto" or (self.micro_batch.isdigit() and int(self.micro_batch) >= 1), "micro_batch",
              "give a positive integer or 'auto'")
         need(self.model in PRESETS, "model", f"valid model presets: {', '.join(PRESETS)}")
+        check_installed(parse_trackers(self.tracker))  # a missing package stops every rank now, not rank 0 later
 
     def model_config(self) -> GPTConfig:
         overrides = {k: getattr(self, k) for k in ("attn_dropout", "ffn_dropout", "pad_vocab_to")
@@ -301,6 +307,7 @@ class RunLog:
         self.active = active
         self.log_file = open(run_dir / "train.log", "a") if active else None
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.trackers = Trackers()  # none until Trainer.run opens the chosen ones
 
     def info(self, line: str = "") -> None:
         if self.active:
@@ -312,6 +319,7 @@ class RunLog:
         if self.active:  # opened per event: a resume may have rewritten the file (drop_metrics_after)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(event) + "\n")
+            self.trackers.log(event)
 
 
 def drop_metrics_after(run_dir: Path, step: int) -> None:
@@ -508,15 +516,16 @@ class Trainer:
 
     def run(self) -> int:
         cfg = self.cfg
-        self._log_header()
-        last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
-        if not self.resumed:  # a resumed run evaluated this step before its checkpoint
-            self.evaluate(self.step, self.due_evaluations(self.step))
-        with tqdm(total=last_step, initial=self.step, desc="train", unit="step", disable=not self.d.is_main,
-                  dynamic_ncols=True) as bar:  # closed on any exit, so an error starts on its own line
-            self._train_until(last_step, bar)
-        self.log.info(f"done: {self.step} steps, {self.step * cfg.total_batch_tokens:,} tokens, "
-                      f"run directory {self.run_dir}")
+        header, config = self._log_header()
+        with self._open_trackers(header, config):  # closed on any exit; an error marks the W&B run failed
+            last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
+            if not self.resumed:  # a resumed run evaluated this step before its checkpoint
+                self.evaluate(self.step, self.due_evaluations(self.step))
+            with tqdm(total=last_step, initial=self.step, desc="train", unit="step", disable=not self.d.is_main,
+                      dynamic_ncols=True) as bar:  # closed on any exit, so an error starts on its own line
+                self._train_until(last_step, bar)
+            self.log.info(f"done: {self.step} steps, {self.step * cfg.total_batch_tokens:,} tokens, "
+                          f"run directory {self.run_dir}")
         return 0
 
     def _train_until(self, last_step: int, bar) -> None:
@@ -712,20 +721,30 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.d.control)
         return bool(flag.item())
 
-    def _log_header(self) -> None:
-        for line in run_header(self.device):
+    def _log_header(self) -> tuple[list[str], dict]:
+        """Log the run header and the config (also written to config.json); both are returned for the trackers."""
+        header = [*run_header(self.device),
+                  f"processes: {self.d.world_size}, micro-batch {self.micro_batch} x {self.cfg.seq_len}, "
+                  f"{self.accum} accumulation steps, {self.cfg.total_batch_tokens:,} tokens per step",
+                  f"model {self.cfg.model}: {self.model.num_params():,} parameters "
+                  f"({self.model.num_params(include_embedding=False):,} without the embedding), "
+                  f"{self.flops_per_token / 1e9:.2f} GFLOP per token",
+                  f"data {self.cfg.data}: {self.dataset.train_tokens:,} train / {self.dataset.val_tokens:,} val tokens"]
+        for line in header:
             self.log.info(line)
-        self.log.info(f"processes: {self.d.world_size}, micro-batch {self.micro_batch} x {self.cfg.seq_len}, "
-                      f"{self.accum} accumulation steps, {self.cfg.total_batch_tokens:,} tokens per step")
-        self.log.info(f"model {self.cfg.model}: {self.model.num_params():,} parameters "
-                      f"({self.model.num_params(include_embedding=False):,} without the embedding), "
-                      f"{self.flops_per_token / 1e9:.2f} GFLOP per token")
-        self.log.info(f"data {self.cfg.data}: {self.dataset.train_tokens:,} train / "
-                      f"{self.dataset.val_tokens:,} val tokens")
         config = {"train": dataclasses.asdict(self.cfg), "model": dataclasses.asdict(self.model_config)}
         self.log.info("config: " + json.dumps(config))
         if self.d.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return header, config
+
+    def _open_trackers(self, header: list[str], config: dict) -> Trackers:
+        """Rank 0 starts the --tracker mirrors, which then get every metrics event; other ranks get none."""
+        if self.d.is_main:
+            self.log.trackers = open_trackers(parse_trackers(self.cfg.tracker), self.run_dir, self.step, self.resumed,
+                                              config, header, self.cfg.wandb_project, self.cfg.wandb_run_name,
+                                              warn=self.log.info)
+        return self.log.trackers
 
 
 @main_entry(memory_hint="try --micro-batch auto (the largest that fits), a lower --micro-batch (accumulation keeps the "
