@@ -133,16 +133,17 @@ class HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_syncs_in_run(embedded_data, out, steps: int) -> int:
+def host_syncs_in_run(embedded_data, out, steps: int, **overrides) -> int:
     """Host syncs of a training run (one process, eager) that stops after `steps` steps and logs only then. AdamW's
-    step is left out: on CUDA it is fused AdamW, while the CPU optimizer reads its step counter with .item()."""
+    step is left out: on CUDA it is fused AdamW, while the CPU optimizer reads its step counter with .item().
+    `overrides`: more TrainConfig fields (test_tracking turns the trackers on)."""
     import signal
 
     from devices import Dist
     from train import TrainConfig, Trainer
     cfg = TrainConfig.from_preset("debug", data=str(embedded_data), out=str(out), micro_batch="2", seq_len=32,
                                   total_batch_tokens=128, max_steps=100, stop_at_step=steps, log_every=1000,
-                                  eval_every=0, hellaswag_every=0, sample_every=0, ckpt_every=0)
+                                  eval_every=0, hellaswag_every=0, sample_every=0, ckpt_every=0, **overrides)
     trainer = Trainer(cfg, "debug", Dist(), torch.device("cpu"))
     counters, optimizer_step = (SyncingOps(), HostReads()), trainer.optimizer.step
 
