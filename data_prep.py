@@ -1,4 +1,4 @@
-"""Tokenize a text corpus into fixed-size uint16 shards plus a manifest.json (format: see dataloader.py).
+"""Tokenize a text corpus into fixed-size uint16 shards plus a manifest.json (format: see shards.py).
 
   python data_prep.py --source hf --out data/fineweb_edu_10bt                 # FineWeb-Edu sample-10BT (download)
   python data_prep.py --source files --files 'corpus/*.jsonl' --out data/mine  # local .txt/.jsonl/.json/.parquet
@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-import dataloader
+import shards
 import tokenizer
 from cli import REPO_DIR, UserError, main_entry, positive_int
 
@@ -161,7 +161,7 @@ def source_record(args) -> dict:
     """What --source reads, for the manifest (cheap: nothing is loaded yet)."""
     if args.source == "embedded":
         return {"type": "embedded", "file": str(EMBEDDED_CORPUS.relative_to(REPO_DIR)),
-                "sha256": dataloader.file_sha256(EMBEDDED_CORPUS), "documents": "paragraphs (speeches)"}
+                "sha256": shards.file_sha256(EMBEDDED_CORPUS), "documents": "paragraphs (speeches)"}
     if args.source == "hf":
         return {"type": "hf", "dataset": args.dataset, "name": args.name, "split": args.split,
                 "text_field": args.text_field}
@@ -304,7 +304,7 @@ class ShardWriter:
         self.buffer, self.fill = None, 0
 
     def _write(self, name: str, split: str, tokens: np.ndarray) -> dict:
-        sha256 = dataloader.write_shard(self.out_dir / name, tokens)
+        sha256 = shards.write_shard(self.out_dir / name, tokens)
         return {"file": name, "split": split, "tokens": int(tokens.size), "sha256": sha256}
 
     def close(self) -> list[dict]:
@@ -336,8 +336,8 @@ def tokenize_and_write(texts, out_dir: Path, args) -> dict:
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
             if tokens == args.max_tokens:
                 break
-        shards = writer.close()
-    return {"documents": documents, "total_tokens": tokens, "text_bytes": text_bytes, "shards": shards,
+        shard_records = writer.close()
+    return {"documents": documents, "total_tokens": tokens, "text_bytes": text_bytes, "shards": shard_records,
             "seconds": time.perf_counter() - start}
 
 
@@ -359,10 +359,10 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
         raise UserError(f"--out {out} is a file; pass a directory")
     out.mkdir(parents=True, exist_ok=True)
     entries = [p.name for p in out.iterdir()]
-    foreign = [name for name in entries if name != dataloader.MANIFEST_NAME and not _OUR_FILE.match(name)]
-    if (out / dataloader.MANIFEST_NAME).exists():
+    foreign = [name for name in entries if name != shards.MANIFEST_NAME and not _OUR_FILE.match(name)]
+    if (out / shards.MANIFEST_NAME).exists():
         try:
-            existing = dataloader.read_manifest(out)
+            existing = shards.read_manifest(out)
         except UserError:
             existing = None
         if existing is None or "settings" not in existing:
@@ -373,7 +373,7 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
                 raise UserError(f"--out {out} holds a dataset built with other settings ({describe(existing)}); use "
                                 f"one --out per dataset, or --overwrite to replace it")
             try:
-                dataloader.ShardDataset.open(out, verify_sha256=True)  # complete means every shard hashes right
+                shards.validate_shards(out, existing, verify_sha256=True)  # complete means every shard hashes right
                 print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
                 return False
             except UserError as e:
@@ -383,10 +383,10 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
                         f"empty directory")
     ours = [name for name in entries if name not in foreign]
     if ours:
-        if dataloader.MANIFEST_NAME not in ours:
+        if shards.MANIFEST_NAME not in ours:
             print(f"{out} holds an unfinished build (no manifest.json); removing its {len(ours)} files and rebuilding")
         # The manifest goes first: a crash while deleting then leaves an unfinished build, never a complete-looking one.
-        for name in sorted(ours, key=lambda n: n != dataloader.MANIFEST_NAME):
+        for name in sorted(ours, key=lambda n: n != shards.MANIFEST_NAME):
             (out / name).unlink()
     return True
 
@@ -406,7 +406,7 @@ def prepare_data(argv=None) -> dict:
     source = source_record(args)
     settings = settings_record(source, args)
     if not prepare_out_dir(out, settings, args.overwrite):
-        return dataloader.read_manifest(out)
+        return shards.read_manifest(out)
     load_start = time.perf_counter()
     texts = load_texts(args, source)
     load_seconds = time.perf_counter() - load_start
@@ -416,17 +416,17 @@ def prepare_data(argv=None) -> dict:
     result = tokenize_and_write(texts, out, args)
     check_splits(result, args)
     manifest = {
-        "format": dataloader.MANIFEST_FORMAT, "tool": "data_prep.py", "tool_version": TOOL_VERSION,
+        "format": shards.MANIFEST_FORMAT, "tool": "data_prep.py", "tool_version": TOOL_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": settings, "args": vars(args),
         "tokenizer": "gpt2 (tiktoken r50k_base)", "tokenizer_sha256": tokenizer.tokenizer_sha256(),
-        "eot_id": tokenizer.EOT_ID, "header_bytes": dataloader.HEADER_BYTES, "header_layout": dataloader.HEADER_LAYOUT,
+        "eot_id": tokenizer.EOT_ID, "header_bytes": shards.HEADER_BYTES, "header_layout": shards.HEADER_LAYOUT,
         "dtype": "uint16", "documents": result["documents"], "total_tokens": result["total_tokens"],
         "val_tokens": sum(s["tokens"] for s in result["shards"] if s["split"] == "val"),
         "train_tokens": sum(s["tokens"] for s in result["shards"] if s["split"] == "train"),
         "shards": result["shards"],
     }
-    dataloader.write_manifest(out, manifest)
+    shards.write_manifest(out, manifest)
     seconds = result["seconds"]
     print(f"data_prep: {manifest['documents']} documents, {manifest['total_tokens']} tokens (val "
           f"{manifest['val_tokens']}, train {manifest['train_tokens']}) in {len(manifest['shards'])} shards -> {out}; "

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import data_prep
-import dataloader
+import shards
 import tokenizer
 from cli import UserError
 from dataloader import ShardDataset, TrainLoader
@@ -27,7 +27,7 @@ def prepare(out, *args, cache=None):
 def decoded_documents(out) -> list[str]:
     """All shards in manifest order, split at the EOT id (which leads every document), each piece decoded."""
     manifest = json.loads((out / "manifest.json").read_text())
-    tokens = np.concatenate([dataloader.open_shard(out / s["file"], s["tokens"]) for s in manifest["shards"]])
+    tokens = np.concatenate([shards.open_shard(out / s["file"], s["tokens"]) for s in manifest["shards"]])
     assert tokens[0] == tokenizer.EOT_ID
     starts = np.flatnonzero(tokens == tokenizer.EOT_ID)
     enc = tokenizer.get_tokenizer()
@@ -197,3 +197,12 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path, repo_dir):
     assert result.returncode == 2
     assert result.stderr.startswith("error: --files") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_importing_data_prep_loads_neither_torch_nor_datasets(repo_dir):
+    """Imports are paid before the first document is tokenized: data_prep.py needs neither torch (~1 s) nor datasets
+    (~1 s, only for the sources that read through it)."""
+    code = "import sys, data_prep; print([m for m in ('torch', 'datasets', 'transformers') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_dir, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import dataloader
+import shards
 import tokenizer
 from cli import UserError
 from dataloader import ShardDataset, TrainLoader, val_batches
@@ -20,17 +20,17 @@ VAL_SIZES = [100, 100]
 def make_dataset(folder, train_sizes=TRAIN_SIZES, val_sizes=VAL_SIZES):
     """Shards of consecutive token values (unique over the dataset) and their manifest."""
     folder.mkdir(parents=True, exist_ok=True)
-    shards, next_token = [], 0
+    entries, next_token = [], 0
     for split, sizes in [("val", val_sizes), ("train", train_sizes)]:
         for i, size in enumerate(sizes):
             name = f"{split}_{i:06d}.bin"
             tokens = np.arange(next_token, next_token + size, dtype=np.uint16)
             next_token += size
-            sha = dataloader.write_shard(folder / name, tokens)
-            shards.append({"file": name, "split": split, "tokens": size, "sha256": sha})
+            sha = shards.write_shard(folder / name, tokens)
+            entries.append({"file": name, "split": split, "tokens": size, "sha256": sha})
     assert next_token < 2 ** 16
-    dataloader.write_manifest(folder, {"format": dataloader.MANIFEST_FORMAT, "tokenizer_sha256": tokenizer.RANKS_SHA256,
-                                       "header_bytes": dataloader.HEADER_BYTES, "dtype": "uint16", "shards": shards})
+    shards.write_manifest(folder, {"format": shards.MANIFEST_FORMAT, "tokenizer_sha256": tokenizer.RANKS_SHA256,
+                                   "header_bytes": shards.HEADER_BYTES, "dtype": "uint16", "shards": entries})
     return folder
 
 
@@ -51,11 +51,11 @@ def read(loader, n):
 
 def test_shard_file_round_trip(tmp_path):
     tokens = np.array([0, 1, 50256, 65535, 7], dtype=np.uint16)
-    sha = dataloader.write_shard(tmp_path / "s.bin", tokens)
-    assert (tmp_path / "s.bin").stat().st_size == dataloader.HEADER_BYTES + 2 * len(tokens)
-    assert dataloader.read_shard_header(tmp_path / "s.bin") == len(tokens)
-    assert np.array_equal(dataloader.open_shard(tmp_path / "s.bin", len(tokens)), tokens)
-    assert sha == dataloader.file_sha256(tmp_path / "s.bin")
+    sha = shards.write_shard(tmp_path / "s.bin", tokens)
+    assert (tmp_path / "s.bin").stat().st_size == shards.HEADER_BYTES + 2 * len(tokens)
+    assert shards.read_shard_header(tmp_path / "s.bin") == len(tokens)
+    assert np.array_equal(shards.open_shard(tmp_path / "s.bin", len(tokens)), tokens)
+    assert sha == shards.file_sha256(tmp_path / "s.bin")
     assert [p.name for p in tmp_path.iterdir()] == ["s.bin"]  # no temporary file left behind
 
 

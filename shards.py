@@ -1,0 +1,157 @@
+"""The token shard format, without torch (data_prep.py writes it, dataloader.py reads it):
+
+Shard file (`train_000000.bin`, `val_000000.bin`, ...), little-endian, HEADER_BYTES = 32:
+    offset  0  8 bytes   magic b"LFLLMTOK"
+    offset  8  uint32    format version (SHARD_VERSION)
+    offset 12  uint32    dtype code (1 = uint16)
+    offset 16  uint64    token count N
+    offset 24  8 bytes   reserved, zero
+    offset 32  N x uint16 tokens; read them with np.memmap(path, "<u2", "r", offset=HEADER_BYTES, shape=(N,))
+`manifest.json` beside the shards lists them (file, split, tokens, sha256 of the whole file) with the tokenizer's
+hash; data_prep.py writes it last, so a directory without one is an unfinished build.
+"""
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+import tokenizer
+from cli import UserError, atomic_write
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "lf-llm-token-shards-v1"
+SHARD_MAGIC = b"LFLLMTOK"
+SHARD_VERSION = 1
+DTYPE_CODES = {1: np.dtype("<u2")}  # header dtype code -> numpy dtype; uint16 holds GPT-2's 50,257 ids
+DTYPE_CODE = 1
+TOKEN_DTYPE = DTYPE_CODES[DTYPE_CODE]
+_HEADER = struct.Struct("<8sIIQ8x")  # magic, version, dtype code, token count, reserved
+HEADER_BYTES = _HEADER.size  # 32: keeps the tokens 8-byte aligned for np.memmap
+HEADER_LAYOUT = ("little-endian: 8 bytes magic 'LFLLMTOK', uint32 version, uint32 dtype code (1 = uint16), "
+                 "uint64 token count, 8 reserved bytes; then the tokens")
+BUILD_HINT = "python data_prep.py --source embedded --out {dir} (or --source hf for FineWeb-Edu)"
+
+
+def write_shard(path, tokens: np.ndarray) -> str:
+    """Write header + tokens to a temporary name, fsync, rename to `path`; returns the file's sha256."""
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
+    header = _HEADER.pack(SHARD_MAGIC, SHARD_VERSION, DTYPE_CODE, len(tokens))
+    digest = hashlib.sha256(header)
+    digest.update(memoryview(tokens).cast("B"))
+    with atomic_write(path) as f:
+        f.write(header)
+        f.write(memoryview(tokens).cast("B"))
+    return digest.hexdigest()
+
+
+def read_shard_header(path) -> int:
+    """Validate a shard's header and file size; returns its token count. UserError when truncated or corrupt."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = path.stat().st_size
+    except OSError as e:
+        raise UserError(f"shard {path} cannot be read ({e.strerror}); rebuild the data with data_prep.py")
+    if len(raw) < HEADER_BYTES:
+        raise UserError(f"shard {path} is truncated ({size} bytes, shorter than its header); rebuild the data "
+                        f"with data_prep.py --overwrite")
+    magic, version, dtype_code, count = _HEADER.unpack(raw)
+    if magic != SHARD_MAGIC or version != SHARD_VERSION or dtype_code not in DTYPE_CODES:
+        raise UserError(f"{path} is not a version-{SHARD_VERSION} token shard (bad header); rebuild the data "
+                        f"with data_prep.py --overwrite")
+    expected = HEADER_BYTES + count * DTYPE_CODES[dtype_code].itemsize
+    if size != expected:
+        raise UserError(f"shard {path} is truncated or corrupt: {size} bytes, its header promises {count} tokens "
+                        f"({expected} bytes); rebuild the data with data_prep.py --overwrite")
+    return count
+
+
+def open_shard(path, count: int) -> np.memmap:
+    """The tokens of a shard, memory-mapped read-only (RAM use stays flat whatever the dataset size)."""
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(data_dir, manifest: dict) -> None:
+    """Write manifest.json atomically (temporary name, fsync, rename, fsync the folder): the mark of a finished
+    build, so it must never exist half-written."""
+    with atomic_write(Path(data_dir) / MANIFEST_NAME, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+
+
+def is_shard_entry(entry) -> bool:
+    """Whether a manifest's shard entry has every field, each of the right type (a hand edit can put anything)."""
+    return (isinstance(entry, dict) and isinstance(entry.get("file"), str) and entry.get("split") in ("train", "val")
+            and type(entry.get("tokens")) is int and entry["tokens"] >= 0 and isinstance(entry.get("sha256"), str))
+
+
+def read_manifest(data_dir) -> dict:
+    """Parse DIR/manifest.json and check that it is one of ours, made with this repo's tokenizer."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    if not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} does not exist; build it with `{BUILD_HINT.format(dir=data_dir)}`")
+    if not path.is_file():
+        raise UserError(f"data directory {data_dir} has no {MANIFEST_NAME} (empty, or an unfinished data_prep.py "
+                        f"run); build it with `{BUILD_HINT.format(dir=data_dir)}`")
+    try:
+        manifest = json.loads(path.read_text())
+        ok = manifest["format"] == MANIFEST_FORMAT and isinstance(manifest["shards"], list)
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is corrupt or not a data_prep.py manifest; rebuild with `python data_prep.py ... "
+                        f"--out {data_dir} --overwrite`")
+    bad = next((entry for entry in manifest["shards"] if not is_shard_entry(entry)), None)
+    if bad is not None:
+        raise UserError(f"{path} lists a damaged shard entry {json.dumps(bad)[:100]} (a shard needs a file name, "
+                        f"split train/val, integer tokens and a sha256 string); rebuild with `python data_prep.py ... "
+                        f"--out {data_dir} --overwrite`")
+    if manifest.get("tokenizer_sha256") != tokenizer.RANKS_SHA256:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer (sha256 {manifest.get('tokenizer_sha256')}"
+                        f", this repo's GPT-2 BPE is {tokenizer.RANKS_SHA256[:16]}...); rebuild it with this repo's "
+                        f"data_prep.py into a new --out")
+    if manifest.get("header_bytes") != HEADER_BYTES or manifest.get("dtype") != "uint16":
+        raise UserError(f"{path} describes another shard layout (header_bytes {manifest.get('header_bytes')}, dtype "
+                        f"{manifest.get('dtype')}); rebuild with this repo's data_prep.py --overwrite")
+    return manifest
+
+
+def validate_shards(data_dir, manifest: dict, verify_sha256: bool = False) -> dict[str, list[tuple[Path, int]]]:
+    """Check every shard the manifest lists (name, presence, header, size; sha256 when asked: it reads every byte,
+    minutes for the full 10B-token set); returns {"train": [(path, tokens), ...], "val": [...]}, both non-empty."""
+    data_dir = Path(data_dir)
+    splits = {"train": [], "val": []}
+    for entry in manifest["shards"]:
+        path = data_dir / entry["file"]
+        if entry["split"] not in splits or Path(entry["file"]).name != entry["file"]:
+            raise UserError(f"{data_dir / MANIFEST_NAME} lists a bad shard entry {entry['file']!r}; rebuild "
+                            f"with data_prep.py --overwrite")
+        if not path.is_file():
+            raise UserError(f"shard {path} listed in the manifest is missing; rebuild with `python data_prep.py "
+                            f"... --out {data_dir} --overwrite`")
+        count = read_shard_header(path)
+        if count != entry["tokens"]:
+            raise UserError(f"shard {path} holds {count} tokens, the manifest says {entry['tokens']}; rebuild "
+                            f"with data_prep.py --overwrite")
+        if verify_sha256 and file_sha256(path) != entry["sha256"]:
+            raise UserError(f"shard {path} is corrupt (sha256 differs from the manifest); rebuild with "
+                            f"data_prep.py --overwrite")
+        splits[entry["split"]].append((path, count))
+    for split, shards in splits.items():
+        if not shards:
+            raise UserError(f"{data_dir} has no {split} shards; rebuild it with data_prep.py (its --val-tokens "
+                            f"must leave tokens for both splits)")
+    return splits
