@@ -9,6 +9,8 @@
 #   RESUME=1              continue the run in RUN_DIR (required then) from its newest checkpoint
 #   DATA_DIR=path         prepared data (default temp_data/data/embedded; reused when complete)
 #   TRAIN_ARGS="..."      extra train.py flags, e.g. "--max-steps 100"
+#   TRACKER=none          watch the run live: tensorboard, wandb or tensorboard,wandb (pip install the package;
+#                         W&B reads its own WANDB_* variables, e.g. WANDB_MODE=offline)
 set -euo pipefail
 cd "$(dirname "$0")"
 start=$(date +%s)
@@ -28,6 +30,7 @@ extra_args=(${TRAIN_ARGS:-})
 
 stage "prepare the embedded corpus -> $DATA_DIR" python data_prep.py --source embedded --out "$DATA_DIR"
 stage "train the debug model -> $RUN_DIR" python train.py --config debug --data "$DATA_DIR" --out "$RUN_DIR" \
+  --tracker "${TRACKER:-none}" \
   ${device_args[@]+"${device_args[@]}"} ${resume_args[@]+"${resume_args[@]}"} \
   ${extra_args[@]+"${extra_args[@]}"}
 stage "HellaSwag (committed sample)" python hellaswag_eval.py --checkpoint "$RUN_DIR" \
