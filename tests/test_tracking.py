@@ -11,10 +11,10 @@ import torch
 from conftest import run_script
 
 # 6 steps of the debug model with every kind of event: train steps, validation, HellaSwag and samples at 3 and 6.
-RUN = ["--config", "debug", "--micro-batch", "4", "--seq-len", "32", "--total-batch-tokens", "256", "--max-steps", "6",
-       "--warmup-steps", "2", "--log-every", "1", "--eval-every", "3", "--val-tokens", "512", "--final-val-tokens", "512",
-       "--hellaswag-every", "3", "--hellaswag-limit", "2", "--sample-every", "3", "--sample-tokens", "4",
-       "--ckpt-every", "3", "--keep-checkpoints", "0"]
+RUN = ["--config", "debug", "--micro-batch", "4", "--seq-len", "32", "--total-batch-tokens", "256",
+       "--max-steps", "6", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "3", "--val-tokens", "512",
+       "--final-val-tokens", "512", "--hellaswag-every", "3", "--hellaswag-limit", "2", "--sample-every", "3",
+       "--sample-tokens", "4", "--ckpt-every", "3", "--keep-checkpoints", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,9 @@ def wandb_env(tmp_path_factory):
     """W&B offline, quiet, and with its settings and caches in a temporary folder, not in the home directory."""
     home = tmp_path_factory.mktemp("wandb_home")
     return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_CODE": "true",
-            "WANDB_DISABLE_GIT": "true", "WANDB_CONFIG_DIR": str(home / "config"), "WANDB_CACHE_DIR": str(home / "cache"),
-            "WANDB_DATA_DIR": str(home / "data"), "WANDB_ARTIFACT_DIR": str(home / "artifacts")}
+            "WANDB_DISABLE_GIT": "true", "WANDB_CONFIG_DIR": str(home / "config"),
+            "WANDB_CACHE_DIR": str(home / "cache"), "WANDB_DATA_DIR": str(home / "data"),
+            "WANDB_ARTIFACT_DIR": str(home / "artifacts")}
 
 
 @pytest.fixture(scope="module")
