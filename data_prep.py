@@ -14,6 +14,17 @@ between blank lines, datasets' sample_by="paragraph"); for the embedded corpus t
 `--source files --files assets/corpus/tinyshakespeare.txt` gives the same shards as `--source embedded`. Empty
 documents are skipped.
 
+Reading: --source hf finds the files of --name/--split from the `configs:` of the dataset card (README.md), the
+way datasets.load_dataset does, for a hub id or a local copy alike. Parquet files (FineWeb-Edu's) are downloaded
+with huggingface_hub, in order and ahead of the tokenizer, and read by the workers themselves, a row-group slice a
+task: no Arrow cache is written, so the disk needed is the download plus the shards. Local .parquet --files are read
+the same way. Other files (.txt, .json/.jsonl, non-parquet hub datasets) go through datasets.load_dataset, which
+first converts them to an Arrow cache; --streaming reads any source through datasets without a cache, in the main
+process.
+
+Validation size: --val-tokens, or by default one shard's worth; a corpus smaller than that default gets the first
+VAL_SHARE (10%) of its tokens for validation instead. The output says so, and the manifest records it (val_share).
+
 Output: one directory per dataset. Shards are written under temporary names and renamed when complete; manifest.json
 is written last, so a directory without one is unfinished: a rerun removes its shards and rebuilds it. A rerun on a
 finished directory with the same settings says so and exits 0; --overwrite rebuilds it.
@@ -22,6 +33,8 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import fnmatch
+import functools
 import glob
 import multiprocessing
 import os
@@ -43,6 +56,7 @@ EMBEDDED_CORPUS = REPO_DIR / "assets" / "corpus" / "tinyshakespeare.txt"
 EMBEDDED_VAL_TOKENS = 32_768
 DEFAULT_SHARD_TOKENS = 100_000_000
 DOCS_PER_TASK = 1024  # documents per pool task: big enough to hide the IPC cost, small enough to balance the load
+VAL_SHARE = 0.1  # of a corpus smaller than the default --val-tokens, taken for validation
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|\.manifest\.json\.tmp\d*)$")
 
@@ -73,15 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS,
                    help="tokens per shard (default: %(default)s)")
     p.add_argument("--val-tokens", type=positive_int,
-                   help="tokens for validation, taken from the start of the stream (default: one shard's worth; "
-                        f"{EMBEDDED_VAL_TOKENS} for --source embedded, about 10%% of it)")
+                   help="tokens for validation, taken from the start of the stream (default: one shard's worth, "
+                        f"or {VAL_SHARE * 100:.0f}%% of a corpus smaller than that; {EMBEDDED_VAL_TOKENS} for --source "
+                        f"embedded, about 10%% of it)")
     p.add_argument("--workers", type=positive_int, default=available_cores(),
                    help="tokenizer processes (default: all cores, here %(default)s)")
     p.add_argument("--max-docs", type=positive_int, help="read at most this many documents (default: all)")
     p.add_argument("--max-tokens", type=positive_int,
                    help="stop after this many tokens, cutting the last document (default: no limit)")
-    p.add_argument("--cache-dir", help="datasets cache folder for hf/files (default: the datasets library's, "
-                                       "HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)")
+    p.add_argument("--cache-dir", help="cache folder of the downloads (huggingface_hub) and of datasets' Arrow files "
+                                       "(default: the libraries' own, under HF_HOME or ~/.cache/huggingface)")
     p.add_argument("--overwrite", action="store_true", help="rebuild --out even if it holds a finished dataset")
     return p
 
@@ -90,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if (args.source == "files") != bool(args.files):
         raise UserError("--files is required with --source files, and only used with it")
+    args.val_share = VAL_SHARE if args.val_tokens is None else None  # only a default shrinks for a small corpus
     if args.val_tokens is None:
         args.val_tokens = EMBEDDED_VAL_TOKENS if args.source == "embedded" else args.shard_tokens
     return args
@@ -121,6 +137,55 @@ class ArrowTexts:
 
     def __getitem__(self, rows: slice) -> list:
         return self.dataset[rows][self.field]
+
+
+class ParquetSlice(NamedTuple):
+    """A pool task: rows [start, stop) of one row group of a parquet file, read by the worker itself."""
+    path: str
+    row_group: int
+    start: int
+    stop: int
+    field: str
+
+    def read(self) -> list:
+        column = _row_group_column(self.path, self.row_group, self.field)
+        return column.slice(self.start, self.stop - self.start).to_pylist()
+
+
+@functools.lru_cache(maxsize=1)
+def _row_group_column(path: str, row_group: int, field: str):
+    """The worker's current row group (the tasks of one row group follow each other, so it is read about once)."""
+    return _parquet_file(path).read_row_group(row_group, columns=[field]).column(0)
+
+
+@functools.lru_cache(maxsize=2)
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path)
+
+
+def parquet_tasks(paths, field: str, limit: int | None):
+    """Slices of at most DOCS_PER_TASK rows of each row group, file after file in the order given (`paths` may be
+    a generator that downloads them); stops after `limit` rows."""
+    rows = 0
+    for path in paths:
+        try:
+            metadata = _parquet_file(path).metadata
+        except Exception as e:  # pyarrow's errors for a file that is not parquet have several types
+            raise UserError(f"{path} cannot be read as parquet ({type(e).__name__}: {e}); replace the file")
+        columns = metadata.schema.to_arrow_schema().names
+        if field not in columns:
+            raise UserError(f"{path} has no field {field!r} (its fields: {', '.join(columns)}); pass --text-field")
+        for row_group in range(metadata.num_row_groups):
+            size = metadata.row_group(row_group).num_rows
+            for start in range(0, size, DOCS_PER_TASK):
+                stop = min(start + DOCS_PER_TASK, size)
+                if limit:
+                    stop = min(stop, start + limit - rows)
+                yield ParquetSlice(path, row_group, start, stop, field)
+                rows += stop - start
+                if rows == limit:
+                    return
 
 
 def expand_files(patterns: list[str]) -> tuple[list[str], str]:
@@ -170,9 +235,14 @@ def source_record(args) -> dict:
 
 
 def load_texts(args, source: dict):
-    """The documents: a sequence the workers slice themselves, or (streaming) an iterator of lists of texts."""
+    """The documents: a sequence the workers slice themselves, a generator of parquet slices the workers read
+    themselves, or (streaming) an iterator of lists of texts."""
     if source["type"] == "embedded":
         return embedded_documents()[:args.max_docs]
+    if not args.streaming:
+        paths = parquet_paths(args, source)
+        if paths is not None:
+            return parquet_tasks(paths, args.text_field, args.max_docs)
     if source["type"] == "hf":
         what = f"--dataset {args.dataset} --name {args.name} --split {args.split}"
         ds = load_hf_dataset(args, what, args.dataset, args.name, split=args.split, num_proc=args.workers)
@@ -190,6 +260,31 @@ def load_texts(args, source: dict):
     return ArrowTexts(ds, args.text_field, args.max_docs)
 
 
+def parquet_paths(args, source: dict):
+    """Local paths of the parquet input, read by the workers directly (hub files are downloaded on the way), or
+    None when the input is not parquet and datasets reads it."""
+    if source["type"] == "files":
+        return source["files"] if source["reader"] == "parquet" else None
+    what = f"--dataset {args.dataset} --name {args.name} --split {args.split}"
+    repo = open_dataset_repo(args)
+    files = config_data_files(repo, args.name, args.split, what)
+    if files is None or not all(f.endswith(".parquet") for f in files):
+        return None
+    at = f" at revision {repo.revision}" if repo.revision else ""
+    print(f"data_prep: {what}: {len(files)} parquet files{at} ({files[0]}, ...), read by the workers directly")
+    return fetched_in_order(files, repo.fetch)
+
+
+def token_bound(texts) -> int | None:
+    """At least the corpus's token count, known before tokenizing (None for parquet slices and streams): a token
+    covers at least one byte of UTF-8 text, and each document adds one <|endoftext|>."""
+    if isinstance(texts, list):
+        return sum(len(text.encode("utf-8")) for text in texts) + len(texts)
+    if isinstance(texts, ArrowTexts):
+        return texts.dataset.data.nbytes  # the text bytes plus a 4-byte offset per row
+    return None
+
+
 def check_text_field(ds, field: str, what: str) -> None:
     columns = ds.column_names
     if columns is None:  # a streamed json dataset knows its columns only after its first row
@@ -197,6 +292,105 @@ def check_text_field(ds, field: str, what: str) -> None:
         columns = list(first) if first is not None else [field]
     if field not in columns:
         raise UserError(f"{what} has no field {field!r} (its fields: {', '.join(columns)}); pass --text-field")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets: the files of a config, from the dataset card
+
+class DatasetRepo(NamedTuple):
+    """A dataset on the hub or a local copy of one: its file names, its card, and how to get a file locally."""
+    files: list[str]  # paths relative to the repository root, '/'-separated
+    card: str  # README.md's text ('' when there is none)
+    fetch: object  # relative path -> local path (downloads from the hub)
+    revision: str | None  # the hub commit every file is read from; None for a local copy
+
+
+def open_dataset_repo(args) -> DatasetRepo:
+    root = Path(args.dataset)
+    if root.is_dir():  # datasets.load_dataset also reads a local folder of that name before asking the hub
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        card = root / "README.md"
+        return DatasetRepo(files, card.read_text(encoding="utf-8") if card.is_file() else "",
+                           lambda name: str(root / name), None)
+    from huggingface_hub import HfApi, hf_hub_download
+
+    def fetch(name: str) -> str:
+        with hub_errors(args.dataset):
+            return hf_hub_download(args.dataset, name, repo_type="dataset", revision=info.sha,
+                                   cache_dir=args.cache_dir)
+    with hub_errors(args.dataset):
+        info = HfApi().dataset_info(args.dataset)  # pins one commit, so that every file comes from it
+    files = sorted(sibling.rfilename for sibling in info.siblings)
+    card = Path(fetch("README.md")).read_text(encoding="utf-8") if "README.md" in files else ""
+    return DatasetRepo(files, card, fetch, info.sha)
+
+
+@contextlib.contextmanager
+def hub_errors(dataset: str):
+    try:
+        yield
+    except Exception as e:  # network, authentication and missing-repository errors have their own types
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read --dataset {dataset} from the Hugging Face hub ({type(e).__name__}: {message}); "
+                        f"check the name and the network, or pass the path of a local copy") from e
+
+
+def config_data_files(repo: DatasetRepo, name: str, split: str, what: str) -> list[str] | None:
+    """The files of config `name`, split `split`, matched as the card's `configs:` says (sorted, hidden files left
+    out, as datasets does); None when the card lists no configs (datasets then infers them from the layout)."""
+    import yaml
+    front = re.match(r"^---\s*\n(.*?)\n---\s*$", repo.card, re.S | re.M)
+    configs = (yaml.safe_load(front.group(1)) or {}).get("configs") if front else None
+    if not configs:
+        return None
+    config = next((c for c in configs if c.get("config_name", "default") == name), None)
+    if config is None:
+        names = ", ".join(c.get("config_name", "default") for c in configs)
+        raise UserError(f"{what}: the dataset has no config {name!r} (its configs: {names}); pass --name")
+    patterns = split_patterns(config.get("data_files"))
+    if split not in patterns:
+        raise UserError(f"{what}: config {name!r} has no split {split!r} (its splits: {', '.join(patterns)}); "
+                        f"pass --split")
+    visible = [f for f in repo.files if not any(part.startswith((".", "__")) for part in f.split("/"))]
+    files = sorted({f for f in visible for pattern in patterns[split]
+                    if path_matches(f.split("/"), pattern.split("/"))})
+    if not files:
+        raise UserError(f"{what}: no file of the dataset matches {', '.join(patterns[split])}")
+    return files
+
+
+def split_patterns(data_files) -> dict[str, list[str]]:
+    """A config's data_files (a pattern, a list of them, or a list of {split, path}) as {split: [patterns]}."""
+    if isinstance(data_files, str):
+        return {"train": [data_files]}
+    if isinstance(data_files, dict):
+        return {split: [p] if isinstance(p, str) else list(p) for split, p in data_files.items()}
+    if all(isinstance(entry, str) for entry in data_files or []):
+        return {"train": list(data_files or [])}
+    return {entry["split"]: [entry["path"]] if isinstance(entry["path"], str) else list(entry["path"])
+            for entry in data_files}
+
+
+def path_matches(parts: list[str], pattern: list[str]) -> bool:
+    """Glob match of a path against a pattern, segment by segment: '*' stays within a folder, '**' spans any."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(path_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and path_matches(parts[1:], pattern[1:])
+
+
+def fetched_in_order(names: list[str], fetch):
+    """Local paths of `names`, in order. The downloads run one after another in a background thread, ahead of the
+    reader, so tokenizing file k overlaps with downloading file k+1."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as downloader:
+        futures = [downloader.submit(fetch, name) for name in names]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,13 +431,16 @@ def tokenize_documents(texts: list) -> Tokenized:
 
 
 def _tokenize_task(task) -> Tokenized:
-    """A task is a (start, stop) row range of the worker's sequence, or a list of texts from a stream."""
+    """A task is a slice of a parquet file, a (start, stop) row range of the worker's sequence, or a list of texts
+    from a stream."""
+    if isinstance(task, ParquetSlice):
+        return tokenize_documents(task.read())
     texts = _WORKER_TEXTS[task[0]:task[1]] if isinstance(task, tuple) else task
     return tokenize_documents(texts)
 
 
 def make_tasks(texts):
-    """Row ranges of a sequence; a stream's batches of texts as they come."""
+    """Row ranges of a sequence; parquet slices or a stream's batches of texts as they come."""
     if hasattr(texts, "__len__"):
         return ((start, min(start + DOCS_PER_TASK, len(texts))) for start in range(0, len(texts), DOCS_PER_TASK))
     return texts
@@ -268,10 +465,12 @@ def tokenize_in_pool(texts, workers: int):
 
 class ShardWriter:
     """Cuts the token stream into val shards (the first `val_tokens`) then train shards of `shard_tokens`, and
-    writes each finished shard in a background thread (hashing and disk I/O release the GIL) while the next fills."""
+    writes each finished shard in a background thread (hashing and disk I/O release the GIL) while the next fills.
+    With `val_share`, a stream that ends before `val_tokens` (held in one buffer) gives that share to val instead."""
 
-    def __init__(self, out_dir: Path, shard_tokens: int, val_tokens: int):
+    def __init__(self, out_dir: Path, shard_tokens: int, val_tokens: int, val_share: float | None = None):
         self.out_dir, self.shard_tokens, self.val_left = out_dir, shard_tokens, val_tokens
+        self.val_share, self.val_shrunk = val_share, False
         self.counts = {"val": 0, "train": 0}
         self.buffer, self.fill = None, 0
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -303,11 +502,20 @@ class ShardWriter:
             self.val_left -= self.fill
         self.buffer, self.fill = None, 0
 
+    def _shrink_val(self) -> None:
+        """The whole stream is in the val buffer: its first `val_share` becomes the val split, the rest train."""
+        tokens = self.buffer[:self.fill]
+        self.buffer, self.fill = None, 0
+        self.val_left, self.val_shrunk = max(1, int(tokens.size * self.val_share)), True
+        self.add(tokens)
+
     def _write(self, name: str, split: str, tokens: np.ndarray) -> dict:
         sha256 = shards.write_shard(self.out_dir / name, tokens)
         return {"file": name, "split": split, "tokens": int(tokens.size), "sha256": sha256}
 
     def close(self) -> list[dict]:
+        if self.val_share and self.val_left and self.fill and not self.counts["val"]:
+            self._shrink_val()
         self.flush()
         try:
             return [future.result() for future in self.written]
@@ -318,7 +526,7 @@ class ShardWriter:
 def tokenize_and_write(texts, out_dir: Path, args) -> dict:
     """Stream documents through the pool into shards; returns the counts for the manifest and summary."""
     total_rows = len(texts) if hasattr(texts, "__len__") else args.max_docs
-    writer = ShardWriter(out_dir, args.shard_tokens, args.val_tokens)
+    writer = ShardWriter(out_dir, args.shard_tokens, args.val_tokens, args.val_share)
     documents = tokens = text_bytes = 0
     start = time.perf_counter()
     chunks = tokenize_in_pool(texts, args.workers)
@@ -338,7 +546,7 @@ def tokenize_and_write(texts, out_dir: Path, args) -> dict:
                 break
         shard_records = writer.close()
     return {"documents": documents, "total_tokens": tokens, "text_bytes": text_bytes, "shards": shard_records,
-            "seconds": time.perf_counter() - start}
+            "val_shrunk": writer.val_shrunk, "seconds": time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,9 +620,11 @@ def prepare_data(argv=None) -> dict:
     load_seconds = time.perf_counter() - load_start
     tokenizer.get_tokenizer()  # load once here: forked workers inherit it
     print(f"data_prep: {describe_source(source)} -> {out} ({args.workers} workers, shards of {args.shard_tokens} "
-          f"tokens, {args.val_tokens} val tokens)")
+          f"tokens, {args.val_tokens} val tokens{val_share_note(args, token_bound(texts))})")
     result = tokenize_and_write(texts, out, args)
     check_splits(result, args)
+    val_rule = (f"the first {args.val_share:.0%} of the tokens: the corpus is smaller than the default --val-tokens "
+                f"{args.val_tokens}" if result["val_shrunk"] else f"the first --val-tokens {args.val_tokens} tokens")
     manifest = {
         "format": shards.MANIFEST_FORMAT, "tool": "data_prep.py", "tool_version": TOOL_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -424,6 +634,7 @@ def prepare_data(argv=None) -> dict:
         "dtype": "uint16", "documents": result["documents"], "total_tokens": result["total_tokens"],
         "val_tokens": sum(s["tokens"] for s in result["shards"] if s["split"] == "val"),
         "train_tokens": sum(s["tokens"] for s in result["shards"] if s["split"] == "train"),
+        "val_share": args.val_share if result["val_shrunk"] else None, "val_rule": val_rule,
         "shards": result["shards"],
     }
     shards.write_manifest(out, manifest)
@@ -431,8 +642,18 @@ def prepare_data(argv=None) -> dict:
     print(f"data_prep: {manifest['documents']} documents, {manifest['total_tokens']} tokens (val "
           f"{manifest['val_tokens']}, train {manifest['train_tokens']}) in {len(manifest['shards'])} shards -> {out}; "
           f"tokenize+write {seconds:.1f}s ({manifest['total_tokens'] / seconds / 1e6:.2f}M tokens/s, "
-          f"{result['text_bytes'] / seconds / 1e6:.1f} MB/s), loading {load_seconds:.1f}s")
+          f"{result['text_bytes'] / seconds / 1e6:.1f} MB/s), loading {load_seconds:.1f}s; validation: {val_rule}")
     return {**manifest, "text_bytes": result["text_bytes"], "seconds": seconds, "load_seconds": load_seconds}
+
+
+def val_share_note(args, bound: int | None) -> str:
+    """Said before tokenizing when the corpus is known to be smaller than the default val split."""
+    if args.max_tokens is not None:
+        bound = min(bound, args.max_tokens) if bound is not None else args.max_tokens
+    if args.val_share and bound is not None and bound < args.val_tokens:
+        return (f"; the corpus holds at most {bound} tokens, fewer than that default, so validation takes the first "
+                f"{args.val_share:.0%} of them")
+    return ""
 
 
 def describe_source(source: dict) -> str:

@@ -1,5 +1,6 @@
 """data_prep.py: documents -> shards -> decoded documents, output directory handling and bad input."""
 import json
+import os
 import subprocess
 import sys
 
@@ -206,3 +207,144 @@ def test_importing_data_prep_loads_neither_torch_nor_datasets(repo_dir):
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_dir, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --source hf on a local copy laid out like the hub's FineWeb-Edu
+
+FINEWEB_CARD = """---
+license: odc-by
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*/*
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*.parquet
+---
+# FineWeb-Edu (a small local copy for the tests)
+"""
+
+
+def write_fineweb_table(path, docs, row_group_size):
+    """A parquet file with FineWeb-Edu's columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    n = len(docs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({
+        "text": docs, "id": [f"<urn:uuid:{i:08d}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
+        "url": [f"https://example.org/{i}" for i in range(n)], "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
+        "language": ["en"] * n, "language_score": [0.95] * n, "token_count": [len(d or "") // 4 for d in docs],
+        "score": [3.1] * n, "int_score": [3] * n}), path, row_group_size=row_group_size)
+
+
+@pytest.fixture(scope="module")
+def fineweb_copy(tmp_path_factory):
+    """README.md with the hub card's `configs:`, two sample/10BT files (row groups larger and smaller than a pool
+    task, so tasks cut row groups and stop at their ends), and a file of another config that must not be read."""
+    root = tmp_path_factory.mktemp("fineweb-edu")
+    (root / "README.md").write_text(FINEWEB_CARD)
+    speeches = data_prep.embedded_documents()
+    files = {"000_00000.parquet": (speeches[:2600] + ["", None, *DOCS], 2500),
+             "001_00000.parquet": (speeches[2600:3800], 300)}
+    for name, (docs, row_group_size) in files.items():
+        write_fineweb_table(root / "sample" / "10BT" / name, docs, row_group_size)
+    write_fineweb_table(root / "data" / "CC-MAIN-2024-10" / "000_00000.parquet", ["not in sample-10BT"], 10)
+    return root, [doc for name in sorted(files) for doc in files[name][0] if doc]
+
+
+def reference_tokens(docs) -> np.ndarray:
+    """<|endoftext|> + tokens of each document, encoded by Hugging Face's tokenizers library (not tiktoken) from the
+    same GPT-2 files: an independent implementation of the same BPE."""
+    from tokenizers import ByteLevelBPETokenizer
+    ref = ByteLevelBPETokenizer(vocab=str(tokenizer.ENCODER_JSON), merges=str(tokenizer.VOCAB_BPE))
+    return np.array([t for doc in docs for t in [tokenizer.EOT_ID, *ref.encode(doc).ids]], dtype=np.uint16)
+
+
+def shard_tokens(out) -> np.ndarray:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return np.concatenate([shards.open_shard(out / s["file"], s["tokens"]) for s in manifest["shards"]])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["parquet-in-workers", "streaming"])
+def test_hf_source_on_a_hub_shaped_local_copy(fineweb_copy, tmp_path, streaming):
+    """The full run's command, `--source hf --dataset ... --name sample-10BT`, on a local copy: the shards hold
+    exactly the sample-10BT documents, in file and row order, as an independent tokenizer encodes them."""
+    from conftest import run_script
+    root, docs = fineweb_copy
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run_script("data_prep.py", "--source", "hf", "--dataset", root, "--name", "sample-10BT", "--out", out,
+               "--shard-tokens", 40_000, "--val-tokens", 15_000, "--workers", 2, "--cache-dir", cache,
+               *(["--streaming"] if streaming else []), check=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(s["split"], s["tokens"]) for s in manifest["shards"]][:2] == [("val", 15_000), ("train", 40_000)]
+    assert np.array_equal(shard_tokens(out), reference_tokens(docs))
+    assert manifest["documents"] == len(docs)
+    if not streaming:  # read in place: nothing downloaded or converted into a cache
+        assert not cache.exists() or not any(cache.rglob("*"))
+
+
+def test_hf_source_downloads_the_config_files_from_one_hub_commit(fineweb_copy, tmp_path, monkeypatch):
+    """The hub branch (no network here): the repository listing and the downloads are served from the local copy;
+    only the config's files are fetched, README.md first, all at the commit the listing came from."""
+    import types
+
+    import huggingface_hub
+    root, docs = fineweb_copy
+    listing = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    fetched = []
+
+    def dataset_info(self, repo_id, **kwargs):
+        assert repo_id == "HuggingFaceFW/fineweb-edu"
+        return types.SimpleNamespace(sha="c0ffee", siblings=[types.SimpleNamespace(rfilename=f) for f in listing])
+
+    def hf_hub_download(repo_id, filename, repo_type, revision, cache_dir):
+        assert (repo_id, repo_type, revision, cache_dir) == ("HuggingFaceFW/fineweb-edu", "dataset", "c0ffee", "c")
+        fetched.append(filename)
+        return str(root / filename)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    prepare(tmp_path / "out", "--source", "hf", "--shard-tokens", "40000", "--val-tokens", "15000", cache="c")
+    assert fetched == ["README.md", "sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet"]
+    assert np.array_equal(shard_tokens(tmp_path / "out"), reference_tokens(docs))
+
+
+def test_hf_source_names_the_configs_and_splits_it_has(fineweb_copy, tmp_path):
+    root, _ = fineweb_copy
+    with pytest.raises(UserError, match=r"no config 'sample-100BT' \(its configs: default, sample-10BT\)"):
+        prepare(tmp_path / "a", "--source", "hf", "--dataset", str(root), "--name", "sample-100BT")
+    with pytest.raises(UserError, match=r"has no split 'test' \(its splits: train\)"):
+        prepare(tmp_path / "b", "--source", "hf", "--dataset", str(root), "--split", "test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A corpus smaller than the default validation split
+
+def test_small_text_file_just_works(tmp_path, repo_dir):
+    """The command with no other flag on a ~1 MB .txt file: validation shrinks to VAL_SHARE of the tokens, said
+    before tokenizing and recorded in the manifest, instead of the default 100M tokens taking everything."""
+    small = tmp_path / "my_small.txt"
+    small.write_bytes(data_prep.EMBEDDED_CORPUS.read_bytes())  # 1.1 MB
+    result = subprocess.run([sys.executable, str(repo_dir / "data_prep.py"), "--source", "files", "--files",
+                             "my_small.txt", "--out", "d"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    before = result.stdout.index("so validation takes the first 10% of them")
+    assert before < result.stdout.index("documents,")  # said before the summary of the finished run
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["val_share"] == data_prep.VAL_SHARE == 0.1 and "10%" in manifest["val_rule"]
+    assert manifest["val_tokens"] == int(manifest["total_tokens"] * 0.1) > 0
+    assert manifest["train_tokens"] == manifest["total_tokens"] - manifest["val_tokens"]
+    assert [s["split"] for s in manifest["shards"]] == ["val", "train"]
+    ShardDataset.open(tmp_path / "d", verify_sha256=True)
+
+
+def test_small_stream_shrinks_validation_at_its_end(tmp_path):
+    """A stream's size is unknown before it is read: the split is decided when it ends, the same way."""
+    write_jsonl(tmp_path / "a.jsonl", data_prep.embedded_documents()[:300])
+    manifest = prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "a.jsonl"), "--streaming",
+                       cache=tmp_path / "cache")
+    assert manifest["val_share"] == 0.1 and manifest["val_tokens"] == int(manifest["total_tokens"] * 0.1)
