@@ -69,6 +69,10 @@ class GPTConfig:
 PRESETS = {
     # The reference model: 320,145,408 parameters, 268,682,240 without the token embedding.
     "lf_llm_269m": GPTConfig(),
+    # 1.18B parameters (1,177,161,728; 1,074,235,392 without the token embedding), 7.87 GFLOPs per token at 2048:
+    # the shape of OLMo-1B (d_model 2048, 16 layers, 16 heads, SwiGLU hidden 8192, context 2048; its model card and
+    # HF config.json) in this family, i.e. with biases, RMSNorm weights, GPT-2's vocabulary and the reference dropout.
+    "lf_llm_1b": GPTConfig(n_embd=2048, ffn_hidden=8192),
     # Tiny: a few hundred CPU training steps take a couple of minutes. The 50257 x 128 embedding is most of it.
     "debug": GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, ffn_hidden=512),
 }

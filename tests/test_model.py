@@ -18,6 +18,20 @@ def test_reference_parameter_counts_exact():
     assert model.num_params(include_embedding=False) == 268_682_240
 
 
+def test_1b_preset_parameter_and_flop_counts_exact():
+    """lf_llm_1b: OLMo-1B's shape (C 2048, 16 layers, 16 heads, SwiGLU hidden 8192) with this family's biases,
+    RMSNorm weights and GPT-2 vocabulary; counted by hand per tensor below, and pinned."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("lf_llm_1b"))
+    C, hidden, V = 2048, 8192, 50257
+    block = (C * 3 * C + 3 * C) + (C * C + C) + (C * 2 * hidden + 2 * hidden) + (hidden * C + C) + 2 * C
+    assert model.num_params() == 16 * block + V * C + C == 1_177_161_728
+    assert model.num_params(include_embedding=False) == 1_074_235_392
+    assert model.config.n_head == 16 and model.config.block_size == 2048 and model.config.vocab_size == V
+    matmul = 16 * (C * 3 * C + C * C + C * 2 * hidden + hidden * C) + V * C
+    assert model.flops_per_token(2048) == 6 * matmul + 12 * 16 * C * 2048 == 7_865_315_328
+
+
 def test_reference_architecture_shapes():
     with torch.device("meta"):
         model = GPT(GPTConfig.from_preset("lf_llm_269m"))
