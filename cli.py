@@ -1,11 +1,14 @@
 """What every command-line script here shares: user errors as one clear line, and the run header."""
 import argparse
 import contextlib
+import errno
 import functools
+import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -24,9 +27,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or infinite (float() accepts 'nan' and 'inf')."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
-    """Wrap a script's main(): a UserError, or running out of GPU memory, becomes `error: ...` on stderr and exit
-    status 2. `@main_entry(memory_hint=...)` names the flags that lower the script's memory use."""
+    """Wrap a script's main(): a UserError, a filesystem fault (no space, read-only, permission, ...), or running out
+    of GPU memory becomes `error: ...` on stderr and exit status 2; Ctrl-C becomes one line and exit status 130.
+    `@main_entry(memory_hint=...)` names the flags that lower the script's memory use."""
     if main is None:
         return functools.partial(main_entry, memory_hint=memory_hint)
 
@@ -35,16 +47,74 @@ def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted (Ctrl-C)", status=130)
         except Exception as e:
-            if not is_device_out_of_memory(e):
+            if is_device_out_of_memory(e):
+                detail, where = (str(e).splitlines() or [""])[0], repo_frame(e)
+                fail(f"out of GPU memory{f' ({detail})' if detail else ''}{f' in {where}' if where else ''}; "
+                     f"{memory_hint}")
+            os_error = os_error_in(e)
+            if os_error is None:
                 raise
-            detail, where = (str(e).splitlines() or [""])[0], repo_frame(e)
-            print(f"error: out of GPU memory{f' ({detail})' if detail else ''}{f' in {where}' if where else ''}; "
-                  f"{memory_hint}", file=sys.stderr)
-            sys.exit(2)
+            where = repo_frame(e)
+            fail(f"{os_error_text(os_error)}{f' (in {where})' if where else ''}")
     return wrapper
+
+
+def fail(message: str, status: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+# What to do about the filesystem faults a user can fix; other OS errors get the system's message only.
+OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free disk space or choose another location",
+    errno.EDQUOT: "the disk quota is used up; free space or choose another location",
+    errno.EFBIG: "the file size limit (ulimit -f) is lower than this file; raise it or choose another location",
+    errno.EROFS: "the filesystem is read-only; choose a writable location",
+    errno.EACCES: "check the permissions, or choose another location",
+    errno.EPERM: "check the permissions, or choose another location",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
+    errno.EISDIR: "it is a folder; give a file path",
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "something else is already there; choose another path",
+}
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself or one in its __cause__/__context__ chain (libraries re-raise OS faults
+    as their own types: torch.save's writer turns 'File too large' into a RuntimeError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def os_error_text(error: OSError) -> str:
+    """'PATH: No space left on device [Errno 28]; free disk space ...': the path, what failed, what to do."""
+    path = f"{error.filename}: " if error.filename is not None else ""
+    reason = error.strerror or str(error) or type(error).__name__
+    code = f" [Errno {error.errno}]" if error.errno else ""
+    advice = OS_ERROR_ADVICE.get(error.errno)
+    return f"{path}{reason}{code}{f'; {advice}' if advice else ''}"
+
+
+def ensure_writable_dir(folder, what: str) -> Path:
+    """Create `folder` (and its parents) and check that a file can be created in it, so that an output location
+    that cannot be written is refused before long work starts, not after it. `what` names it ('--out')."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {folder} is not writable: {os_error_text(e)}") from e
+    return folder
 
 
 def repo_frame(error: Exception) -> str:
@@ -72,8 +142,12 @@ def atomic_write(path, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # a cleanup that fails must not hide the error that matters
+            tmp.unlink(missing_ok=True)
+        os_error = os_error_in(e)
+        if os_error is not None and os_error.filename is None:  # a failed write() names no file: name it
+            raise OSError(os_error.errno, os_error.strerror, str(path)) from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
