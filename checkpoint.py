@@ -2,10 +2,14 @@
 
 A checkpoint is one `torch.save` file, RUN_DIR/checkpoints/step_NNNNNN.pt, holding a dict with at least
 `format`, `model_config` (GPTConfig as a dict) and `model` (a plain, uncompiled state_dict); train.py adds the
-optimizer, step, loader and RNG state. Files are written to a temporary name, fsynced and renamed, so a kill
-during a save never leaves a damaged file under a checkpoint name.
+optimizer, step, loader and RNG state. Files are written to a temporary name (.step_NNNNNN.pt.tmpPID), fsynced
+and renamed, so a kill during a save never leaves a damaged file under a checkpoint name; the temporary file such a
+kill leaves behind is removed by the next training start or save (remove_orphaned_temp_files).
 """
+import errno
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from cli import UserError, atomic_write
 
 FORMAT = "lf-llm-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{6,})\.pt$")
+_TEMP_NAME = re.compile(r"^\.step_\d{6,}\.pt\.tmp(\d+)$")  # cli.atomic_write's temporary file of a checkpoint
 
 
 def checkpoint_dir(run_dir) -> Path:
@@ -35,11 +40,60 @@ def list_checkpoints(run_dir) -> list[Path]:
 
 
 def save_checkpoint(state: dict, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`. A disk too full (or a
+    file size limit too low) for it is one line saying how much a checkpoint needs; earlier files stay intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
-        torch.save({"format": FORMAT, **state}, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save({"format": FORMAT, **state}, f)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        limit = "the file size limit (ulimit -f)" if e.errno == errno.EFBIG else "the free space"
+        raise UserError(f"cannot save checkpoint {path}: {e.strerror}; a checkpoint needs about "
+                        f"{human_size(tensor_bytes(state))} ({human_size(shutil.disk_usage(path.parent).free)} free "
+                        f"there), more than {limit} allows. Earlier checkpoints are intact: make room, then run "
+                        f"again (train.py: with --resume)") from e
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of all tensors in a nested dict/list/tuple: about the size of its torch.save file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def human_size(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def remove_orphaned_temp_files(run_dir) -> list[Path]:
+    """Delete the temporary files that killed saves left in the run's checkpoint folder, and return them. Only
+    rank 0 of a run saves, one save at a time, so a temporary file is an orphan unless a live process other than
+    this one wrote it (a process of this id before this one was a killed earlier attempt)."""
+    folder = checkpoint_dir(run_dir)
+    orphans = [p for p in (folder.iterdir() if folder.is_dir() else [])
+               if (m := _TEMP_NAME.match(p.name)) and not _is_other_live_process(int(m.group(1)))]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    return orphans
+
+
+def _is_other_live_process(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # (no process can have an id too large for kill())
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def prune_checkpoints(run_dir, keep: int) -> None:
@@ -51,9 +105,16 @@ def prune_checkpoints(run_dir, keep: int) -> None:
 
 def quarantine_checkpoints(run_dir, from_step: int) -> None:
     """Rename checkpoints of step >= from_step to *.pt.nonfinite (kept for inspection, never picked by a resume)."""
-    for path in list_checkpoints(run_dir):
-        if int(_NAME.match(path.name).group(1)) >= from_step:
-            path.rename(path.with_name(path.name + ".nonfinite"))
+    set_aside([p for p in list_checkpoints(run_dir) if int(_NAME.match(p.name).group(1)) >= from_step], ".nonfinite")
+
+
+def set_aside(paths: list[Path], suffix: str) -> list[Path]:
+    """Rename each file to NAME+suffix: kept for inspection, but no longer a checkpoint name that a resume, a lookup
+    or the pruning would see. Returns the new paths."""
+    moved = [path.with_name(path.name + suffix) for path in paths]
+    for path, new in zip(paths, moved):
+        path.rename(new)
+    return moved
 
 
 def load_checkpoint_file(path, map_location="cpu") -> dict:
@@ -70,18 +131,28 @@ def load_checkpoint_file(path, map_location="cpu") -> dict:
     return state
 
 
+def newest_valid_checkpoint(run_dir, map_location="cpu") -> tuple[dict | None, Path | None, dict[Path, str]]:
+    """(state, path) of the newest checkpoint of a run directory that loads and validates, or (None, None) when
+    none does, and {path: what is wrong} of the newer ones that did not (newest first)."""
+    damaged = {}
+    for candidate in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint_file(candidate, map_location), candidate, damaged
+        except UserError as e:
+            damaged[candidate] = str(e)
+    return None, None, damaged
+
+
 def load_checkpoint(path, map_location="cpu") -> tuple[dict, Path]:
     """Load a checkpoint file, or the newest valid checkpoint of a run directory (corrupt ones skipped, with a
     warning). Returns (state, file path)."""
     path = Path(path)
     if not path.is_dir():
         return load_checkpoint_file(path, map_location), path
-    candidates = list_checkpoints(path)
-    if not candidates:
-        raise UserError(f"no checkpoint in {checkpoint_dir(path)}; train first, or pass a checkpoint file")
-    for candidate in reversed(candidates):
-        try:
-            return load_checkpoint_file(candidate, map_location), candidate
-        except UserError as e:
-            print(f"warning: skipping {candidate}: {e}", file=sys.stderr)
-    raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run")
+    state, found, damaged = newest_valid_checkpoint(path, map_location)
+    for candidate, error in damaged.items():
+        print(f"warning: skipping {candidate}: {error}", file=sys.stderr)
+    if state is None:
+        raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run" if damaged else
+                        f"no checkpoint in {checkpoint_dir(path)}; train first, or pass a checkpoint file")
+    return state, found

@@ -30,9 +30,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
-                        quarantine_checkpoints, save_checkpoint)
-from cli import UserError, atomic_write, main_entry, run_header
+from checkpoint import (checkpoint_dir, checkpoint_path, list_checkpoints, load_checkpoint, newest_valid_checkpoint,
+                        prune_checkpoints, quarantine_checkpoints, remove_orphaned_temp_files, save_checkpoint,
+                        set_aside)
+from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_header
 from dataloader import ShardDataset, TrainLoader, val_batches
 from devices import Dist, enable_tf32, init_distributed
 from generate import REFERENCE_PROMPTS, generate_samples
@@ -128,6 +129,10 @@ class TrainConfig:
         need(self.micro_batch == "auto" or (self.micro_batch.isdigit() and int(self.micro_batch) >= 1), "micro_batch",
              "give a positive integer or 'auto'")
         need(self.model in PRESETS, "model", f"valid model presets: {', '.join(PRESETS)}")
+        need(self.seed < 2 ** 32, "seed", "must be < 2**32 (numpy's seed range)")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            need(not isinstance(value, float) or math.isfinite(value), field.name, "must be a finite number")
         check_installed(parse_trackers(self.tracker))  # a missing package stops every rank now, not rank 0 later
 
     def model_config(self) -> GPTConfig:
@@ -346,6 +351,8 @@ class Trainer:
         self.on_cuda = device.type == "cuda"
         self.run_dir = self._resolve_run_dir(preset)
         self.log = RunLog(self.run_dir, d.is_main)
+        if d.is_main:
+            self._remove_orphaned_saves()
         # One process per node checks every shard's sha256 against the manifest (a corrupt shard is refused).
         self.dataset = ShardDataset.open(cfg.data, verify_sha256=cfg.verify_data and d.local_rank == 0)
         self.model_config = cfg.model_config()
@@ -387,8 +394,8 @@ class Trainer:
         run_dir = Path(out)
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--out {run_dir} is a file; give a directory")
-        if self.d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if self.d.is_main:  # its checkpoint folder must be writable now, not after the first hours of training
+            ensure_writable_dir(checkpoint_dir(run_dir), "--out")
         self._barrier()
         return run_dir
 
@@ -413,19 +420,36 @@ class Trainer:
                             stand_in_copies=2 + (self.d.world_size > 1), headroom_bytes=headroom)
 
     def _checkpoint_to_resume(self):
-        """(state, path) of the newest valid checkpoint when --resume, else None."""
+        """(state, path) of the newest valid checkpoint when --resume, else None. Damaged checkpoints newer than it
+        are moved aside (renamed *.pt.damaged, never deleted): no later resume or pruning counts them. When every
+        checkpoint is damaged, only --allow-fresh-start starts again from step 0; without it nothing is touched."""
         cfg = self.cfg
         if not cfg.resume:
             return None
         if cfg.init_from:
             raise UserError("--resume and --init-from exclude each other: resume continues this run, "
                             "init-from starts a new one")
+        if not self.d.is_main:  # rank 0 decides and moves damaged files first: then every rank finds the same
+            self._barrier()
         try:
-            state, path = load_checkpoint(self.run_dir, map_location="cpu")
-        except UserError as e:
+            state, path, damaged = newest_valid_checkpoint(self.run_dir, map_location="cpu")
+            if state is None and damaged and not cfg.allow_fresh_start:
+                raise UserError(f"--resume: every checkpoint in {checkpoint_dir(self.run_dir)} is damaged ("
+                                + "; ".join(damaged.values()) + "). Nothing was changed: add --allow-fresh-start to "
+                                "move them aside (renamed *.damaged) and train again from step 0")
+            if damaged and self.d.is_main:
+                moved = set_aside(list(damaged), ".damaged")
+                for error, new in zip(damaged.values(), moved):
+                    self.log.info(f"resume: WARNING: moved a damaged checkpoint aside to {new}: {error}")
+        finally:
+            if self.d.is_main:
+                self._barrier()
+        if state is None:
             if not cfg.allow_fresh_start:
-                raise UserError(f"--resume: {e} (add --allow-fresh-start to start from scratch when there is none)")
-            self.log.info(f"resume: no checkpoint in {self.run_dir} yet, starting from scratch")
+                raise UserError(f"--resume: no checkpoint in {checkpoint_dir(self.run_dir)}; add --allow-fresh-start "
+                                "to start from scratch when there is none")
+            self.log.info(f"resume: WARNING: no valid checkpoint in {checkpoint_dir(self.run_dir)}, training starts "
+                          "from step 0" + (" (every checkpoint was damaged)" if damaged else ""))
             return None
         missing = sorted({"optimizer", "loader", "rng", "step", "train_config", "micro_batch"} - state.keys())
         if missing:
@@ -671,6 +695,7 @@ class Trainer:
     def save(self) -> None:
         rng, loader = self._gather(rng_state()), self._gather(self.loader.state_dict())
         if self.d.is_main:
+            self._remove_orphaned_saves()  # before writing: their space may be what this save needs
             path = checkpoint_path(self.run_dir, self.step)
             save_checkpoint({
                 "model_config": dataclasses.asdict(self.model_config),
@@ -687,6 +712,10 @@ class Trainer:
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
             self.log.info(f"step {self.step:6d} | checkpoint {path}")
         self._barrier()
+
+    def _remove_orphaned_saves(self) -> None:
+        for path in remove_orphaned_temp_files(self.run_dir):
+            self.log.info(f"removed {path}, the temporary file of a save that was killed")
 
     def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.d.world_size > 1:
