@@ -8,9 +8,10 @@ Importable: the notebooks call read_metrics / training_figure / loss_figure / he
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from cli import UserError, main_entry
+from cli import UserError, atomic_write, main_entry
 
 TRAIN_PANELS = [  # (metrics key, title, y label, log scale)
     ("loss", "Training loss", "cross-entropy (nats/token)", False),
@@ -28,17 +29,44 @@ def metrics_path(path) -> Path:
 
 
 def read_metrics(path) -> list[dict]:
-    """Events of a run directory's (or a file's) metrics.jsonl, in order; an unfinished last line is skipped."""
+    """Events of a run directory's (or a file's) metrics.jsonl, in order. A line that cannot be used (the one
+    train.py is writing right now, one a crash tore, a hand edit) is skipped with a warning naming its number."""
     file = metrics_path(path)
     if not file.is_file():
         raise UserError(f"no metrics at {file}; pass a run directory made by train.py (or its metrics.jsonl)")
     events = []
-    for line in file.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the line train.py is writing right now
+    for number, line in enumerate(file.read_bytes().splitlines(), start=1):
+        event, problem = parse_event(line)
+        if problem:
+            print(f"warning: {file} line {number} skipped: {problem}", file=sys.stderr)
+        else:
+            events.append(event)
     return events
+
+
+def parse_event(line: bytes) -> tuple[dict | None, str]:
+    """(event, "") for a usable metrics line, else (None, what is wrong with it). An event is a JSON object with an
+    integer step >= 0 whose plotted metrics are numbers (or null)."""
+    try:
+        event = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"not JSON ({e.msg} at column {e.colno}; unfinished or damaged)"
+    if not isinstance(event, dict):
+        return None, f"a JSON {type(event).__name__}, not an object"
+    step = event.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None, f"its step is {step!r}, not an integer >= 0"
+    for key in NUMERIC_KEYS & event.keys():
+        value = event[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return None, f"its {key} is {value!r}, not a number"
+    return event, ""
+
+
+# Keys whose values are plotted: each must be a number (or null).
+NUMERIC_KEYS = {key for key, *_ in TRAIN_PANELS} | {"val_loss", "hellaswag_acc", "hellaswag_acc_norm", "tokens"}
 
 
 def series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -138,7 +166,8 @@ def write_plots(path, out_dir=None) -> list[Path]:
     for name, make, title in figures:
         fig = make(events, title=f"{title}: {run_dir.name}")
         file = out_dir / f"{name}.png"
-        fig.savefig(file, dpi=110)
+        with atomic_write(file) as f:  # a write that fails leaves the previous plot, never a cut-off image
+            fig.savefig(f, format="png", dpi=110)
         plt.close(fig)
         written.append(file)
     return written
