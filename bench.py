@@ -15,14 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from cli import REPO_DIR, UserError, atomic_write, hardware_name, main_entry, run_header
+from cli import (REPO_DIR, UserError, atomic_write, ensure_writable_dir, finite_float, hardware_name, main_entry,
+                 positive_int, run_header)
 
 MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 
 
 def write_json(result: dict, out) -> None:
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(out, "w") as f:
             f.write(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
@@ -171,12 +171,14 @@ MODES["train"] = (add_train_arguments, run_train)
 def add_generate_arguments(parser):
     from model import PRESETS
     parser.add_argument("--config", choices=sorted(PRESETS), default="debug", help="model preset (default: debug)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per timed run (default: 256)")
-    parser.add_argument("--block-size", type=int, default=512,
+    parser.add_argument("--new-tokens", type=positive_int, default=256,
+                        help="tokens generated per timed run (default: 256)")
+    parser.add_argument("--block-size", type=positive_int, default=512,
                         help="the model's context. The default fits the 3-token prompt + 256 new tokens, so the cache "
                              "is filled once. With the debug preset's own 128, once the window is full both paths "
                              "reread 128 tokens per step and the cache only helps the first 125 (default: 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path, median reported (default: 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed runs per path, median reported (default: 3)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
@@ -201,8 +203,6 @@ def run_generate(args) -> dict:
     from model import GPT, GPTConfig
     from tokenizer import get_tokenizer
 
-    if args.new_tokens < 1 or args.repeats < 1:
-        raise UserError("--new-tokens and --repeats must be >= 1")
     device = pick_device(args.device)
     model = GPT(GPTConfig.from_preset(args.config, block_size=args.block_size)).to(device).eval()
     prompt = torch.tensor([get_tokenizer().encode(REFERENCE_PROMPTS[1])], device=device)  # "HTML stands for"
@@ -247,7 +247,7 @@ MODES["generate"] = (add_generate_arguments, run_generate)
 
 def add_data_prep_arguments(parser):
     from data_prep import available_cores
-    parser.add_argument("--corpus-mb", type=float, default=50, help="corpus size in MB (default: 50)")
+    parser.add_argument("--corpus-mb", type=finite_float, default=50, help="corpus size in MB (default: 50)")
     parser.add_argument("--workers", type=int, default=available_cores(),
                         help="data_prep.py --workers (default: all cores, here %(default)s)")
 
@@ -540,6 +540,8 @@ def main(argv=None):
     MODES[known.mode][0](parser)
     args = parser.parse_args(argv)
     args.command = command_without_out(list(map(str, sys.argv[1:] if argv is None else argv)))
+    if args.out:  # refused now rather than after the measurement
+        ensure_writable_dir(Path(args.out).parent, "--out's folder")
     write_json(MODES[args.mode][1](args), args.out)
 
 

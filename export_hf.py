@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 import tokenizer
 from checkpoint import load_checkpoint, save_checkpoint
-from cli import UserError, main_entry
+from cli import UserError, atomic_write, ensure_writable_dir, main_entry
 from model import GPT, GPTConfig
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -147,8 +147,10 @@ def export_model(model: GPT, out_dir, dtype_name: str = "float32", model_card: s
         write_json(tmp / "config.json", hf_config(model.config, dtype_name))
         write_json(tmp / "generation_config.json",
                    {"bos_token_id": tokenizer.EOT_ID, "eos_token_id": tokenizer.EOT_ID})
-        save_file(to_hf_state_dict(model, DTYPES[dtype_name]), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        shutil.copymode(tmp / "config.json", tmp / WEIGHTS_FILE)  # safetensors writes 0600; match the other files
+        # serialized in memory and written by atomic_write: a full disk is then an OSError naming the file
+        # (safetensors' own writer reports it as a SafetensorError without one)
+        with atomic_write(tmp / WEIGHTS_FILE) as f:
+            f.write(save(to_hf_state_dict(model, DTYPES[dtype_name]), metadata={"format": "pt"}))
         write_tokenizer_files(tmp, model.config.block_size)
         (tmp / "README.md").write_text(model_card or model_card_text(model, dtype_name, None, {}))
         replace_dir(tmp, out_dir)
@@ -168,6 +170,7 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
     typo like `--out . --force` cannot wipe an unrelated folder)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a directory path")
+    ensure_writable_dir(out_dir.parent, "--out's folder")  # the export is written beside --out, then renamed
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not force:
@@ -368,6 +371,7 @@ def import_hf(hf_dir, out_file, force: bool = False) -> Path:
                         f"RUN_DIR/checkpoints/step_000000.pt")
     if out_file.exists() and not force:
         raise UserError(f"--out {out_file} exists; pass --force to overwrite it, or choose a new path")
+    ensure_writable_dir(out_file.parent, "--out's folder")
     config, state = load_hf_dir(hf_dir)
     with torch.device("meta"):
         model = GPT(config)

@@ -14,6 +14,7 @@ the context: the model then keeps the most recent block_size tokens in view.
 """
 import argparse
 import codecs
+import math
 import sys
 
 import torch
@@ -34,8 +35,8 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
     """UserError naming the flag when a sampling setting is out of range."""
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be >= 1 (or 0 for no top-k cut), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -163,6 +164,8 @@ def main(argv=None):
     check_sampling_args(args.max_new_tokens, args.temperature, top_k, args.top_p)
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not 0 <= args.seed < 2 ** 64:
+        raise UserError(f"--seed must be in [0, 2**64), the generator's range; got {args.seed}")
     prompts = read_prompts(args)
     device = pick_device(args.device)
     model = GPT.from_checkpoint(args.checkpoint, device)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import REPO_DIR, UserError, atomic_write, main_entry, positive_int
+from cli import REPO_DIR, UserError, atomic_write, ensure_writable_dir, main_entry, positive_int
 from devices import init_distributed
 from model import EOT_ID, GPT, IGNORE_INDEX
 from tokenizer import get_tokenizer
@@ -234,8 +234,6 @@ def parse_args(argv=None):
 
 def write_result(result: dict, out) -> None:
     """JSON written to a temporary name and renamed: a reader never sees half a file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "w") as f:
         f.write(json.dumps(result, indent=2) + "\n")
 
@@ -246,6 +244,10 @@ def main(argv=None):
     if args.download_only:
         print(f"HellaSwag validation: {len(load_examples(args.data))} examples ready")
         return
+    if args.out:  # refused now, not after the whole evaluation
+        if Path(args.out).is_dir():
+            raise UserError(f"--out {args.out} is a folder; give a file path such as {Path(args.out) / 'result.json'}")
+        ensure_writable_dir(Path(args.out).parent, "--out's folder")
     d, device = init_distributed(args.device)
     rank, world_size = d.rank, d.world_size
     try:
