@@ -36,9 +36,11 @@ import contextlib
 import fnmatch
 import functools
 import glob
+import json
 import multiprocessing
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -48,7 +50,7 @@ from tqdm import tqdm
 
 import shards
 import tokenizer
-from cli import REPO_DIR, UserError, main_entry, positive_int
+from cli import REPO_DIR, UserError, ensure_writable_dir, main_entry, positive_int
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
 EMBEDDED_CORPUS = REPO_DIR / "assets" / "corpus" / "tinyshakespeare.txt"
@@ -215,11 +217,51 @@ def load_hf_dataset(args, what: str, *load_args, num_proc: int = 1, **load_kwarg
     import datasets  # only here: the rest of the repo must run on machines without `datasets`
     if not args.streaming and num_proc > 1:
         load_kwargs["num_proc"] = num_proc  # download and prepare files in parallel
-    try:
+    with reading(what, load_kwargs.get("data_files") or []):
         return datasets.load_dataset(*load_args, streaming=args.streaming, cache_dir=args.cache_dir, **load_kwargs)
+
+
+@contextlib.contextmanager
+def reading(what: str, files: list[str]):
+    """Errors of datasets reading the input (at load, or later while streaming) become one line naming the input,
+    and the file and line at fault when one of the --files cannot be decoded."""
+    try:
+        yield
+    except UserError:
+        raise
     except Exception as e:  # network, missing file, parse and schema errors all have their own types
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot load {what} ({type(e).__name__}: {message})")
+        raise UserError(f"cannot load {what}: {first_bad_line(files) or underlying_error(e)}") from e
+
+
+def underlying_error(error: Exception) -> str:
+    """'Type: first line of its message' of the error that caused `error`: datasets wraps a decode or parse error
+    of one file in a DatasetGenerationError that only says that something went wrong."""
+    while type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__):
+        error = error.__cause__ or error.__context__
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def first_bad_line(files: list[str]) -> str:
+    """'FILE line N (byte B): not UTF-8 (...)', or for a .jsonl file 'FILE line N: not JSON (...)': the first line
+    of the --files that cannot be read; '' when every line can (the load failed for another reason)."""
+    for file in files:
+        suffix = Path(file).suffix.lower()
+        if suffix not in (".txt", ".json", ".jsonl"):
+            continue
+        offset = 0
+        with open(file, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    text = line.decode("utf-8")
+                    if suffix == ".jsonl" and text.strip():
+                        json.loads(text.strip())
+                except UnicodeDecodeError as e:
+                    return f"{file} line {number} (byte {offset + e.start}): not UTF-8 ({e.reason}); fix or remove it"
+                except json.JSONDecodeError as e:
+                    return f"{file} line {number}: not JSON ({e.msg} at column {e.colno}); fix or remove it"
+                offset += len(line)
+    return ""
 
 
 def source_record(args) -> dict:
@@ -251,13 +293,22 @@ def load_texts(args, source: dict):
         options = {"sample_by": "paragraph"} if source["reader"] == "text" else {}
         ds = load_hf_dataset(args, what, source["reader"], data_files=source["files"], split="train",
                              num_proc=min(args.workers, len(source["files"])), **options)
-    check_text_field(ds, args.text_field, what)
+    files = source.get("files", [])
+    with reading(what, files):  # a streamed dataset reads its first row here
+        check_text_field(ds, args.text_field, what)
     if args.streaming:
         ds = ds.select_columns([args.text_field])
         if args.max_docs:
             ds = ds.take(args.max_docs)
-        return (batch[args.text_field] for batch in ds.iter(batch_size=DOCS_PER_TASK))
+        return stream_batches(ds, args.text_field, what, files)
     return ArrowTexts(ds, args.text_field, args.max_docs)
+
+
+def stream_batches(ds, field: str, what: str, files: list[str]):
+    """Lists of texts from a streamed dataset, which meets undecodable input only now."""
+    with reading(what, files):
+        for batch in ds.iter(batch_size=DOCS_PER_TASK):
+            yield batch[field]
 
 
 def parquet_paths(args, source: dict):
@@ -409,6 +460,9 @@ _WORKER_TEXTS = None  # the sequence a worker slices its rows from (set once per
 def _init_worker(texts) -> None:
     global _WORKER_TEXTS
     _WORKER_TEXTS = texts
+    # Ctrl-C reaches the whole process group: the parent alone handles it (ending the pool), not every worker with
+    # a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def tokenize_documents(texts: list) -> Tokenized:
@@ -565,7 +619,7 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
     other settings (unless --overwrite); clears an unfinished build (no manifest) so output is never mixed."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "--out")
     entries = [p.name for p in out.iterdir()]
     foreign = [name for name in entries if name != shards.MANIFEST_NAME and not _OUR_FILE.match(name)]
     if (out / shards.MANIFEST_NAME).exists():
