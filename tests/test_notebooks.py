@@ -81,5 +81,9 @@ def test_parameters_tuning_counts_come_from_model_py(this_python_kernel):
         assert f"| {model.num_params():,} | {model.num_params(include_embedding=False):,} |" in tables
     for published in ("GPT-2 small", "GPT-3 Medium", "Llama-3.2-1B", "OLMo-1B", "OpenELM-270M", "LF_LLM-269M"):
         assert f"| {published}" in tables
+    # OLMo-1B's shape without biases or norm weights, 50,304 tied embedding rows: 16 x (4 x 2048^2 + 3 x 2048 x 8192)
+    # + 50,304 x 2048, next to the preset built on it
+    assert "| OLMo-1B (its shape, counted here) | 1,176,764,416 | 1,073,741,824 |" in tables
+    assert "| `lf_llm_1b` (model.py) | 1,177,161,728 | 1,074,235,392 | 7.865 | 493,568 |" in tables
     assert len(outputs(nb, "image/png")) == 1  # the LR schedules
     assert "implied MFU" in "".join(outputs(nb, "stream"))
