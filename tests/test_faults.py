@@ -1,0 +1,361 @@
+"""Faults a user meets: an output on a read-only filesystem or under a file, a full disk or file size limit, Ctrl-C,
+damaged manifests, metrics lines and input files, out-of-range arguments, a resume where every checkpoint is
+damaged, and a save killed mid-write. Each is one line on stderr and a non-zero exit, and leaves nothing behind
+that looks finished."""
+import contextlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from test_generate import save_tiny_checkpoint
+from test_train import TINY, train, train_losses
+
+SAMPLE_HELLASWAG = REPO / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"
+
+
+def assert_one_line(proc, *needles, status=None):
+    """A non-zero exit whose stderr ends in one `error: ...` line (argparse's `SCRIPT: error: ...` after its usage
+    lines for a flag it refuses) holding every needle, and no traceback."""
+    assert proc.returncode != 0 if status is None else proc.returncode == status, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") or last.startswith(f"{proc.args[1]}: error: "), proc.stderr
+    for needle in needles:
+        assert str(needle) in last, last
+    return last
+
+
+@contextlib.contextmanager
+def tmpfs(path, options: str):
+    """A tmpfs mounted at `path` for the test (root only: skipped elsewhere)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode().strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """(folder no file can be written in, the reason the error names): a read-only tmpfs where the test may mount
+    one (root), else a path under a regular file (which fails for root too)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        (tmp_path / "a_file").write_text("x")
+        yield tmp_path / "a_file" / "sub", "Not a directory"
+        return
+    try:
+        yield folder, "Read-only file system"
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "step_000000.pt"
+    save_tiny_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_at_step_4(embedded_data, tmp_path_factory):
+    """A TINY run stopped after step 4, with checkpoints at steps 2 and 4 (tests work on copies of it)."""
+    out = tmp_path_factory.mktemp("runs") / "at_step_4"
+    train(embedded_data, out, "--ckpt-every", "2", "--stop-at-step", "4")
+    return out
+
+
+def copy_run(run, to):
+    import shutil
+    shutil.copytree(run, to)
+    return to
+
+
+@pytest.fixture(scope="module")
+def run_with_metrics(tmp_path_factory):
+    run = tmp_path_factory.mktemp("plots") / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 10.0}) + "\n")
+    return run
+
+
+# --- output locations that cannot be written -------------------------------------------------------------------
+
+def test_unwritable_outputs_are_one_line_before_work(unwritable, embedded_data, tiny_checkpoint, run_with_metrics):
+    folder, reason = unwritable
+    runs = {
+        "train.py": ("train.py", *TINY, "--data", embedded_data, "--out", folder / "run"),
+        "data_prep.py": ("data_prep.py", "--source", "embedded", "--out", folder / "data", "--workers", "1"),
+        "hellaswag_eval.py": ("hellaswag_eval.py", "--checkpoint", tiny_checkpoint, "--data", SAMPLE_HELLASWAG,
+                              "--out", folder / "hellaswag.json"),
+        "export_hf.py": ("export_hf.py", "--checkpoint", tiny_checkpoint, "--out", folder / "export"),
+        "export_hf.py --from-hf": ("export_hf.py", "--from-hf", tiny_checkpoint.parent, "--out", folder / "c.pt"),
+        "plot_metrics.py": ("plot_metrics.py", run_with_metrics, "--out", folder / "plots"),
+        "bench.py": ("bench.py", "--mode", "generate", "--new-tokens", "2", "--repeats", "1", "--block-size", "8",
+                     "--out", folder / "bench.json"),
+    }
+    for name, args in runs.items():
+        proc = run_script(*args)
+        line = assert_one_line(proc, reason)
+        assert str(folder) in line, (name, line)
+        assert "HellaSwag (" not in proc.stdout and "tokenizing" not in proc.stderr, name  # refused before the work
+
+
+# --- a full disk or a file size limit ---------------------------------------------------------------------------
+
+def limited_run(args, file_size_limit: int | None = None):
+    """Run a repo script with RLIMIT_FSIZE set in the child: a write past it fails with EFBIG (SIGXFSZ ignored)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit if file_size_limit else None)
+
+
+def test_checkpoint_beyond_the_file_size_limit_is_one_line_and_keeps_the_previous_ones(run_at_step_4,
+                                                                                       embedded_data, tmp_path):
+    from checkpoint import load_checkpoint_file
+    run = copy_run(run_at_step_4, tmp_path / "run")
+    saved = run / "checkpoints" / "step_000004.pt"
+    proc = limited_run(["train.py", *TINY, "--data", embedded_data, "--out", run, "--resume", "--ckpt-every", "2"],
+                       saved.stat().st_size // 2)  # the logs fit, a checkpoint does not
+    assert_one_line(proc, "step_000006.pt", "File too large", "a checkpoint needs about 89.9 MB", "ulimit -f")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002.pt", "step_000004.pt"]
+    assert load_checkpoint_file(saved)["step"] == 4
+
+
+def test_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_previous_one(embedded_data, tmp_path):
+    from checkpoint import load_checkpoint_file
+    # a filesystem with room for one checkpoint (about 90 MB) and the logs, not two
+    with tmpfs(tmp_path / "small", "size=140m") as small:
+        run = small / "run"
+        train(embedded_data, run, "--ckpt-every", "2", "--keep-checkpoints", "1", "--stop-at-step", "2")
+        saved = run / "checkpoints" / "step_000002.pt"
+        assert 80e6 < saved.stat().st_size < 100e6  # (the tmpfs size above assumes it)
+        proc = train(embedded_data, run, "--ckpt-every", "2", "--keep-checkpoints", "1", "--resume", "--stop-at-step",
+                     "4", check=False)
+        assert_one_line(proc, "step_000004.pt", "No space left on device", "a checkpoint needs about 89.9 MB")
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002.pt"]  # no temporary file
+        assert load_checkpoint_file(saved)["step"] == 2
+
+
+@pytest.mark.parametrize("script", ["data_prep.py", "plot_metrics.py", "export_hf.py"])
+def test_file_size_limit_elsewhere_is_one_line(script, tmp_path, run_with_metrics, tiny_checkpoint):
+    args = {"data_prep.py": ["--source", "embedded", "--out", tmp_path / "data", "--workers", "1"],
+            "plot_metrics.py": [run_with_metrics, "--out", tmp_path / "plots"],
+            "export_hf.py": ["--checkpoint", tiny_checkpoint, "--out", tmp_path / "export"]}[script]
+    proc = limited_run([script, *args], 20_000)
+    assert_one_line(proc, "File too large", tmp_path)
+    assert not (tmp_path / "data" / "manifest.json").exists()
+    assert not [p for p in tmp_path.rglob(".*tmp*")], "a temporary file was left"
+
+
+def test_atomic_write_names_the_path_and_its_cleanup_never_raises_twice(tmp_path):
+    from cli import atomic_write
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError) as info:  # opening and removing the temporary file both fail
+        with atomic_write(tmp_path / "a_file" / "out.json", "w") as f:
+            f.write("{}")
+    assert info.value.__context__ is None  # the cleanup's own failure does not chain a second error on it
+
+    class DiskFull:  # a write() error names no file: atomic_write adds the path
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+    with pytest.raises(OSError) as info:
+        with atomic_write(tmp_path / "out.bin") as f:
+            DiskFull(f).write(b"x")
+    assert info.value.errno == 28 and info.value.filename == str(tmp_path / "out.bin")
+    assert os.listdir(tmp_path) == ["a_file"]
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_stops_data_prep_and_its_pool_with_one_line(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((REPO / "assets" / "corpus" / "tinyshakespeare.txt").read_text() * 4)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "data_prep.py", "--source", "files", "--files", corpus, "--out", out,
+                             "--workers", "2", "--shard-tokens", "50000", "--val-tokens", "50000"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+    seen = b""
+    while b"tokenizing:" not in seen and proc.poll() is None:
+        seen += proc.stderr.read1(200)
+    while not list(out.glob("train_*.bin")) and proc.poll() is None:  # the pool is busy
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the whole process group
+    stderr = (seen + proc.stderr.read()).decode()
+    assert proc.wait(timeout=60) == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C)"
+    assert not (out / "manifest.json").exists()  # unfinished: a rerun rebuilds it
+    time.sleep(0.5)
+    alive = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not alive, f"workers still running: {alive}"
+
+
+# --- damaged manifests, metrics lines and input files -----------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("file", 5), ("split", ["val"]), ("tokens", "100"), ("sha256", None)])
+def test_manifest_entry_of_the_wrong_type_is_one_line(embedded_data, tmp_path, field, value):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(embedded_data, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][0][field] = value
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line(train(data, tmp_path / "run", check=False), "manifest.json")
+
+
+def test_unusable_metrics_lines_are_skipped_with_their_numbers(tmp_path, capsys):
+    from plot_metrics import read_metrics
+    lines = [b'{"step": 0, "loss": 10.0}', b"[1, 2]", b'{"loss": 9.0}', b'{"step": "3", "loss": 9.0}',
+             b'{"step": 1, "loss": "low"}', b'{"step": 2, "val_loss": 8.5}', b'\xff\xfe{"step": 4}', b'{"step": 5, "lo']
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    assert read_metrics(tmp_path) == [{"step": 0, "loss": 10.0}, {"step": 2, "val_loss": 8.5}]
+    warnings = capsys.readouterr().err.splitlines()
+    assert [int(w.split(" line ")[1].split()[0]) for w in warnings] == [2, 3, 4, 5, 7, 8]
+    proc = run_script("plot_metrics.py", tmp_path, "--out", tmp_path / "plots")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 3
+
+
+def test_resume_over_a_damaged_metrics_file(run_at_step_4, embedded_data, tmp_path):
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'[]\n{"step": "x"}\n\xff\n{"step": 3, "lo')  # a hand edit, then a crash mid-line
+    proc = train(embedded_data, out, "--resume", "--stop-at-step", "5")
+    assert "line " in proc.stderr and "skipped" in proc.stderr
+    assert sorted(train_losses(out)) == list(range(5))
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("bad.txt", b"hello\n\nworld \xff\xfe bad\n", "bad.txt line 3 (byte 13): not UTF-8"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": "b"\n', "bad.jsonl line 2: not JSON"),
+], ids=["invalid-utf8", "broken-json-line"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["prepared", "streamed"])
+def test_undecodable_input_file_names_the_file_and_line(tmp_path, name, content, expected, streaming):
+    (tmp_path / name).write_bytes(content)
+    proc = run_script("data_prep.py", "--source", "files", "--files", tmp_path / name, "--out", tmp_path / "out",
+                      "--workers", "1", "--cache-dir", tmp_path / "cache", *(["--streaming"] if streaming else []))
+    assert_one_line(proc, expected)
+
+
+# --- out-of-range arguments -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script, args, needle", [
+    ("generate.py", ["--temperature", "nan"], "--temperature"),
+    ("generate.py", ["--temperature", "inf"], "--temperature"),
+    ("generate.py", ["--seed", "100000000000000000000000"], "--seed"),
+    ("generate.py", ["--seed", "-1"], "--seed"),
+    ("bench.py", ["--mode", "generate", "--block-size", "0"], "--block-size"),
+    ("bench.py", ["--mode", "data-prep", "--corpus-mb", "nan"], "--corpus-mb"),
+    ("train.py", ["--max-lr", "inf"], "--max-lr inf: must be a finite number"),
+    ("train.py", ["--seed", "100000000000"], "--seed"),
+])
+def test_non_finite_and_out_of_range_arguments_are_one_line(script, args, needle, tiny_checkpoint, embedded_data,
+                                                            tmp_path):
+    extra = {"generate.py": ["--checkpoint", tiny_checkpoint, "--max-new-tokens", "2"],
+             "train.py": [*TINY, "--data", embedded_data, "--out", tmp_path / "run"], "bench.py": []}[script]
+    assert_one_line(run_script(script, *extra, *args), needle)
+
+
+# --- resuming a run whose checkpoints are damaged ---------------------------------------------------------------
+
+def damage(path):
+    path.write_bytes(b"not a checkpoint" * 100)
+
+
+def test_resume_when_every_checkpoint_is_damaged_without_fresh_start_changes_nothing(run_at_step_4, embedded_data,
+                                                                                     tmp_path):
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    for path in (out / "checkpoints").iterdir():
+        damage(path)
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    proc = train(embedded_data, out, "--resume", check=False)
+    assert_one_line(proc, "every checkpoint", "step_000002.pt", "step_000004.pt", "--allow-fresh-start")
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
+
+
+def test_resume_when_every_checkpoint_is_damaged_under_torchrun_restarts_from_step_0(run_at_step_4, embedded_data,
+                                                                                     tmp_path):
+    """As run_pre_training_e2e.sh runs it: torchrun --max-restarts ... --resume --allow-fresh-start."""
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    for path in (out / "checkpoints").iterdir():
+        damage(path)
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+                      "train.py", *TINY, "--data", embedded_data, "--out", out, "--ckpt-every", "2",
+                      "--max-steps", "4", "--resume", "--allow-fresh-start")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "already holds checkpoints" not in output
+    assert output.count("moved a damaged checkpoint aside") == 2 and "training starts from step 0" in output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_000002.pt", "step_000002.pt.damaged", "step_000004.pt", "step_000004.pt.damaged"]
+    assert (out / "checkpoints" / "step_000002.pt.damaged").read_bytes() == b"not a checkpoint" * 100  # kept
+    assert sorted(train_losses(out)) == list(range(4))
+
+
+def test_damaged_newer_checkpoint_is_moved_aside_so_pruning_keeps_the_good_ones(run_at_step_4, embedded_data,
+                                                                                tmp_path):
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    damage(out / "checkpoints" / "step_000004.pt")
+    train(embedded_data, out, "--resume", "--ckpt-every", "1", "--keep-checkpoints", "1", "--stop-at-step", "3")
+    # the resume continued from step 2 and saved step 3; keeping one checkpoint must keep that one, not the
+    # damaged step 4 that is newer by name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003.pt", "step_000004.pt.damaged"]
+
+
+# --- a save killed mid-write ------------------------------------------------------------------------------------
+
+SLOW_SAVE = """
+import sys, time
+import torch
+sys.path.insert(0, {repo!r})
+from checkpoint import checkpoint_path, save_checkpoint
+
+
+class Slow:  # pickled inside torch.save, after the temporary file is open
+    def __reduce__(self):
+        print("writing", flush=True)
+        time.sleep(120)
+        return (int, (0,))
+
+
+save_checkpoint({{"model": {{"w": torch.zeros(1000)}}, "slow": Slow()}}, checkpoint_path({run!r}, 6))
+"""
+
+
+def test_save_killed_mid_write_leaves_no_orphan_after_the_next_start(run_at_step_4, embedded_data, tmp_path):
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    saver = subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(repo=str(REPO), run=str(out))],
+                             stdout=subprocess.PIPE, text=True)
+    assert saver.stdout.readline() == "writing\n"
+    orphan = out / "checkpoints" / f".step_000006.pt.tmp{saver.pid}"
+    assert orphan.exists()
+    saver.kill()  # kill -9 during the save
+    saver.wait()
+    live = out / "checkpoints" / f".step_000007.pt.tmp{os.getpid()}"  # a save in progress by a live process
+    live.write_bytes(b"partial")
+    proc = train(embedded_data, out, "--resume", "--stop-at-step", "5")
+    assert f"removed {orphan}" in proc.stdout
+    assert not orphan.exists() and live.exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        live.name, "step_000002.pt", "step_000004.pt", "step_000005.pt"]
+    assert torch.load(out / "checkpoints" / "step_000005.pt", weights_only=True)["step"] == 5
