@@ -1,7 +1,7 @@
 """Benchmarks: each mode measures one thing and compares against its baseline in the same run.
 
   python bench.py --config lf_llm_269m ...   training throughput and MFU (the default mode, --mode train)
-  python bench.py --mode data-prep ...   data_prep.py throughput vs a single-process tiktoken loop
+  python bench.py --mode data-prep ...   data_prep.py whole runs vs fineweb.py's Pool scheme and a 1-process loop
   python bench.py --mode generate ...    generation with the KV cache vs recomputing the context
   python bench.py --mode memory ...      memory per GPU (weights, gradients, AdamW, activations), DDP vs FSDP
 
@@ -9,6 +9,7 @@ Every mode prints a table and, with --out FILE, writes its figures as JSON.
 """
 import argparse
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -242,100 +243,336 @@ MODES["generate"] = (add_generate_arguments, run_generate)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data-prep: data_prep.py (datasets reader, process pool, shard writer) vs a plain single-process tiktoken loop over
-# the same documents of a local .txt corpus (the embedded text repeated), both from files on disk to uint16 tokens.
+# data-prep: whole runs, each in its own process on the same parquet files (a local copy laid out like FineWeb-Edu's
+# sample-10BT) with the same process count, from launch to the last shard: data_prep.py --source hf; the scheme of
+# build-nanogpt's fineweb.py (datasets.load_dataset, then Pool.imap(tokenize, rows, chunksize=16) into uint16
+# shards; written here from its description); and a single-process loop. Figures: seconds, CPU seconds, tokens
+# (identical token streams are checked), peak memory (PSS) of the process tree and peak disk (cache + output).
+
+DATA_PREP_COLUMNS = ("id", "dump", "url", "file_path", "language", "language_score", "token_count", "score",
+                     "int_score")  # FineWeb-Edu's columns besides text: datasets' Arrow cache holds them all
+TEXT_SUFFIXES = (".py", ".md", ".rst", ".txt", ".html")
+
 
 def add_data_prep_arguments(parser):
     from data_prep import available_cores
     parser.add_argument("--corpus-mb", type=finite_float, default=50, help="corpus size in MB (default: 50)")
+    parser.add_argument("--text-root", nargs="+", metavar="DIR",
+                        help="build the corpus from the text files under these folders (.py .md .rst .txt .html, "
+                             "cut into ~4 KB documents at blank lines, repeated with a pass number when short); "
+                             "default: the embedded corpus's speeches, repeated")
     parser.add_argument("--workers", type=int, default=available_cores(),
-                        help="data_prep.py --workers (default: all cores, here %(default)s)")
+                        help="processes of every parallel scheme (default: all cores, here %(default)s)")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 100M)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="whole runs of each scheme, taking turns; the fastest is reported (default: 1)")
+    parser.add_argument("--schemes", default="data_prep,pool,loop",
+                        help="which to run, comma-separated (default: data_prep,pool,loop)")
+    parser.add_argument("--work-dir", default=str(REPO_DIR / "temp_data" / "bench_data_prep"),
+                        help="corpus, caches and outputs, removed afterwards (default: %(default)s)")
 
 
-def write_bench_corpus(folder: Path, megabytes: float, files: int = 8) -> int:
-    """`files` .txt files of the embedded corpus repeated (copies end with a blank line so speeches stay separate);
-    returns the total size in bytes. Several files let datasets prepare them in parallel."""
-    import math
+def local_documents(roots: list[str]):
+    """~4 KB documents (whole paragraphs) from the UTF-8 text files under `roots`, in path order."""
+    from data_prep import split_paragraphs
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            if path.suffix not in TEXT_SUFFIXES or not path.is_file():
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            doc = []
+            for paragraph in split_paragraphs(text):
+                doc.append(paragraph)
+                if sum(map(len, doc)) >= 4000:
+                    yield "\n\n".join(doc)
+                    doc = []
+            if doc:
+                yield "\n\n".join(doc)
 
-    from data_prep import EMBEDDED_CORPUS
-    copy = EMBEDDED_CORPUS.read_text(encoding="utf-8").rstrip("\n") + "\n\n"
-    copies = math.ceil(megabytes * 1e6 / len(copy.encode("utf-8")))
-    files = min(files, copies)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(files):  # file i gets copies i, i + files, i + 2*files, ...
-        (folder / f"part_{i:02d}.txt").write_text(copy * len(range(i, copies, files)), encoding="utf-8")
-    return sum(p.stat().st_size for p in folder.glob("*.txt"))
+
+def write_bench_corpus(folder: Path, megabytes: float, text_roots: list[str] | None, files: int = 8) -> int:
+    """A folder laid out like FineWeb-Edu (README.md whose configs map sample-10BT to sample/10BT/*.parquet) with
+    `files` parquet files of about `megabytes` MB of text in all, row groups of 1,000 documents; returns the text
+    bytes. Documents repeat (with a pass number in front) when the source is shorter."""
+    import itertools
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep import embedded_documents
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
+                                      "    path: sample/10BT/*.parquet\n---\n")
+    docs, size = [], 0
+    for repeat in itertools.count():
+        for doc in (local_documents(text_roots) if text_roots else embedded_documents()):
+            doc = f"({repeat}) {doc}" if repeat else doc
+            docs.append(doc)
+            size += len(doc.encode("utf-8"))
+            if size >= megabytes * 1e6:
+                break
+        if size >= megabytes * 1e6:
+            break
+    (folder / "sample" / "10BT").mkdir(parents=True)
+    per_file = -(-len(docs) // files)
+    for i in range(files):
+        part = docs[i * per_file:(i + 1) * per_file]
+        extra = {name: [f"{name}-{i}-{j}" for j in range(len(part))] for name in DATA_PREP_COLUMNS}
+        pq.write_table(pa.table({"text": part, **extra}), folder / "sample" / "10BT" / f"{i:03d}_00000.parquet",
+                       row_group_size=1000)
+    return size
 
 
-def tiktoken_loop(paths: list) -> dict:
-    """The baseline: one process reads the files, splits them into the same documents and encodes them one by one
-    (<|endoftext|> first), into one uint16 array."""
+class RawShards:
+    """The token stream cut into headerless uint16 files of `shard_tokens` (the first one val), as fineweb.py
+    writes them."""
+
+    def __init__(self, out: Path, shard_tokens: int):
+        import numpy as np
+        self.out, self.buffer, self.fill, self.count = out, np.empty(shard_tokens, np.uint16), 0, 0
+        out.mkdir(parents=True)
+
+    def add(self, tokens) -> None:
+        while tokens.size:
+            n = min(tokens.size, self.buffer.size - self.fill)
+            self.buffer[self.fill:self.fill + n] = tokens[:n]
+            self.fill, tokens = self.fill + n, tokens[n:]
+            if self.fill == self.buffer.size:
+                self.close()
+
+    def close(self) -> None:
+        if self.fill:
+            self.buffer[:self.fill].tofile(self.out / f"{'val' if self.count == 0 else 'train'}_{self.count:06d}.bin")
+            self.count, self.fill = self.count + 1, 0
+
+
+def _pool_scheme_tokenize(row: dict):
+    import numpy as np
+
+    from tokenizer import EOT_ID, get_tokenizer
+    return np.array([EOT_ID, *get_tokenizer().encode_ordinary(row["text"])], dtype=np.uint16)
+
+
+def pool_scheme(dataset: str, out: str, workers: int, shard_tokens: int, cache_dir: str) -> None:
+    """fineweb.py's scheme: the dataset loaded (and converted to Arrow) by datasets, rows sent to a pool 16 at a
+    time, token arrays back in order into the shard buffer."""
+    import multiprocessing
+
+    import datasets
+    rows = datasets.load_dataset(dataset, name="sample-10BT", split="train", cache_dir=cache_dir)
+    writer = RawShards(Path(out), shard_tokens)
+    with multiprocessing.Pool(workers) as pool:
+        for tokens in pool.imap(_pool_scheme_tokenize, rows, chunksize=16):
+            writer.add(tokens)
+    writer.close()
+
+
+def loop_scheme(dataset: str, out: str, workers: int, shard_tokens: int, cache_dir: str) -> None:
+    """One process: each parquet file read with pyarrow, each document encoded in turn."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tokenizer import EOT_ID, get_tokenizer
+    enc = get_tokenizer()
+    writer = RawShards(Path(out), shard_tokens)
+    for path in sorted((Path(dataset) / "sample" / "10BT").glob("*.parquet")):
+        for text in pq.read_table(path, columns=["text"]).column(0).to_pylist():
+            writer.add(np.array([EOT_ID, *enc.encode_ordinary(text)], dtype=np.uint16))
+    writer.close()
+
+
+# data_prep.py as run from the command line, plus a note of when the first document reaches a worker
+FIRST_DOCUMENT_PROBE = """
+import os, sys, time
+marker, sys.argv = sys.argv[1], ["data_prep.py", *sys.argv[2:]]
+import data_prep
+tokenize = data_prep.tokenize_documents
+def noting_the_first(texts):
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, repr(time.time()).encode())
+        os.close(fd)
+    except FileExistsError:
+        pass
+    return tokenize(texts)
+data_prep.tokenize_documents = noting_the_first
+data_prep.main()
+"""
+
+
+def process_tree_pss(pid: int) -> int:
+    """Proportional resident bytes (PSS: pages shared by forked workers counted once in all) of `pid` and all its
+    descendants, from /proc."""
+    children, pss = {}, 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            rollup = (Path("/proc") / str(p) / "smaps_rollup").read_text()
+            pss += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1)) * 1024
+        except (OSError, AttributeError):
+            pass
+    return pss
+
+
+def folder_bytes(*folders: Path) -> int:
+    return sum(p.stat().st_size for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file())
+
+
+def run_measured(command: list[str], disk_folders: list[Path], env: dict) -> dict:
+    """Run `command`; its wall time, CPU time (all its processes), and peaks of process-tree RSS and of the disk used
+    under `disk_folders`, sampled every 0.1 s."""
+    import resource
+    import subprocess
+    import threading
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    peaks = {"memory": 0, "disk": 0}  # memory: PSS of the process tree
+
+    def sample():
+        while proc.poll() is None:
+            peaks["memory"] = max(peaks["memory"], process_tree_pss(proc.pid))
+            peaks["disk"] = max(peaks["disk"], folder_bytes(*disk_folders))
+            time.sleep(0.1)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = proc.communicate()[0]
+    seconds = time.perf_counter() - start
+    sampler.join()
+    if proc.returncode != 0:
+        raise UserError(f"{shlex.join(command[:4])}... failed ({proc.returncode}): {output.strip()[-2000:]}")
+    peaks["disk"] = max(peaks["disk"], folder_bytes(*disk_folders))
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = cpu.ru_utime + cpu.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_pss_bytes": peaks["memory"],
+            "peak_disk_bytes": peaks["disk"]}
+
+
+def token_stream(out: Path) -> tuple[int, str]:
+    """(token count, sha256 of the tokens) of an output folder: data_prep.py's shards in manifest order, or the
+    headerless shards in name order (val first)."""
+    import hashlib
 
     import numpy as np
 
-    from data_prep import split_paragraphs
-    from tokenizer import EOT_ID, get_tokenizer
-    enc = get_tokenizer()
-    start = time.perf_counter()
-    docs = [doc for path in paths for doc in split_paragraphs(Path(path).read_text(encoding="utf-8"))]
-    encode_start = time.perf_counter()
-    ids = []
-    for doc in docs:
-        ids.append(EOT_ID)
-        ids.extend(enc.encode_ordinary(doc))
-    tokens = np.array(ids, dtype=np.uint16)
-    end = time.perf_counter()
-    return {"tokens": int(tokens.size), "encode_seconds": end - encode_start, "total_seconds": end - start}
+    import shards
+    digest, count = hashlib.sha256(), 0
+    if (out / shards.MANIFEST_NAME).exists():
+        manifest = shards.read_manifest(out)
+        arrays = (shards.open_shard(out / s["file"], s["tokens"]) for s in manifest["shards"])
+    else:
+        files = sorted(out.glob("*.bin"), key=lambda p: int(p.stem.split("_")[1]))  # val_000000, train_000001, ...
+        arrays = (np.fromfile(p, dtype=np.uint16) for p in files)
+    for tokens in arrays:
+        digest.update(np.ascontiguousarray(tokens).tobytes())
+        count += tokens.size
+    return count, digest.hexdigest()
+
+
+def run_scheme(scheme: str, root: Path, corpus: Path, args, env: dict) -> dict:
+    """One whole run of `scheme` on the corpus, measured; its output and cache are removed afterwards."""
+    import shutil
+    out, cache = root / f"out_{scheme}", root / f"cache_{scheme}"
+    if scheme == "data_prep":
+        marker = root / "first_document"
+        marker.unlink(missing_ok=True)
+        command = [sys.executable, "-c", FIRST_DOCUMENT_PROBE, str(marker), "--source", "hf", "--dataset",
+                   str(corpus), "--name", "sample-10BT", "--out", str(out), "--workers", str(args.workers),
+                   "--shard-tokens", str(args.shard_tokens), "--cache-dir", str(cache)]
+    else:
+        call = (f"import sys, bench; bench.{scheme}_scheme(sys.argv[1], sys.argv[2], int(sys.argv[3]), "
+                f"int(sys.argv[4]), sys.argv[5])")
+        command = [sys.executable, "-c", call, str(corpus), str(out), str(args.workers), str(args.shard_tokens),
+                   str(cache)]
+    launched = time.time()
+    try:
+        run = run_measured(command, [out, cache], env)
+        run["tokens"], run["sha256"] = token_stream(out)
+        run["shard_bytes"], run["cache_bytes"] = folder_bytes(out), folder_bytes(cache)
+        if scheme == "data_prep":
+            run["first_document_s"] = float(marker.read_text()) - launched
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    return run
+
+
+def best_of(runs: list[dict]) -> dict:
+    """The runs of one scheme summed up: the least disturbed time (minimum: other load only ever adds), the
+    largest memory and disk, and every time."""
+    summary = {**runs[-1], "seconds_each": [r["seconds"] for r in runs]}
+    for key in ("seconds", "cpu_seconds", "first_document_s"):
+        if key in runs[-1]:
+            summary[key] = min(r[key] for r in runs)
+    for key in ("peak_pss_bytes", "peak_disk_bytes"):
+        summary[key] = max(r[key] for r in runs)
+    return summary
 
 
 def run_data_prep(args) -> dict:
     import os
     import shutil
-
-    import datasets  # noqa: F401  (imported here so that the library's import time is not counted as data work)
-
-    import data_prep
-
-    if args.corpus_mb <= 0 or args.workers < 1:
-        raise UserError("--corpus-mb must be > 0 and --workers >= 1")
-    root = REPO_DIR / "temp_data" / "bench_data_prep"
+    if args.corpus_mb <= 0 or args.workers < 1 or args.shard_tokens < 1 or args.repeats < 1:
+        raise UserError("--corpus-mb must be > 0, --workers, --shard-tokens and --repeats >= 1")
+    schemes = args.schemes.split(",")
+    if not set(schemes) <= {"data_prep", "pool", "loop"}:
+        raise UserError(f"--schemes {args.schemes}: choose from data_prep, pool, loop")
+    root = Path(args.work_dir)
     shutil.rmtree(root, ignore_errors=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    runs = {scheme: [] for scheme in schemes}
     try:
-        corpus_bytes = write_bench_corpus(root / "corpus", args.corpus_mb)
-        paths = sorted(str(p) for p in (root / "corpus").glob("*.txt"))
-        baseline = tiktoken_loop(paths)
-        start = time.perf_counter()  # cold: a fresh datasets cache, so its reading and preparing is counted
-        manifest = data_prep.prepare_data(["--source", "files", "--files", *paths, "--out", str(root / "out"),
-                                           "--cache-dir", str(root / "hf_cache"), "--workers", str(args.workers),
-                                           "--shard-tokens", "4000000", "--val-tokens", str(baseline["tokens"] // 10)])
-        end_to_end = time.perf_counter() - start
+        corpus = root / "fineweb-edu"
+        text_bytes = write_bench_corpus(corpus, args.corpus_mb, args.text_root)
+        corpus_bytes = folder_bytes(corpus / "sample")
+        for _ in range(args.repeats):  # the schemes take turns, so that a busy spell is shared out
+            for scheme in schemes:
+                runs[scheme].append(run_scheme(scheme, root, corpus, args, env))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    tokens = manifest["total_tokens"]
-    if tokens != baseline["tokens"]:
-        raise UserError(f"data_prep.py wrote {tokens} tokens but the loop made {baseline['tokens']}: not the same work")
-    seconds = {"loop_encode": baseline["encode_seconds"], "loop_read_split_encode": baseline["total_seconds"],
-               "data_prep_tokenize_write": manifest["seconds"], "data_prep_end_to_end": end_to_end}
-    result = {
-        "corpus_mb": corpus_bytes / 1e6, "tokens": tokens, "workers": args.workers, "cpu_count": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0], "seconds": seconds,
-        "tokens_per_s": {k: tokens / s for k, s in seconds.items()},
-        "mb_per_s": {k: corpus_bytes / 1e6 / s for k, s in seconds.items()},
-        "ratio_end_to_end": baseline["total_seconds"] / end_to_end,
-        "ratio_tokenize_write_vs_encode": baseline["encode_seconds"] / manifest["seconds"],
-    }
-    print(f"\ndata-prep: {result['corpus_mb']:.1f} MB of .txt ({tokens / 1e6:.1f}M tokens), data_prep.py with "
-          f"{args.workers} workers, {os.cpu_count()} CPUs, load average {result['load_average_1min']:.2f}")
-    print(f"{'path':<46}{'seconds':>9}{'Mtok/s':>9}{'MB/s':>8}")
-    labels = {"loop_encode": "tiktoken loop, 1 process: encode", "loop_read_split_encode": "  read + split + encode",
-              "data_prep_tokenize_write": "data_prep.py: tokenize + write shards",
-              "data_prep_end_to_end": "  whole run (datasets load, pool, write)"}
-    for key, label in labels.items():
-        rates = f"{result['tokens_per_s'][key] / 1e6:>9.2f}{result['mb_per_s'][key]:>8.1f}"
-        print(f"{label:<46}{seconds[key]:>9.2f}{rates}")
-    print(f"ratio, whole runs (files -> tokens): {result['ratio_end_to_end']:.2f}x; "
-          f"tokenize+write vs encode loop: {result['ratio_tokenize_write_vs_encode']:.2f}x")
+    streams = {(r["tokens"], r["sha256"]) for scheme_runs in runs.values() for r in scheme_runs}
+    if len(streams) != 1:
+        raise UserError(f"the schemes made different token streams: { {k: r[0]['tokens'] for k, r in runs.items()} }")
+    results = {scheme: best_of(scheme_runs) for scheme, scheme_runs in runs.items()}
+    result = {"corpus_mb": text_bytes / 1e6, "parquet_mb": corpus_bytes / 1e6, "tokens": next(iter(streams))[0],
+              "workers": args.workers, "shard_tokens": args.shard_tokens, "repeats": args.repeats,
+              "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0], "schemes": results,
+              "same_tokens": True}
+    if "data_prep" in results:
+        for other in set(results) - {"data_prep"}:
+            result[f"speedup_vs_{other}"] = results[other]["seconds"] / results["data_prep"]["seconds"]
+    print_data_prep_table(result)
     return result
+
+
+def print_data_prep_table(result: dict) -> None:
+    print(f"\ndata-prep: {result['corpus_mb']:.1f} MB of text in {result['parquet_mb']:.1f} MB of parquet, "
+          f"{result['tokens'] / 1e6:.1f}M tokens (identical in every scheme), {result['workers']} processes, "
+          f"shards of {result['shard_tokens']} tokens, best of {result['repeats']}, {result['cpu_count']} CPUs, "
+          f"load average {result['load_average_1min']:.2f} at the end")
+    labels = {"data_prep": "data_prep.py --source hf", "pool": "Pool.imap scheme (datasets load)",
+              "loop": "single-process loop"}
+    print(f"{'whole run':<34}{'seconds':>9}{'Mtok/s':>8}{'CPU s':>8}{'peak PSS MB':>13}{'peak disk MB':>14}")
+    for name, r in result["schemes"].items():
+        print(f"{labels[name]:<34}{r['seconds']:>9.2f}{result['tokens'] / r['seconds'] / 1e6:>8.2f}"
+              f"{r['cpu_seconds']:>8.1f}{r['peak_pss_bytes'] / 1e6:>13.0f}{r['peak_disk_bytes'] / 1e6:>14.0f}")
+    for key in sorted(k for k in result if k.startswith("speedup_vs_")):
+        print(f"data_prep.py vs {key.removeprefix('speedup_vs_')}: {result[key]:.2f}x")
+    if "data_prep" in result["schemes"]:
+        print(f"first document in a worker {result['schemes']['data_prep']['first_document_s']:.2f} s after launch")
 
 
 MODES["data-prep"] = (add_data_prep_arguments, run_data_prep)
