@@ -39,8 +39,10 @@ import glob
 import json
 import multiprocessing
 import os
+import queue
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -433,15 +435,23 @@ def path_matches(parts: list[str], pattern: list[str]) -> bool:
 
 def fetched_in_order(names: list[str], fetch):
     """Local paths of `names`, in order. The downloads run one after another in a background thread, ahead of the
-    reader, so tokenizing file k overlaps with downloading file k+1."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as downloader:
-        futures = [downloader.submit(fetch, name) for name in names]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+    reader, so tokenizing file k overlaps with downloading file k+1. The thread is a daemon: an interrupted run
+    exits without waiting for a multi-GB download to finish (huggingface_hub resumes it next time)."""
+    fetched = queue.Queue()
+
+    def download_all():
+        for name in names:
+            try:
+                fetched.put((fetch(name), None))
+            except BaseException as e:  # handed to the reader, which raises it in the main thread
+                fetched.put((None, e))
+                return
+    threading.Thread(target=download_all, name="downloads", daemon=True).start()
+    for _ in names:
+        path, error = fetched.get()
+        if error is not None:
+            raise error
+        yield path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -287,13 +287,12 @@ def test_hf_source_on_a_hub_shaped_local_copy(fineweb_copy, tmp_path, streaming)
         assert not cache.exists() or not any(cache.rglob("*"))
 
 
-def test_hf_source_downloads_the_config_files_from_one_hub_commit(fineweb_copy, tmp_path, monkeypatch):
-    """The hub branch (no network here): the repository listing and the downloads are served from the local copy;
-    only the config's files are fetched, README.md first, all at the commit the listing came from."""
+def fake_hub(monkeypatch, root, fail_on=None) -> list:
+    """The hub, served from the local copy: huggingface_hub's listing and downloads (the names fetched are recorded;
+    fetching `fail_on` raises the error a dropped connection would)."""
     import types
 
     import huggingface_hub
-    root, docs = fineweb_copy
     listing = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     fetched = []
 
@@ -303,13 +302,33 @@ def test_hf_source_downloads_the_config_files_from_one_hub_commit(fineweb_copy, 
 
     def hf_hub_download(repo_id, filename, repo_type, revision, cache_dir):
         assert (repo_id, repo_type, revision, cache_dir) == ("HuggingFaceFW/fineweb-edu", "dataset", "c0ffee", "c")
+        if filename == fail_on:
+            raise ConnectionError("connection reset by peer")
         fetched.append(filename)
         return str(root / filename)
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return fetched
+
+
+def test_hf_source_downloads_the_config_files_from_one_hub_commit(fineweb_copy, tmp_path, monkeypatch):
+    """The hub branch (no network here): the repository listing and the downloads are served from the local copy;
+    only the config's files are fetched, README.md first, all at the commit the listing came from."""
+    root, docs = fineweb_copy
+    fetched = fake_hub(monkeypatch, root)
     prepare(tmp_path / "out", "--source", "hf", "--shard-tokens", "40000", "--val-tokens", "15000", cache="c")
     assert fetched == ["README.md", "sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet"]
     assert np.array_equal(shard_tokens(tmp_path / "out"), reference_tokens(docs))
+
+
+def test_hf_download_failure_is_one_clear_error(fineweb_copy, tmp_path, monkeypatch):
+    """A download that fails in the background thread, after tokenizing has begun, stops the run with one line
+    naming the dataset and the cause; the output has no manifest."""
+    fake_hub(monkeypatch, fineweb_copy[0], fail_on="sample/10BT/001_00000.parquet")
+    with pytest.raises(UserError, match=r"cannot read --dataset HuggingFaceFW/fineweb-edu from the Hugging Face hub "
+                                        r"\(ConnectionError: connection reset by peer\)"):
+        prepare(tmp_path / "out", "--source", "hf", "--shard-tokens", "40000", "--val-tokens", "15000", cache="c")
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_hf_source_names_the_configs_and_splits_it_has(fineweb_copy, tmp_path):
