@@ -22,6 +22,10 @@ _NAME = re.compile(r"^step_(\d{6,})\.pt$")
 _TEMP_NAME = re.compile(r"^\.step_\d{6,}\.pt\.tmp(\d+)$")  # cli.atomic_write's temporary file of a checkpoint
 
 
+class CheckpointDamaged(UserError):
+    """The file under a checkpoint name is truncated, garbled or not one of ours: a resume may skip it."""
+
+
 def checkpoint_dir(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -111,9 +115,13 @@ def quarantine_checkpoints(run_dir, from_step: int) -> None:
 def set_aside(paths: list[Path], suffix: str) -> list[Path]:
     """Rename each file to NAME+suffix: kept for inspection, but no longer a checkpoint name that a resume, a lookup
     or the pruning would see. Returns the new paths."""
-    moved = [path.with_name(path.name + suffix) for path in paths]
-    for path, new in zip(paths, moved):
+    moved = []
+    for path in paths:
+        new, n = path.with_name(path.name + suffix), 1
+        while new.exists():  # an earlier file set aside under the same name is kept too
+            new, n = path.with_name(f"{path.name}{suffix}.{n}"), n + 1
         path.rename(new)
+        moved.append(new)
     return moved
 
 
@@ -124,11 +132,28 @@ def load_checkpoint_file(path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, MemoryError):
+        raise  # the disk or the machine failed, not the file: never a reason to fall back to an older checkpoint
     except Exception as e:  # torch raises many types for truncated/garbled files
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use an earlier checkpoint")
+        if not is_damaged_file_error(e):
+            raise
+        if "Unsupported global" in str(e):
+            raise UserError(f"checkpoint {path} holds objects this torch {torch.__version__} will not load "
+                            "(weights_only); the file is not damaged: load it with the code and torch version that "
+                            "wrote it") from e
+        raise CheckpointDamaged(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use an earlier "
+                                "checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT or not {"model", "model_config"} <= state.keys():
-        raise UserError(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
+        raise CheckpointDamaged(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
     return state
+
+
+def is_damaged_file_error(error: Exception) -> bool:
+    """Whether torch.load's error says the file itself is damaged (truncated zip, garbled pickle or header), as
+    opposed to the machine (out of memory: a RuntimeError from the allocator) or this code's version."""
+    if isinstance(error, RuntimeError):
+        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)
+    return True
 
 
 def newest_valid_checkpoint(run_dir, map_location="cpu") -> tuple[dict | None, Path | None, dict[Path, str]]:
@@ -138,7 +163,7 @@ def newest_valid_checkpoint(run_dir, map_location="cpu") -> tuple[dict | None, P
     for candidate in reversed(list_checkpoints(run_dir)):
         try:
             return load_checkpoint_file(candidate, map_location), candidate, damaged
-        except UserError as e:
+        except CheckpointDamaged as e:  # anything else (the disk, memory, a version) stops the lookup
             damaged[candidate] = str(e)
     return None, None, damaged
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,6 +321,45 @@ def test_damaged_newer_checkpoint_is_moved_aside_so_pruning_keeps_the_good_ones(
     # the resume continued from step 2 and saved step 3; keeping one checkpoint must keep that one, not the
     # damaged step 4 that is newer by name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003.pt", "step_000004.pt.damaged"]
+
+
+class NotAllowed:  # a global that weights_only refuses, as a file written by another version's code may hold
+    pass
+
+
+def test_only_a_damaged_file_is_skipped_or_set_aside(tmp_path, monkeypatch):
+    """A resume falls back past a checkpoint only when the file itself is damaged. The machine failing while it
+    loads (no memory, a disk error) or a file this torch version refuses stops the lookup with the newer file in
+    place: falling back would silently throw away the steps after the older checkpoint."""
+    import checkpoint
+    from checkpoint import newest_valid_checkpoint, save_checkpoint, set_aside
+    from cli import UserError
+    run = tmp_path / "run"
+    for step in (2, 4):
+        save_checkpoint({"model_config": {}, "model": {"w": torch.full((2,), float(step))}},
+                        checkpoint.checkpoint_path(run, step))
+    newest = checkpoint.checkpoint_path(run, 4)
+    real_load = torch.load
+    for failure in (MemoryError(), OSError(5, "Input/output error"),
+                    RuntimeError("DefaultCPUAllocator: can't allocate memory")):
+        def failing_load(path, *args, _failure=failure, **kwargs):
+            if Path(path) == newest:
+                raise _failure
+            return real_load(path, *args, **kwargs)
+        monkeypatch.setattr(torch, "load", failing_load)
+        with pytest.raises(type(failure)):
+            newest_valid_checkpoint(run)
+    monkeypatch.setattr(torch, "load", real_load)
+    torch.save({"format": checkpoint.FORMAT, "model_config": {}, "model": {}, "extra": NotAllowed()}, newest)
+    with pytest.raises(UserError, match="not damaged"):
+        newest_valid_checkpoint(run)
+    damage(newest)
+    state, path, damaged = newest_valid_checkpoint(run)
+    assert path.name == "step_000002.pt" and list(damaged) == [newest]
+    first = set_aside([newest], ".damaged")[0]
+    damage(newest)  # damaged again after a later save: the first one set aside is kept as well
+    second = set_aside([newest], ".damaged")[0]
+    assert first != second and first.exists() and second.exists()
 
 
 # --- a save killed mid-write ------------------------------------------------------------------------------------
