@@ -84,14 +84,15 @@ OS_ERROR_ADVICE = {
 
 
 def os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind `error`: itself or one in its __cause__/__context__ chain (libraries re-raise OS faults
-    as their own types: torch.save's writer turns 'File too large' into a RuntimeError)."""
+    """The OSError behind `error`: itself or one in its __cause__ chain, or in the __context__ of a RuntimeError
+    (libraries re-raise OS faults as their own types: torch.save's writer turns 'File too large' into a
+    RuntimeError). Any other error raised while an OSError was being handled is a bug of its own: not followed."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError):
             return error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or (error.__context__ if type(error) is RuntimeError else None)
     return None
 
 

@@ -189,7 +189,8 @@ def test_atomic_write_names_the_path_and_its_cleanup_never_raises_twice(tmp_path
 
 def test_ctrl_c_stops_data_prep_and_its_pool_with_one_line(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text((REPO / "assets" / "corpus" / "tinyshakespeare.txt").read_text() * 4)
+    # 13M tokens: seconds of tokenizing even on an idle machine, so the interrupt comes while the pool is busy
+    corpus.write_text((REPO / "assets" / "corpus" / "tinyshakespeare.txt").read_text() * 40)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "data_prep.py", "--source", "files", "--files", corpus, "--out", out,
                              "--workers", "2", "--shard-tokens", "50000", "--val-tokens", "50000"],
@@ -209,6 +210,21 @@ def test_ctrl_c_stops_data_prep_and_its_pool_with_one_line(tmp_path):
     time.sleep(0.5)
     alive = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert not alive, f"workers still running: {alive}"
+
+
+def test_a_bug_while_handling_a_file_error_keeps_its_traceback():
+    """Only the OS fault itself (or one a library re-raised from it) becomes one line: a different error raised
+    while an OSError was being handled is a bug of its own and must not be hidden behind the file's message."""
+    from cli import main_entry
+
+    @main_entry
+    def main():
+        try:
+            open("/nonexistent/settings.json")
+        except FileNotFoundError:
+            return {}["fallback"]  # a bug in the fallback
+    with pytest.raises(KeyError):
+        main()
 
 
 # --- damaged manifests, metrics lines and input files -----------------------------------------------------------
