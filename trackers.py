@@ -136,7 +136,8 @@ class TensorBoardTracker:
 
 class WandbTracker:
     """A W&B run named after the run directory, its id kept there. Its x-axis is the event's `step` (a W&B step
-    metric), so an event that a resume logs again never clashes with W&B's own ever-increasing step. W&B's
+    metric), so an event that a resume logs again never clashes with W&B's own ever-increasing step (W&B keeps
+    what it was sent: the steps a crash lost and the resume ran again appear twice there). W&B's
     environment (WANDB_MODE=offline, WANDB_DIR, WANDB_ENTITY, WANDB_PROJECT, WANDB_NAME...) applies; its files go
     to the run directory unless WANDB_DIR says otherwise."""
     name = "wandb"

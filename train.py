@@ -772,11 +772,19 @@ class Trainer:
         return header, config
 
     def _open_trackers(self, header: list[str], config: dict) -> Trackers:
-        """Rank 0 starts the --tracker mirrors, which then get every metrics event; other ranks get none."""
+        """Rank 0 starts the --tracker mirrors, which then get every metrics event; other ranks get none. A tracker
+        that cannot start stops every rank together (the others would otherwise wait in the first collective)."""
+        error = None
         if self.d.is_main:
-            self.log.trackers = open_trackers(parse_trackers(self.cfg.tracker), self.run_dir, self.step, self.resumed,
-                                              config, header, self.cfg.wandb_project, self.cfg.wandb_run_name,
-                                              warn=self.log.info)
+            try:
+                self.log.trackers = open_trackers(parse_trackers(self.cfg.tracker), self.run_dir, self.step,
+                                                  self.resumed, config, header, self.cfg.wandb_project,
+                                                  self.cfg.wandb_run_name, warn=self.log.info)
+            except UserError as e:
+                error = str(e)
+        error = self._gather(error)[0]
+        if error:
+            raise UserError(error)
         return self.log.trackers
 
 

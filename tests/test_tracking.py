@@ -227,6 +227,32 @@ def test_missing_tracker_package_is_one_line(embedded_data, tmp_path, package):
     assert not (tmp_path / "run").exists()  # stopped before anything was written
 
 
+TRACKER_CANNOT_START = """
+import sys
+sys.path.insert(0, {repo!r})
+import train
+from cli import UserError
+
+def cannot_start(*args, **kwargs):
+    raise UserError("--tracker wandb could not start: not logged in")
+train.open_trackers = cannot_start
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_tracker_that_cannot_start_stops_every_rank(embedded_data, tmp_path):
+    """Only rank 0 opens the trackers: when that fails, the other ranks must stop too instead of waiting for rank 0
+    in the first collective (under torchrun --max-restarts each restart would hang until the group is torn down)."""
+    from conftest import REPO
+    script = tmp_path / "train_untracked.py"
+    script.write_text(TRACKER_CANNOT_START.format(repo=str(REPO)))
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *RUN,
+                      "--data", embedded_data, "--out", tmp_path / "run", timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --tracker wandb could not start: not logged in") == 2, proc.stderr[-2000:]
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
 def test_unknown_tracker_refused():
     from cli import UserError
     from trackers import parse_trackers
