@@ -366,6 +366,10 @@ def open_dataset_repo(args) -> DatasetRepo:
         return DatasetRepo(files, card.read_text(encoding="utf-8") if card.is_file() else "",
                            lambda name: str(root / name), None)
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars
+    # the downloads run in a daemon thread (fetched_in_order): without its own bars it never holds stderr, which a
+    # daemon thread must not do when the interpreter exits (Ctrl-C, an error); data_prep's bar shows the progress
+    disable_progress_bars()
 
     def fetch(name: str) -> str:
         with hub_errors(args.dataset):
@@ -621,7 +625,8 @@ def tokenize_and_write(texts, out_dir: Path, args) -> dict:
 def settings_record(source: dict, args) -> dict:
     """What decides the output: a finished directory is reused only when these match."""
     return {"source": source, "max_docs": args.max_docs, "max_tokens": args.max_tokens,
-            "shard_tokens": args.shard_tokens, "val_tokens": args.val_tokens, "tool_version": TOOL_VERSION}
+            "shard_tokens": args.shard_tokens, "val_tokens": args.val_tokens, "val_share": args.val_share,
+            "tool_version": TOOL_VERSION}
 
 
 def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
