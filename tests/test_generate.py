@@ -144,11 +144,12 @@ def test_cli_sampling_follows_the_seed(repo_dir, checkpoint_file):
                             "--max-new-tokens", 12, "--temperature", 0.9, "--top-k", 100, "--top-p", 0.9,
                             "--seed", seed, "--num-samples", 2, "--no-stop-at-eot")
         assert result.returncode == 0, result.stderr
-        return result.stdout
+        texts = result.stdout.split("\n=== prompt 1/1, sample 2/2")
+        assert len(texts) == 2 and texts[0].startswith("=== prompt 1/1, sample 1/2")
+        return [text.split("\n", 1)[1] for text in texts]  # without the headers (they name the seed)
     first = sample(11)
     assert first == sample(11) and first != sample(12)
-    texts = first.split("=== prompt 1/1, sample 2/2")
-    assert len(texts) == 2 and texts[0] != texts[1]  # the two samples of one run differ
+    assert first[0] != first[1]  # the two samples of one run differ
 
 
 @pytest.mark.parametrize("args, words", [

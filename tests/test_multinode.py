@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 
-import torch
 
 from conftest import REPO, run_script
 from test_train import NO_DROPOUT, TINY, assert_same_weights, final_weights, train_events

@@ -1,6 +1,5 @@
 """trackers.py: TensorBoard and W&B (offline) hold what metrics.jsonl holds, continue on resume, stay optional."""
 import json
-import os
 import shutil
 import struct
 
