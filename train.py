@@ -248,10 +248,10 @@ def _flag_type(annotation):
     return annotation
 
 
-def parse_config(argv=None) -> tuple[TrainConfig, str]:
-    """(config, preset name) from the command line: the preset's values, overridden by the flags given."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="lf_llm_269m",
+def add_config_flags(parser: argparse.ArgumentParser, default_preset: str = "lf_llm_269m") -> None:
+    """--config PRESET plus one flag per TrainConfig field (default None: the preset's value). bench.py's train mode
+    reuses them, so a benchmark takes exactly the flags a training run takes."""
+    parser.add_argument("--config", default=default_preset,
                         help=f"preset: {', '.join(TRAIN_PRESETS)} (default %(default)s)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -263,10 +263,23 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
             parser.add_argument(flag, nargs="*", default=None, metavar="TEXT", help=default)
         else:
             parser.add_argument(flag, type=kind, default=None, help=default)
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("config")
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None}
+
+
+def config_from_flags(args: dict) -> tuple[TrainConfig, str]:
+    """(config, preset name) from add_config_flags' parsed values: the preset's values, overridden by the flags
+    given. Keys that are not TrainConfig fields (another script's own flags) are ignored."""
+    preset = args["config"]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()
+                 if k in fields and v is not None}
     return TrainConfig.from_preset(preset, **overrides), preset
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, str]:
+    """(config, preset name) from the command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
+    return config_from_flags(vars(parser.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
