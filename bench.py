@@ -85,7 +85,7 @@ def run_train(args) -> dict:
     import torch
 
     from devices import Dist, enable_tf32, pick_device
-    from model import mfu
+    from devices import mfu
     from train import Trainer
 
     if args.steps < 1 or args.warmup < 0 or args.accum < 1:

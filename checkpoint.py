@@ -8,11 +8,13 @@ kill leaves behind is removed by the next training start or save (remove_orphane
 """
 import errno
 import os
+import random
 import re
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cli import UserError, atomic_write
@@ -181,3 +183,62 @@ def load_checkpoint(path, map_location="cpu") -> tuple[dict, Path]:
         raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run" if damaged else
                         f"no checkpoint in {checkpoint_dir(path)}; train first, or pass a checkpoint file")
     return state, found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models from checkpoints
+
+def load_model(path, device="cpu"):
+    """The GPT of a checkpoint file, or of a run directory's newest valid checkpoint, in eval mode."""
+    state, file = load_checkpoint(path, map_location="cpu")
+    return model_from_state(state, file, device)
+
+
+def model_from_state(state: dict, source, device="cpu"):
+    """The GPT of a loaded checkpoint dict (`source` names it in errors), in eval mode. The model is built on the
+    meta device and materialized once on `device`: no random init of weights that are overwritten anyway."""
+    from model import GPT, GPTConfig
+    try:
+        config = GPTConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointDamaged(f"checkpoint {source} has an invalid model config: {e}") from e
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointDamaged(f"checkpoint {source} does not match its model config: {str(e).splitlines()[0]}")
+    model.reset_rope_tables()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG states (one per rank in a training checkpoint)
+
+def rng_state() -> dict:
+    """This process's Python, numpy, torch (and CUDA) generator states, as types weights_only loading accepts."""
+    np_state = np.random.get_state()  # numpy arrays are not allowed in a weights_only file: the key becomes a tensor
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() packed (a saved CUDA state only where CUDA is available)."""
+    def to_tuples(x):  # torch.load gives back Python's state as nested lists
+        return tuple(to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+    random.setstate(to_tuples(state["python"]))
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -67,3 +67,27 @@ def enable_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model FLOPs utilization
+
+PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks from the vendors' data sheets
+    "A100": 312e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The bf16 peak for a CUDA device name ('NVIDIA H100 80GB HBM3' -> H100 SXM), or None when unknown."""
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # 'H100 PCIe' before 'H100'
+        if all(part in device_name for part in key.split()):
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def mfu(flops_per_token: int, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization: achieved training FLOP/s over the device's peak (None without a peak)."""
+    return flops_per_token * tokens_per_s / peak if peak else None

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 import tokenizer
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_state, save_checkpoint
 from cli import UserError, atomic_write, ensure_writable_dir, main_entry
 from model import GPT, GPTConfig
 
@@ -296,7 +296,7 @@ def export_checkpoint(checkpoint, out_dir, dtype_name: str = "float32", force: b
     check_dtype(dtype_name)
     check_output_dir(Path(out_dir), force)  # fail before the (slow) checkpoint load
     state, file = load_checkpoint(Path(checkpoint))
-    model = GPT.from_state(state, file)
+    model = model_from_state(state, file)
     step = state.get("step")
     card = model_card_text(model, dtype_name, step, run_metrics(file.parent.parent, step))
     return export_model(model, out_dir, dtype_name, card, force)

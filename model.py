@@ -319,28 +319,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "GPT":
-        """The model of a checkpoint file, or of a run directory's newest valid checkpoint, in eval mode."""
-        from checkpoint import load_checkpoint
-        state, file = load_checkpoint(path, map_location="cpu")
-        return cls.from_state(state, file, device)
-
-    @classmethod
-    def from_state(cls, state: dict, source, device="cpu") -> "GPT":
-        """The model of a loaded checkpoint dict (`source` names it in errors), in eval mode."""
-        from cli import UserError
-        try:
-            config = GPTConfig.from_dict(state["model_config"])
-        except (TypeError, ValueError) as e:
-            raise UserError(f"checkpoint {source} has an invalid model config: {e}")
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device=device)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {source} does not match its model config: {str(e).splitlines()[0]}")
-        model.reset_rope_tables()
-        return model.eval()
+        """The model of a checkpoint file, or of a run directory's newest valid checkpoint, in eval mode (the
+        loading and its error messages live in checkpoint.py)."""
+        from checkpoint import load_model
+        return load_model(path, device)
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation
@@ -402,27 +384,3 @@ def sample_next(logits, temperature: float, top_k: int | None, top_p: float | No
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model FLOPs utilization
-
-PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks from the vendors' data sheets
-    "A100": 312e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "H200": 989e12,
-}
-
-
-def peak_flops(device_name: str) -> float | None:
-    """The bf16 peak for a CUDA device name ('NVIDIA H100 80GB HBM3' -> H100 SXM), or None when unknown."""
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # 'H100 PCIe' before 'H100'
-        if all(part in device_name for part in key.split()):
-            return PEAK_BF16_FLOPS[key]
-    return None
-
-
-def mfu(flops_per_token: int, tokens_per_s: float, peak: float | None) -> float | None:
-    """Model FLOPs utilization: achieved training FLOP/s over the device's peak (None without a peak)."""
-    return flops_per_token * tokens_per_s / peak if peak else None

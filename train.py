@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 from checkpoint import (checkpoint_dir, checkpoint_path, list_checkpoints, load_checkpoint, newest_valid_checkpoint,
                         prune_checkpoints, quarantine_checkpoints, remove_orphaned_temp_files, save_checkpoint,
-                        set_aside)
+                        rng_state, seed_everything, set_aside, set_rng_state)
 from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_header
 from dataloader import ShardDataset, TrainLoader, val_batches
-from devices import Dist, enable_tf32, init_distributed
+from devices import Dist, enable_tf32, init_distributed, mfu, peak_flops
 from generate import REFERENCE_PROMPTS, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
-from model import GPT, PRESETS, GPTConfig, mfu, peak_flops
+from model import GPT, PRESETS, GPTConfig
 from plot_metrics import read_metrics
 from trackers import Trackers, check_installed, open_trackers, parse_trackers
 
@@ -280,43 +280,6 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
     return config_from_flags(vars(parser.parse_args(argv)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# RNG state (saved per rank in checkpoints)
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": _numpy_rng_to_plain(np.random.get_state()),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_to_tuples(state["python"]))
-    np.random.set_state(_numpy_rng_from_plain(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _numpy_rng_to_plain(s):  # numpy arrays are not allowed in a weights_only checkpoint: store a tensor
-    return [s[0], torch.from_numpy(s[1].astype(np.int64)), s[2], s[3], s[4]]
-
-
-def _numpy_rng_from_plain(s):
-    return (s[0], s[1].numpy().astype(np.uint32), s[2], s[3], s[4])
-
-
-def _to_tuples(x):
-    return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
