@@ -8,7 +8,6 @@
 Every mode prints a table and, with --out FILE, writes its figures as JSON.
 """
 import argparse
-import json
 import re
 import shlex
 import statistics
@@ -16,17 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from cli import (REPO_DIR, UserError, atomic_write, ensure_writable_dir, finite_float, hardware_name, main_entry,
-                 positive_int, run_header)
+from cli import (REPO_DIR, UserError, ensure_writable_dir, finite_float, hardware_name, main_entry, positive_int,
+                 run_header, write_json)
 
 MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
-
-
-def write_json(result: dict, out) -> None:
-    if out:
-        with atomic_write(out, "w") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -779,7 +771,10 @@ def main(argv=None):
     args.command = command_without_out(list(map(str, sys.argv[1:] if argv is None else argv)))
     if args.out:  # refused now rather than after the measurement
         ensure_writable_dir(Path(args.out).parent, "--out's folder")
-    write_json(MODES[args.mode][1](args), args.out)
+    result = MODES[args.mode][1](args)
+    if args.out:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

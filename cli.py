@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import json
 import math
 import os
 import platform
@@ -155,6 +156,12 @@ def atomic_write(path, mode: str = "wb"):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_json(path, obj) -> None:
+    """`obj` as indented JSON, written all or nothing (atomic_write): results, manifests and configs."""
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
 
 
 def git_commit() -> str:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save
 
 import tokenizer
 from checkpoint import load_checkpoint, model_from_state, save_checkpoint
-from cli import UserError, atomic_write, ensure_writable_dir, main_entry
+from cli import UserError, atomic_write, ensure_writable_dir, main_entry, write_json
 from model import GPT, GPTConfig
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -194,10 +194,6 @@ def replace_dir(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def write_tokenizer_files(out_dir: Path, max_length: int) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import REPO_DIR, UserError, atomic_write, ensure_writable_dir, main_entry, positive_int
+from cli import REPO_DIR, UserError, ensure_writable_dir, main_entry, positive_int, write_json
 from devices import init_distributed
 from model import EOT_ID, GPT, IGNORE_INDEX
 from tokenizer import get_tokenizer
@@ -232,12 +232,6 @@ def parse_args(argv=None):
     return args
 
 
-def write_result(result: dict, out) -> None:
-    """JSON written to a temporary name and renamed: a reader never sees half a file."""
-    with atomic_write(out, "w") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
-
-
 @main_entry(memory_hint="lower --batch-size")
 def main(argv=None):
     args = parse_args(argv)
@@ -263,7 +257,7 @@ def main(argv=None):
               f"({result['correct_norm']}/{result['total']})")
         if args.out:
             source = {"checkpoint": str(args.checkpoint), "data": str(args.data or OFFICIAL_URL)}
-            write_result({**result, **source}, args.out)
+            write_json(args.out, {**result, **source})
             print(f"wrote {args.out}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import tokenizer
-from cli import UserError, atomic_write
+from cli import UserError, atomic_write, write_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lf-llm-token-shards-v1"
@@ -86,9 +86,7 @@ def file_sha256(path) -> str:
 def write_manifest(data_dir, manifest: dict) -> None:
     """Write manifest.json atomically (temporary name, fsync, rename, fsync the folder): the mark of a finished
     build, so it must never exist half-written."""
-    with atomic_write(Path(data_dir) / MANIFEST_NAME, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
+    write_json(Path(data_dir) / MANIFEST_NAME, manifest)
 
 
 def is_shard_entry(entry) -> bool:
