@@ -242,3 +242,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def checkpoint_step(path) -> int:
+    """The step a checkpoint's name says it holds: step_000250.pt (or a step_000250 folder) -> 250."""
+    return int(re.match(r"step_(\d+)", Path(path).name).group(1))

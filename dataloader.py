@@ -7,8 +7,10 @@ Training windows: a window is T + 1 consecutive tokens (x = the first T, y = the
 tile it with stride T (window j starts at token j*T). Epoch e visits the train shards in a permutation drawn from
 (seed, e) and the windows of each shard in a permutation drawn from (seed, e, shard), which defines one global
 stream of windows, epoch after epoch. Micro-batch k of rank r (of W ranks) is the B stream windows starting at
-(k*W + r)*B, so W ranks reading A micro-batches each read exactly what one process reads in A*W micro-batches, and
-the loader's whole state is k.
+(k*W + r)*B, so W ranks reading A micro-batches each read exactly what one process reads in A*W micro-batches. The
+loader's whole state is one number, the stream position (windows read by all ranks together, k*W*B): the same on
+every rank, and independent of how a token batch is split into ranks and micro-batches. A run that resumes with
+another process count or micro-batch therefore continues at exactly the next window.
 """
 import functools
 import hashlib
@@ -23,7 +25,8 @@ import torch
 from cli import UserError
 from shards import open_shard, read_manifest, validate_shards
 
-LOADER_STATE_FORMAT = "lf-llm-train-loader-v1"
+LOADER_STATE_FORMAT = "lf-llm-train-loader-v2"
+LOADER_STATE_V1 = "lf-llm-train-loader-v1"  # per-rank micro-batch counts (checkpoints before v2); still loaded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,7 +135,7 @@ class TrainLoader:
         self.log = log
         self._windows = _windows_per_shard(dataset.train_shards, seq_len)
         self.epoch_windows = int(self._windows.sum())
-        self._micro_batch = 0  # k: the next micro-batch number, counted over all ranks' turns
+        self._window = 0  # the stream position: windows all ranks have read together (k*W*B after k micro-batches)
         self._epoch_seen = 0  # the latest epoch this loader has read from (to log each crossing once)
 
     def _locate(self, index: int) -> tuple[int, int, int]:
@@ -159,9 +162,8 @@ class TrainLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y), each (B, T) int64 on the loader's device; y is x shifted left by one token."""
-        start = (self._micro_batch * self.world_size + self.rank) * self.batch_size
-        windows, epoch = self._read(start, self.batch_size)
-        self._micro_batch += 1
+        windows, epoch = self._read(self._window + self.rank * self.batch_size, self.batch_size)
+        self._window += self.world_size * self.batch_size
         if epoch > self._epoch_seen:
             self.log(f"data: epoch {self._epoch_seen} of {self.dataset.data_dir} done ({self.epoch_windows} windows "
                      f"of {self.seq_len} tokens); starting epoch {epoch} in a new order")
@@ -169,38 +171,52 @@ class TrainLoader:
         return _batch_to_device(windows, self.device)
 
     def _settings(self) -> dict:
-        return {"dataset": self.dataset.fingerprint, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "world_size": self.world_size, "seed": self.seed}
+        """What a saved position is only valid with: the data, the window length and the shuffle seed."""
+        return {"dataset": self.dataset.fingerprint, "seq_len": self.seq_len, "seed": self.seed}
 
-    def _position(self, micro_batch: int) -> dict:
-        """Where the global stream stands before micro-batch `micro_batch` of rank 0 (the same on every rank)."""
-        epoch, slot, pos = self._locate(micro_batch * self.world_size * self.batch_size)
+    def _position(self, window: int) -> dict:
+        """Where stream window `window` lies: a readable check that the saved number means the same data."""
+        epoch, slot, pos = self._locate(window)
         shard = int(_shard_order(self.seed, epoch, len(self._windows))[slot])
-        return {"epoch": epoch, "shard": self.dataset.train_shards[shard].path.name, "window": pos}
+        return {"epoch": epoch, "shard": self.dataset.train_shards[shard].path.name, "shard_window": pos}
 
     def state_dict(self) -> dict:
         """Plain ints and strings (safe for torch.load(weights_only=True)); identical on every rank."""
-        return {"format": LOADER_STATE_FORMAT, **self._settings(), "micro_batch": self._micro_batch,
-                **self._position(self._micro_batch)}
+        return {"format": LOADER_STATE_FORMAT, **self._settings(), "window": self._window,
+                **self._position(self._window)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the loader that saved `state` stopped (same data, B, T, world size and seed)."""
-        if not isinstance(state, dict) or state.get("format") != LOADER_STATE_FORMAT:
-            raise UserError("the saved loader state is not one of this repo's train loader states; start the data "
-                            "from the beginning or use a matching checkpoint")
+        """Continue at exactly the next stream window of the loader that saved `state`: same data, T and seed; the
+        batch size and the number of ranks may differ."""
+        state = _upgraded_loader_state(state)
         for key, value in self._settings().items():
             if state.get(key) != value:
                 raise UserError(f"the saved loader state has {key} {state.get(key)!r} but this run has {value!r}; "
-                                f"resume with the same data directory, batch size, sequence length, GPU count and seed")
-        micro_batch = state.get("micro_batch")
-        if not isinstance(micro_batch, int) or micro_batch < 0 or any(
-                state.get(k) != v for k, v in self._position(micro_batch).items()):
-            raise UserError("the saved loader state is inconsistent (its position does not match its micro-batch "
-                            "count); the checkpoint holding it is damaged")
-        self._micro_batch = micro_batch
-        # The epoch of this rank's last window before the save, so a crossing is logged exactly as it would have been.
-        last_read = ((micro_batch - 1) * self.world_size + self.rank + 1) * self.batch_size - 1
-        self._epoch_seen = self._locate(last_read)[0] if micro_batch else 0
+                                f"resume with the same data directory, sequence length and seed")
+        window = state.get("window")
+        if not isinstance(window, int) or window < 0 or (
+                "shard" in state and any(state.get(k) != v for k, v in self._position(window).items())):
+            raise UserError("the saved loader state is inconsistent (its position does not match its window "
+                            "number); the checkpoint holding it is damaged")
+        self._window = window
+        # The epoch of this rank's last window before the save (as this loader would have read it), so that a
+        # crossing is logged exactly as without the interruption.
+        stride = self.world_size * self.batch_size
+        self._epoch_seen = self._locate(window - stride + (self.rank + 1) * self.batch_size - 1)[0] \
+            if window >= stride else 0
+
+
+def _upgraded_loader_state(state) -> dict:
+    """A v2 state from a v1 one (micro-batch count k of ranks x batch size: position k*W*B)."""
+    if isinstance(state, dict) and state.get("format") == LOADER_STATE_V1 and all(
+            isinstance(state.get(k), int) for k in ("micro_batch", "world_size", "batch_size")):
+        return {"format": LOADER_STATE_FORMAT, "dataset": state.get("dataset"), "seq_len": state.get("seq_len"),
+                "seed": state.get("seed"), "window": state["micro_batch"] * state["world_size"] * state["batch_size"],
+                "epoch": state.get("epoch"), "shard": state.get("shard"), "shard_window": state.get("window")}
+    if not isinstance(state, dict) or state.get("format") != LOADER_STATE_FORMAT:
+        raise UserError("the saved loader state is not one of this repo's train loader states; start the data "
+                        "from the beginning or use a matching checkpoint")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------

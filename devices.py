@@ -19,6 +19,37 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # Collectives. Host-side ones go over the gloo control group: no GPU sync, and any rank may call them at a time
+    # when the GPU still has queued work. With one process each is the identity.
+
+    def gather(self, obj) -> list:
+        """[rank 0's obj, rank 1's, ...] on every rank (picklable host objects)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.control)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (one int all-reduce: cheap enough for every step)."""
+        if self.world_size == 1:
+            return bool(flag)
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(value.item())
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a device tensor (over the default group: NCCL on GPUs, no host round trip)."""
+        if self.world_size == 1:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # (gloo has no AVG)
+        return value / self.world_size
+
 
 def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (global rank across nodes, local rank on this node)."""
@@ -67,6 +98,49 @@ def enable_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device memory: what `--micro-batch auto` probes
+
+AUTO_HEADROOM = 0.05  # share of GPU memory `--micro-batch auto` leaves free (fragmentation, evaluation shapes)
+
+
+def largest_fitting(candidates: list[int], fits) -> int:
+    """The first (largest) candidate that fits, or 0 when none does."""
+    return next((batch for batch in candidates if fits(batch)), 0)
+
+
+def memory_probe(model, seq_len: int, device, autocast, stand_in_copies: int, headroom_bytes: int):
+    """fits(b): whether training on micro-batches of b sequences fits in device memory. Two forward + backward
+    passes run (the second with the first's gradients held, as in accumulation) next to stand-ins for what training
+    adds: `stand_in_copies` of the parameters (AdamW's two moments; DDP's gradient buckets) and `headroom_bytes` kept
+    free against fragmentation. The weights and the optimizer stay untouched. Eager mode: compiled steps need less."""
+    def fits(batch: int) -> bool:
+        reserve = []
+        try:
+            reserve = [torch.empty_like(p) for p in model.parameters() for _ in range(stand_in_copies)]
+            reserve.append(torch.empty(headroom_bytes, dtype=torch.uint8, device=device))
+            x = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
+            for _ in range(2):
+                with autocast():
+                    loss = model(x, x)[1]
+                loss.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del reserve
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return fits
+
+
+def cuda_memory_probe(model, seq_len: int, device, autocast, stand_in_copies: int):
+    """memory_probe with AUTO_HEADROOM of this GPU's memory kept free."""
+    headroom = int(AUTO_HEADROOM * torch.cuda.get_device_properties(device).total_memory)
+    return memory_probe(model, seq_len, device, autocast, stand_in_copies, headroom)
 
 
 # ----------------------------------------------------------------------------------------------------------------

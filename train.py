@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
 import signal
 import sys
 import time
@@ -24,18 +23,18 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (checkpoint_dir, checkpoint_path, list_checkpoints, load_checkpoint, newest_valid_checkpoint,
-                        prune_checkpoints, quarantine_checkpoints, remove_orphaned_temp_files, save_checkpoint,
-                        rng_state, seed_everything, set_aside, set_rng_state)
+from checkpoint import (checkpoint_dir, checkpoint_path, checkpoint_step, list_checkpoints, load_checkpoint,
+                        newest_valid_checkpoint, prune_checkpoints, quarantine_checkpoints, remove_orphaned_temp_files,
+                        rng_state, save_checkpoint, seed_everything, set_aside, set_rng_state)
 from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_header
 from dataloader import ShardDataset, TrainLoader, val_batches
-from devices import Dist, enable_tf32, init_distributed, mfu, peak_flops
+from devices import (Dist, cuda_memory_probe, enable_tf32, init_distributed, largest_fitting, mfu,
+                     peak_flops)
 from generate import REFERENCE_PROMPTS, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
 from model import GPT, PRESETS, GPTConfig
@@ -101,6 +100,9 @@ class TrainConfig:
     stop_at_step: int = 0  # checkpoint and exit after this step (the schedule still follows max_steps)
     resume: bool = False  # continue from the newest valid checkpoint in the run directory
     allow_fresh_start: bool = False  # with --resume: start from scratch when there is no checkpoint yet
+    # With --resume: accept a --total-batch-tokens other than the checkpoint's. The data continues at the next
+    # window and the step count and LR schedule at the saved step, now with steps of the new size.
+    allow_token_batch_change: bool = False
     init_from: str = ""  # start a new run from this checkpoint's weights (file or run directory)
     verify_data: bool = True  # check every shard's sha256 against the manifest at start (about 1 min per 10B tokens)
 
@@ -129,6 +131,8 @@ class TrainConfig:
         need(self.micro_batch == "auto" or (self.micro_batch.isdigit() and int(self.micro_batch) >= 1), "micro_batch",
              "give a positive integer or 'auto'")
         need(self.model in PRESETS, "model", f"valid model presets: {', '.join(PRESETS)}")
+        context = PRESETS[self.model].block_size
+        need(self.seq_len <= context, "seq_len", f"longer than model {self.model}'s context ({context}); lower it")
         need(self.seed < 2 ** 32, "seed", "must be < 2**32 (numpy's seed range)")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -148,7 +152,8 @@ TRAIN_PRESETS = {
     # `bench.py --mode memory` about 42 GiB per GPU with it under DDP, 138 GiB without.
     "lf_llm_1b": TrainConfig(model="lf_llm_1b", activation_checkpointing=True),
     # Trains the tiny debug model on the embedded corpus (about 0.8 epoch) on 2 CPU cores in about 3 minutes.
-    "debug": TrainConfig(model="debug", data="temp_data/data/embedded", total_batch_tokens=1024, micro_batch="8",
+    # Its micro-batch is auto: 8 sequences on one process, 4 each on two (CPU DDP), the same 1,024-token batch.
+    "debug": TrainConfig(model="debug", data="temp_data/data/embedded", total_batch_tokens=1024, micro_batch="auto",
                          seq_len=128, max_steps=250, warmup_steps=25, max_lr=3e-3, min_lr=3e-4, compile=False,
                          log_every=10, eval_every=50, val_tokens=8192, final_val_tokens=0, hellaswag_every=125,
                          hellaswag_data=str(SAMPLE_FILE), sample_every=125,
@@ -170,59 +175,32 @@ def due_at(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
+def sequences_per_rank(total_batch_tokens: int, seq_len: int, world_size: int) -> int:
+    """Sequences each process handles per optimizer step: the token batch split over the processes."""
+    per_rank, rest = divmod(total_batch_tokens, seq_len * world_size)
+    if rest or per_rank == 0:
+        raise UserError(f"--total-batch-tokens {total_batch_tokens} is not a multiple of seq-len {seq_len} x "
+                        f"{world_size} processes = {seq_len * world_size}; change one of them")
+    return per_rank
+
+
 def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
     """Micro-steps per optimizer step, so that micro-batches of all ranks add up to exactly the token batch."""
-    per_pass = micro_batch * seq_len * world_size
-    if total_batch_tokens % per_pass:
-        raise UserError(f"--total-batch-tokens {total_batch_tokens} is not a multiple of micro-batch {micro_batch} x "
-                        f"seq-len {seq_len} x {world_size} processes = {per_pass}; change one of them")
-    steps = total_batch_tokens // per_pass
-    assert steps * per_pass == total_batch_tokens
-    return steps
+    per_rank = sequences_per_rank(total_batch_tokens, seq_len, world_size)
+    if per_rank % micro_batch:
+        raise UserError(f"--micro-batch {micro_batch} does not divide the {per_rank} sequences of {seq_len} tokens "
+                        f"each of the {world_size} processes gets per step (--total-batch-tokens "
+                        f"{total_batch_tokens}); use a divisor of {per_rank} or --micro-batch auto")
+    return per_rank // micro_batch
 
 
 CPU_AUTO_MICRO_BATCH = 16  # without a GPU memory limit to probe, `--micro-batch auto` takes at most this
-AUTO_HEADROOM = 0.05  # share of GPU memory `--micro-batch auto` leaves free (fragmentation, evaluation shapes)
 
 
 def micro_batch_candidates(total_batch_tokens: int, seq_len: int, world_size: int) -> list[int]:
     """Micro-batches that keep the token batch exact through accumulation, largest first."""
-    per_rank, rest = divmod(total_batch_tokens, seq_len * world_size)
-    if rest or per_rank == 0:
-        raise UserError(f"--total-batch-tokens {total_batch_tokens} is not a multiple of seq-len {seq_len} x "
-                        f"{world_size} processes; change one of them")
+    per_rank = sequences_per_rank(total_batch_tokens, seq_len, world_size)
     return [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
-
-
-def largest_fitting(candidates: list[int], fits) -> int:
-    """The first (largest) candidate that fits, or 0 when none does."""
-    return next((batch for batch in candidates if fits(batch)), 0)
-
-
-def memory_probe(model, seq_len: int, device, autocast, stand_in_copies: int, headroom_bytes: int):
-    """fits(b): whether training on micro-batches of b sequences fits in device memory. Two forward + backward
-    passes run (the second with the first's gradients held, as in accumulation) next to stand-ins for what training
-    adds: `stand_in_copies` of the parameters (AdamW's two moments; DDP's gradient buckets) and `headroom_bytes` kept
-    free against fragmentation. The weights and the optimizer stay untouched. Eager mode: compiled steps need less."""
-    def fits(batch: int) -> bool:
-        reserve = []
-        try:
-            reserve = [torch.empty_like(p) for p in model.parameters() for _ in range(stand_in_copies)]
-            reserve.append(torch.empty(headroom_bytes, dtype=torch.uint8, device=device))
-            x = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
-            for _ in range(2):
-                with autocast():
-                    loss = model(x, x)[1]
-                loss.backward()
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            del reserve
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return fits
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -324,114 +302,147 @@ class NonFiniteLoss(Exception):
     pass
 
 
+class StepTimer:
+    """Seconds per optimizer step over a logging window, with evaluations and saves (timed in `paused`) left out.
+    On CUDA each reading drains the GPU first, so queued work counts where it ran; readings happen only at log
+    steps and around evaluations, never in a plain step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start, self.steps, self.paused_s = self.now(), 0, 0.0
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = self.now()
+        yield
+        self.paused_s += self.now() - start
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def lap(self) -> float:
+        """Mean seconds per step since the last lap; starts the next window."""
+        end = self.now()
+        per_step = (end - self.start - self.paused_s) / max(1, self.steps)
+        self.start, self.steps, self.paused_s = end, 0, 0.0
+        return per_step
+
+
 class Trainer:
+    """One process's share of a training run: model, optimizer, loader and step, the loop (run) and the state a
+    checkpoint holds (state_dict / load_state_dict)."""
+
     def __init__(self, cfg: TrainConfig, preset: str, d: Dist, device: torch.device):
         cfg.validate()
         self.cfg, self.d, self.device = cfg, d, device
         self.on_cuda = device.type == "cuda"
-        self.run_dir = self._resolve_run_dir(preset)
+        self.run_dir = self._make_run_dir(preset)
         self.log = RunLog(self.run_dir, d.is_main)
         if d.is_main:
             self._remove_orphaned_saves()
         # One process per node checks every shard's sha256 against the manifest (a corrupt shard is refused).
         self.dataset = ShardDataset.open(cfg.data, verify_sha256=cfg.verify_data and d.local_rank == 0)
         self.model_config = cfg.model_config()
-        if cfg.seq_len > self.model_config.block_size:
-            raise UserError(f"--seq-len {cfg.seq_len} is longer than model {cfg.model}'s context "
-                            f"({self.model_config.block_size}); lower it")
         self.model = GPT(self.model_config, seed=cfg.seed).to(device)
         if cfg.activation_checkpointing:
             self.model.enable_activation_checkpointing()
         resume = self._checkpoint_to_resume()
-        self.micro_batch = self._resolve_micro_batch(resume)
+        self.micro_batch = self._choose_micro_batch(resume and resume[0])
         self.accum = grad_accum_steps(cfg.total_batch_tokens, self.micro_batch, cfg.seq_len, d.world_size)
         self.optimizer = self.model.configure_optimizer(cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
         self.loader = TrainLoader(self.dataset, self.micro_batch, cfg.seq_len, rank=d.rank, world_size=d.world_size,
                                   seed=cfg.seed, device=device, log=self.log.info)
-        self.step = 0
+        self.step = 0  # optimizer steps done
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if self.on_cuda else None)
-        self.stop_requested = False
+        self.stop_requested = False  # set by SIGTERM/SIGINT
         self.hellaswag = None  # examples, loaded at the first HellaSwag evaluation
         seed_everything(cfg.seed + d.rank)  # ranks draw different dropout masks
         if resume:
-            self._load_training_state(*resume)
+            self.load_state_dict(*resume)
         else:
             self._start_fresh()
         self.resumed = resume is not None
-        self._check_ranks_agree_on_step()
+        if len(set(d.gather(self.step))) > 1:
+            raise UserError(f"the processes found different checkpoints in {self.run_dir}; on several nodes the run "
+                            "directory must be on a filesystem that every node shares")
         self.forward_model = self._wrap_model()
 
     # --- setup ---
 
-    def _resolve_run_dir(self, preset: str) -> Path:
-        out = self.cfg.out
-        if not out:  # one name for all ranks: rank 0 picks it
-            names = [f"temp_data/runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"]
-            if self.d.world_size > 1:
-                dist.broadcast_object_list(names, src=0, group=self.d.control)
-            out = names[0]
-        run_dir = Path(out)
+    def _make_run_dir(self, preset: str) -> Path:
+        """--out, or temp_data/runs/<preset>-<time> named by rank 0; its checkpoint folder is made writable now, not
+        found unwritable after the first hours of training."""
+        run_dir = Path(self.cfg.out or self.d.gather(f"temp_data/runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")[0])
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--out {run_dir} is a file; give a directory")
-        if self.d.is_main:  # its checkpoint folder must be writable now, not after the first hours of training
+        if self.d.is_main:
             ensure_writable_dir(checkpoint_dir(run_dir), "--out")
-        self._barrier()
+        self.d.barrier()
         return run_dir
 
-    def _resolve_micro_batch(self, resume) -> int:
-        value = self.cfg.micro_batch
-        if value != "auto":
-            return int(value)
-        if resume:  # keep the resumed run's choice: the loader state depends on it
-            return resume[0]["micro_batch"]
-        candidates = micro_batch_candidates(self.cfg.total_batch_tokens, self.cfg.seq_len, self.d.world_size)
-        fits = self._cuda_memory_probe() if self.on_cuda else (lambda b: b <= CPU_AUTO_MICRO_BATCH)
-        batch = min(self._gather(largest_fitting(candidates, fits)))  # every rank must use the same micro-batch
+    def _choose_micro_batch(self, resumed: dict | None) -> int:
+        """--micro-batch, or for auto the largest divisor of this process's share that fits in memory (on every
+        rank the same). A resume in the layout that saved keeps that layout's choice: a bit-exact continuation."""
+        cfg = self.cfg
+        if cfg.micro_batch != "auto":
+            return int(cfg.micro_batch)
+        candidates = micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, self.d.world_size)
+        if resumed and resumed["world_size"] == self.d.world_size and resumed["micro_batch"] in candidates:
+            return resumed["micro_batch"]
+        if self.on_cuda:
+            fits = cuda_memory_probe(self.model, cfg.seq_len, self.device, self.autocast,
+                                     stand_in_copies=2 + (self.d.world_size > 1))  # AdamW moments (+ DDP buckets)
+        else:
+            fits = lambda batch: batch <= CPU_AUTO_MICRO_BATCH  # noqa: E731
+        batch = min(self.d.gather(largest_fitting(candidates, fits)))
         if batch == 0:  # raised on every rank at once, so none waits for the others
             raise UserError("even a micro-batch of 1 sequence does not fit in device memory; "
                             "try --activation-checkpointing or a shorter --seq-len")
-        self.log.info(f"micro-batch auto: {batch} sequences of {self.cfg.seq_len} tokens")
+        self.log.info(f"micro-batch auto: {batch} sequences of {cfg.seq_len} tokens")
         return batch
 
-    def _cuda_memory_probe(self):
-        headroom = int(AUTO_HEADROOM * torch.cuda.get_device_properties(self.device).total_memory)
-        return memory_probe(self.model, self.cfg.seq_len, self.device, self.autocast,
-                            stand_in_copies=2 + (self.d.world_size > 1), headroom_bytes=headroom)
-
-    def _checkpoint_to_resume(self):
+    def _checkpoint_to_resume(self) -> tuple[dict, Path] | None:
         """(state, path) of the newest valid checkpoint when --resume, else None. Damaged checkpoints newer than it
-        are moved aside (renamed *.pt.damaged, never deleted): no later resume or pruning counts them. When every
+        are moved aside (renamed *.damaged, never deleted) and the steps they held are named as lost. When every
         checkpoint is damaged, only --allow-fresh-start starts again from step 0; without it nothing is touched."""
-        cfg = self.cfg
+        cfg, folder = self.cfg, checkpoint_dir(self.run_dir)
         if not cfg.resume:
             return None
         if cfg.init_from:
             raise UserError("--resume and --init-from exclude each other: resume continues this run, "
                             "init-from starts a new one")
         if not self.d.is_main:  # rank 0 decides and moves damaged files first: then every rank finds the same
-            self._barrier()
+            self.d.barrier()
         try:
             state, path, damaged = newest_valid_checkpoint(self.run_dir, map_location="cpu")
             if state is None and damaged and not cfg.allow_fresh_start:
-                raise UserError(f"--resume: every checkpoint in {checkpoint_dir(self.run_dir)} is damaged ("
-                                + "; ".join(damaged.values()) + "). Nothing was changed: add --allow-fresh-start to "
-                                "move them aside (renamed *.damaged) and train again from step 0")
+                raise UserError(f"--resume: every checkpoint in {folder} is damaged (" + "; ".join(damaged.values())
+                                + "). Nothing was changed: add --allow-fresh-start to move them aside (renamed "
+                                "*.damaged) and train again from step 0")
             if damaged and self.d.is_main:
-                moved = set_aside(list(damaged), ".damaged")
-                for error, new in zip(damaged.values(), moved):
+                for error, new in zip(damaged.values(), set_aside(list(damaged), ".damaged")):
                     self.log.info(f"resume: WARNING: moved a damaged checkpoint aside to {new}: {error}")
+                lost = max(checkpoint_step(p) for p in damaged)
+                self.log.info(f"resume: WARNING: steps {state['step'] + 1 if state else 1}-{lost} are lost and will "
+                              f"be trained again: the newest good checkpoint is "
+                              + (f"step {state['step']}" if state else "none"))
         finally:
             if self.d.is_main:
-                self._barrier()
+                self.d.barrier()
         if state is None:
             if not cfg.allow_fresh_start:
-                raise UserError(f"--resume: no checkpoint in {checkpoint_dir(self.run_dir)}; add --allow-fresh-start "
-                                "to start from scratch when there is none")
-            self.log.info(f"resume: WARNING: no valid checkpoint in {checkpoint_dir(self.run_dir)}, training starts "
-                          "from step 0" + (" (every checkpoint was damaged)" if damaged else ""))
+                raise UserError(f"--resume: no checkpoint in {folder}; add --allow-fresh-start to start from scratch "
+                                "when there is none")
+            self.log.info(f"resume: WARNING: no valid checkpoint in {folder}, training starts from step 0"
+                          + (" (every checkpoint was damaged)" if damaged else ""))
             return None
-        missing = sorted({"optimizer", "loader", "rng", "step", "train_config", "micro_batch"} - state.keys())
+        missing = [key for key in self.STATE_KEYS if key not in state]
         if missing:
             raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)} missing); start a new "
                             f"run from its weights with --init-from {path}")
@@ -449,34 +460,11 @@ class Trainer:
         if self.d.is_main:
             (self.run_dir / "metrics.jsonl").write_text("")  # events of an attempt that never checkpointed
 
-    def _check_ranks_agree_on_step(self) -> None:
-        if len(set(self._gather(self.step))) > 1:
-            raise UserError(f"the processes found different checkpoints in {self.run_dir}; on several nodes the run "
-                            "directory must be on a filesystem that every node shares")
-
     def _check_model_config(self, state: dict, path: Path, ignore=()) -> None:
         ours, theirs = dataclasses.asdict(self.model_config), state["model_config"]
         diff = {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) != v and k not in ignore}
         if diff:
             raise UserError(f"checkpoint {path} is from a different model config (field: (ours, checkpoint's)): {diff}")
-
-    def _load_training_state(self, state: dict, path: Path) -> None:
-        self._check_model_config(state, path)
-        if state.get("world_size") != self.d.world_size:
-            raise UserError(f"checkpoint {path} was written by {state.get('world_size')} processes; resume with "
-                            f"the same number (this run has {self.d.world_size}) for an exact continuation")
-        changed = {k for k, v in dataclasses.asdict(self.cfg).items()
-                   if state["train_config"].get(k) != v and k not in ("resume", "allow_fresh_start", "stop_at_step")}
-        if changed:
-            self.log.info(f"resume: these settings differ from the checkpoint's run: {sorted(changed)}")
-        self.model.load_state_dict(state["model"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        self.loader.load_state_dict(state["loader"][self.d.rank])
-        set_rng_state(state["rng"][self.d.rank])
-        self.step = state["step"]
-        if self.d.is_main:
-            drop_metrics_after(self.run_dir, self.step)
-        self.log.info(f"resume: continuing after step {self.step} from {path}")
 
     def _wrap_model(self):
         model = self.model
@@ -487,6 +475,81 @@ class Trainer:
             model = DDP(model, device_ids=[self.device.index] if self.on_cuda else None, broadcast_buffers=False)
         return model
 
+    # --- the training state: what a checkpoint holds, and how it is restored ---
+
+    STATE_KEYS = ("model_config", "model", "optimizer", "train_config", "step", "tokens_seen", "world_size",
+                  "micro_batch", "loader", "rng")
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run exactly. Every rank calls it: it gathers each rank's RNG state."""
+        state = {
+            "model_config": dataclasses.asdict(self.model_config),  # the architecture, for every reader of the file
+            "model": self.model.state_dict(),  # the plain module's: no compile or DDP prefixes
+            "optimizer": self.optimizer.state_dict(),  # AdamW moments and step counts
+            "train_config": dataclasses.asdict(self.cfg),  # the recipe, for the record and the resume checks
+            "step": self.step,  # optimizer steps done: the LR schedule's position
+            "tokens_seen": self.loader.state_dict()["window"] * self.cfg.seq_len,
+            "world_size": self.d.world_size,  # the layout that wrote it (a resume may use another)
+            "micro_batch": self.micro_batch,
+            "loader": self.loader.state_dict(),  # the data stream's position: the same on every rank
+            "rng": self.d.gather(rng_state()),  # every rank's generators: its dropout masks
+        }
+        assert tuple(state) == self.STATE_KEYS
+        return state
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        """Continue from state_dict()'s output. Weights, optimizer state, step and data position are restored
+        exactly under any process count and micro-batch that keep the token batch; the RNG streams only in the
+        layout that saved them (elsewhere dropout draws from fresh streams)."""
+        cfg, saved_cfg = self.cfg, state["train_config"]
+        self._check_model_config(state, path)
+        if saved_cfg["total_batch_tokens"] != cfg.total_batch_tokens and not cfg.allow_token_batch_change:
+            raise UserError(f"checkpoint {path} was trained with --total-batch-tokens {saved_cfg['total_batch_tokens']}"
+                            f", this run asks for {cfg.total_batch_tokens}: resume with the checkpoint's value (the "
+                            "process count and micro-batch may change), or add --allow-token-batch-change to continue "
+                            "the data where it stopped with steps of the new size")
+        changed = {k for k, v in dataclasses.asdict(cfg).items() if saved_cfg.get(k) != v
+                   and k not in ("resume", "allow_fresh_start", "stop_at_step", "allow_token_batch_change")}
+        if changed:
+            self.log.info(f"resume: these settings differ from the checkpoint's run: {sorted(changed)}")
+        self.model.load_state_dict(state["model"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        loader = state["loader"]
+        self.loader.load_state_dict(loader[0] if isinstance(loader, list) else loader)  # (a list: one per rank, v1)
+        self.step = state["step"]
+        saved_layout = (state["world_size"], state["micro_batch"])
+        if saved_layout == (self.d.world_size, self.micro_batch):
+            set_rng_state(state["rng"][self.d.rank])
+        else:
+            self._log_layout_change(*saved_layout)
+        if self.d.is_main:
+            drop_metrics_after(self.run_dir, self.step)
+        self.log.info(f"resume: continuing after step {self.step} from {path}")
+
+    def _log_layout_change(self, world_size: int, micro_batch: int) -> None:
+        seed_everything(hash((self.cfg.seed, self.d.rank, self.step)) % 2 ** 32)  # new streams, still reproducible
+        saved_accum = sequences_per_rank(self.cfg.total_batch_tokens, self.cfg.seq_len, world_size) // micro_batch
+        self.log.info(f"resume: layout changed: {world_size} processes x micro-batch {micro_batch} x {saved_accum} "
+                      f"accumulation steps -> {self.d.world_size} x {self.micro_batch} x {self.accum}. Weights, "
+                      "optimizer state, step and data position continue exactly; not bit for bit: dropout masks "
+                      "(fresh RNG streams per rank) and the order in which gradients are summed")
+        self.log.metrics({"step": self.step, "world_size": self.d.world_size, "micro_batch": self.micro_batch,
+                          "previous_world_size": world_size, "previous_micro_batch": micro_batch})
+
+    def save(self) -> None:
+        state = self.state_dict()
+        if self.d.is_main:
+            self._remove_orphaned_saves()  # before writing: their space may be what this save needs
+            path = checkpoint_path(self.run_dir, self.step)
+            save_checkpoint(state, path)
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            self.log.info(f"step {self.step:6d} | checkpoint {path}")
+        self.d.barrier()
+
+    def _remove_orphaned_saves(self) -> None:
+        for path in remove_orphaned_temp_files(self.run_dir):
+            self.log.info(f"removed {path}, the temporary file of a save that was killed")
+
     # --- the loop ---
 
     def autocast(self):
@@ -495,8 +558,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the token batch. Returns (mean loss over micro-steps, pre-clip grad norm) as
-        device tensors: nothing here waits for the GPU."""
+        """Optimizer step number self.step over one token batch. Returns (mean loss over micro-steps, pre-clip grad
+        norm) as device tensors: nothing here waits for the GPU."""
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -519,75 +582,67 @@ class Trainer:
         return loss_sum / self.accum, grad_norm
 
     def run(self) -> int:
-        cfg = self.cfg
+        """Train to max_steps (or --stop-at-step, or a signal). Steps are counted in optimizer updates done: the
+        evaluations and the checkpoint "at step S" see the weights after S updates, and the train event of step S
+        is update S itself (0-based), the one that takes the weights from step S to S + 1."""
+        cfg, d = self.cfg, self.d
         header, config = self._log_header()
-        with self._open_trackers(header, config):  # closed on any exit; an error marks the W&B run failed
-            last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
-            if not self.resumed:  # a resumed run evaluated this step before its checkpoint
-                self.evaluate(self.step, self.due_evaluations(self.step))
-            with tqdm(total=last_step, initial=self.step, desc="train", unit="step", disable=not self.d.is_main,
-                      dynamic_ncols=True) as bar:  # closed on any exit, so an error starts on its own line
-                self._train_until(last_step, bar)
-            self.log.info(f"done: {self.step} steps, {self.step * cfg.total_batch_tokens:,} tokens, "
-                          f"run directory {self.run_dir}")
+        last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
+        first_step, stop = self.step, False
+        timer = StepTimer(self.device)
+        bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first update with a NaN/inf loss
+        self._install_signal_handlers()
+        with self._open_trackers(header, config), tqdm(total=last_step, initial=self.step, desc="train", unit="step",
+                                                       disable=not d.is_main, dynamic_ncols=True) as bar:
+            while True:
+                step = self.step
+                # Evaluations and the checkpoint at step S (all evaluations at the final step). A resumed run
+                # evaluated its first step before it saved that checkpoint.
+                evaluate = step > first_step or not self.resumed
+                final = step == cfg.max_steps
+                due_val = evaluate and (final or due_at(step, cfg.eval_every))
+                due_hellaswag = evaluate and (final or due_at(step, cfg.hellaswag_every))
+                due_samples = evaluate and (final or due_at(step, cfg.sample_every))
+                due_save = step > first_step and (due_at(step, cfg.ckpt_every) or step == last_step or stop)
+                if due_val or due_hellaswag or due_samples or due_save:
+                    with timer.paused():
+                        # forked RNG streams: evaluations leave the training's random state as they found it
+                        with torch.random.fork_rng(devices=[self.device] if self.on_cuda else []):
+                            if due_val:
+                                self.eval_val_loss(step)
+                            if due_hellaswag:
+                                self.eval_hellaswag(step)
+                            if due_samples:
+                                self.eval_samples(step)
+                        if due_save:
+                            self._check_finite(bad_step)  # weights after a NaN must not become a checkpoint
+                            self.save()
+                if step == last_step or stop:
+                    break
+
+                loss, grad_norm = self.train_step()
+                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+                bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)  # on the device: no sync
+                self.step += 1
+                timer.step_done()
+                bar.update(1)
+                stop = d.any(self.stop_requested)  # every rank stops after the same step
+                if due_at(self.step, cfg.log_every) or self.step == last_step or stop:
+                    self._check_finite(bad_step)
+                    self._log_train(step, loss, grad_norm, timer.lap())
+                elif step == first_step:
+                    timer.lap()  # this process's first step compiles the model: never averaged into a window
+        if stop:
+            self.log.info(f"stopped by signal after step {self.step}; checkpoint written. "
+                          f"Continue with the same command plus --resume")
+        self.log.info(f"done: {self.step} steps, {self.loader.state_dict()['window'] * cfg.seq_len:,} tokens, "
+                      f"run directory {self.run_dir}")
         return 0
 
-    def _train_until(self, last_step: int, bar) -> None:
-        """Optimizer steps up to last_step (or a stop signal), with logs, evaluations and checkpoints when due."""
-        cfg = self.cfg
-        bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first step with a NaN/inf loss
-        window_start, window_steps, paused = time.perf_counter(), 0, 0.0  # step time excludes evals and saves
-        first_step = self.step
-        self._install_signal_handlers()
-        while self.step < last_step:
-            loss, grad_norm = self.train_step()
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            bad_step = torch.where((bad_step < 0) & ~finite, self.step, bad_step)
-            self.step += 1
-            window_steps += 1
-            bar.update(1)
-            done = self.step == last_step
-            stop = self._agree_to_stop()
-            if self.step % cfg.log_every == 0 or done or stop:
-                self._check_finite(bad_step)
-                elapsed = self._elapsed(window_start) - paused
-                self._log_train(loss, grad_norm, elapsed / window_steps)
-                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-            elif self.step == first_step + 1:
-                # this process's first step compiles the model (tens of seconds): it is timed on its own (when it
-                # is a log step) and never averaged into a later window
-                self._elapsed(window_start)
-                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-            evaluations = self.due_evaluations(self.step)
-            if evaluations:
-                paused += self._duration(self.evaluate, self.step, evaluations)
-            if due_at(self.step, cfg.ckpt_every) or done or stop:
-                self._check_finite(bad_step)
-                paused += self._duration(self.save)
-            if stop:
-                self.log.info(f"stopped by signal after step {self.step}; checkpoint written. "
-                              f"Continue with the same command plus --resume")
-                break
-
-    def _elapsed(self, since: float) -> float:
-        if self.on_cuda:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - since
-
-    def _duration(self, fn, *args) -> float:
-        """Seconds fn takes, the GPU drained first so that queued training work is not counted."""
-        if self.on_cuda:
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        fn(*args)
-        return self._elapsed(start)
-
     def _check_finite(self, bad_step: torch.Tensor) -> None:
-        step = int(bad_step.item())
-        if self.d.world_size > 1:  # any rank's NaN stops every rank
-            flag = torch.tensor([step], dtype=torch.long)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.d.control)
-            step = int(flag.item())
+        """Stop every rank when any rank saw a NaN/inf loss or gradient (the first such step is kept on the
+        device and read only here, at log and save steps)."""
+        step = max(self.d.gather(int(bad_step.item())))
         if step >= 0:
             if self.d.is_main:  # weights saved at or after that step produced it: --resume must not pick them
                 quarantine_checkpoints(self.run_dir, from_step=step)
@@ -596,36 +651,28 @@ class Trainer:
                                 + (f"the last good checkpoint is {good[-1]}" if good else "no checkpoint before it")
                                 + " (try a lower --max-lr, then --resume)")
 
-    def _log_train(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_s: float) -> None:
-        loss = self._mean_over_ranks(loss)
+    def _log_train(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, step_s: float) -> None:
         tokens_per_s = self.cfg.total_batch_tokens / step_s
         util = mfu(self.flops_per_token, tokens_per_s / self.d.world_size, self.peak)
-        event = {"step": self.step - 1, "loss": loss.item(), "lr": lr_at(self.step - 1, self.cfg),
+        event = {"step": step, "loss": self.d.mean(loss).item(), "lr": lr_at(step, self.cfg),
                  "grad_norm": grad_norm.item(), "step_ms": step_s * 1000, "tokens_per_s": tokens_per_s,
-                 "mfu": util, "tokens": self.step * self.cfg.total_batch_tokens}
+                 "mfu": util, "tokens": self.loader.state_dict()["window"] * self.cfg.seq_len}
         self.log.metrics(event)
-        self.log.info(f"step {event['step']:6d} | loss {event['loss']:.4f} | lr {event['lr']:.2e} | "
+        self.log.info(f"step {step:6d} | loss {event['loss']:.4f} | lr {event['lr']:.2e} | "
                       f"norm {event['grad_norm']:.3f} | {event['step_ms']:.0f} ms | {tokens_per_s:,.0f} tok/s"
                       + (f" | mfu {util:.1%}" if util is not None else ""))
 
-    # --- evaluation ---
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True
+            signal.signal(signum, signal.SIG_DFL)  # a second signal stops the process at once
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
 
-    def due_evaluations(self, step: int) -> list:
-        """Validation loss, HellaSwag and samples, each when its interval falls on `step`; all at the last step."""
-        final = step == self.cfg.max_steps
-        return [run for every, run in ((self.cfg.eval_every, self._eval_val_loss),
-                                       (self.cfg.hellaswag_every, self._eval_hellaswag),
-                                       (self.cfg.sample_every, self._eval_samples)) if final or due_at(step, every)]
-
-    def evaluate(self, step: int, evaluations: list) -> None:
-        """Run them on forked RNG streams; each restores the model's mode, so training continues exactly as
-        without them."""
-        with torch.random.fork_rng(devices=[self.device] if self.on_cuda else []):
-            for run in evaluations:
-                run(step)
+    # --- evaluations (each restores the model's train/eval mode) ---
 
     @torch.no_grad()
-    def _eval_val_loss(self, step: int) -> None:
+    def eval_val_loss(self, step: int) -> None:
         max_tokens = self.cfg.final_val_tokens if step == self.cfg.max_steps else self.cfg.val_tokens
         was_training = self.model.training
         self.model.eval()
@@ -637,29 +684,24 @@ class Trainer:
             total += loss
             batches += 1
         self.model.train(was_training)
-        val = self._mean_over_ranks(total / max(1, batches))
+        val = self.d.mean(total / max(1, batches))
         self.log.metrics({"step": step, "val_loss": val.item()})
         self.log.info(f"step {step:6d} | val loss {val.item():.4f} ({batches * self.d.world_size} batches)")
 
-    def _hellaswag_examples(self) -> list[dict]:
-        """Loaded once per run; rank 0 downloads the official split (if needed) before the others read it."""
-        if self.hellaswag is None:
+    def eval_hellaswag(self, step: int) -> None:
+        if self.hellaswag is None:  # loaded once per run; rank 0 downloads the official split (if needed) first
             if not self.d.is_main:
-                self._barrier()  # wait for rank 0's download
+                self.d.barrier()
             self.hellaswag = load_examples(self.cfg.hellaswag_data or None, limit=self.cfg.hellaswag_limit or None)
             if self.d.is_main:
-                self._barrier()
-        return self.hellaswag
-
-    def _eval_hellaswag(self, step: int) -> None:
-        examples = self._hellaswag_examples()
-        result = evaluate_hellaswag(self.model, examples, self.device, batch_size=self.micro_batch,
+                self.d.barrier()
+        result = evaluate_hellaswag(self.model, self.hellaswag, self.device, batch_size=self.micro_batch,
                                     rank=self.d.rank, world_size=self.d.world_size)
         self.log.metrics({"step": step, "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]})
         self.log.info(f"step {step:6d} | hellaswag acc_norm {result['acc_norm']:.4f} acc {result['acc']:.4f} "
                       f"({result['total']} examples)")
 
-    def _eval_samples(self, step: int) -> None:
+    def eval_samples(self, step: int) -> None:
         if not self.cfg.sample_prompts or not self.d.is_main:
             return
         texts = generate_samples(self.model, list(self.cfg.sample_prompts), self.cfg.sample_tokens,
@@ -670,65 +712,7 @@ class Trainer:
         for prompt, text in zip(self.cfg.sample_prompts, texts):
             self.log.info(f"step {step:6d} | sample | {prompt!r} -> {text!r}")
 
-    # --- checkpoints and signals ---
-
-    def save(self) -> None:
-        rng, loader = self._gather(rng_state()), self._gather(self.loader.state_dict())
-        if self.d.is_main:
-            self._remove_orphaned_saves()  # before writing: their space may be what this save needs
-            path = checkpoint_path(self.run_dir, self.step)
-            save_checkpoint({
-                "model_config": dataclasses.asdict(self.model_config),
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "train_config": dataclasses.asdict(self.cfg),
-                "step": self.step,
-                "tokens_seen": self.step * self.cfg.total_batch_tokens,
-                "world_size": self.d.world_size,
-                "micro_batch": self.micro_batch,
-                "loader": loader,
-                "rng": rng,
-            }, path)
-            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
-            self.log.info(f"step {self.step:6d} | checkpoint {path}")
-        self._barrier()
-
-    def _remove_orphaned_saves(self) -> None:
-        for path in remove_orphaned_temp_files(self.run_dir):
-            self.log.info(f"removed {path}, the temporary file of a save that was killed")
-
-    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        if self.d.world_size > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)  # (gloo has no AVG)
-            value = value / self.d.world_size
-        return value
-
-    def _gather(self, obj) -> list:
-        """[rank 0's obj, rank 1's, ...] (host-side, over the control group)."""
-        if self.d.world_size == 1:
-            return [obj]
-        out = [None] * self.d.world_size
-        dist.all_gather_object(out, obj, group=self.d.control)
-        return out
-
-    def _barrier(self) -> None:
-        if self.d.world_size > 1:
-            dist.barrier(group=self.d.control)
-
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):
-            self.stop_requested = True
-            signal.signal(signum, signal.SIG_DFL)  # a second signal stops the process at once
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-
-    def _agree_to_stop(self) -> bool:
-        """True on every rank when any rank got SIGTERM/SIGINT (a host-side all-reduce: no GPU sync)."""
-        if self.d.world_size == 1:
-            return self.stop_requested
-        flag = torch.tensor([int(self.stop_requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.d.control)
-        return bool(flag.item())
+    # --- the run's record ---
 
     def _log_header(self) -> tuple[list[str], dict]:
         """Log the run header and the config (also written to config.json); both are returned for the trackers."""
@@ -758,7 +742,7 @@ class Trainer:
                                                   self.cfg.wandb_run_name, warn=self.log.info)
             except UserError as e:
                 error = str(e)
-        error = self._gather(error)[0]
+        error = self.d.gather(error)[0]
         if error:
             raise UserError(error)
         return self.log.trackers

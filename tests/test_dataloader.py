@@ -112,7 +112,7 @@ def test_resumed_loader_yields_identical_batches(data_dir, rank, world):
     torch.save({"loader": saver.state_dict()}, buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)["loader"]
-    assert state == saver.state_dict() and state["micro_batch"] == 4
+    assert state == saver.state_dict() and state["window"] == 4 * world * 4  # 4 micro-batches of 4 on each rank
     resumed = TrainLoader(ds, rank=rank, **kwargs)
     resumed.load_state_dict(state)
     for _ in range(12):  # well into the next epoch
@@ -125,15 +125,58 @@ def test_resume_refuses_other_settings_or_data(data_dir, tmp_path):
     loader = TrainLoader(ds, batch_size=4, seq_len=T, seed=0)
     read(loader, 2)
     state = loader.state_dict()
-    with pytest.raises(UserError, match="batch_size 4"):
-        TrainLoader(ds, batch_size=2, seq_len=T, seed=0).load_state_dict(state)
+    with pytest.raises(UserError, match="seq_len 8"):
+        TrainLoader(ds, batch_size=4, seq_len=T // 2, seed=0).load_state_dict(state)
     with pytest.raises(UserError, match="seed"):
         TrainLoader(ds, batch_size=4, seq_len=T, seed=1).load_state_dict(state)
     other = ShardDataset.open(make_dataset(tmp_path / "other", train_sizes=[300, 300]))
     with pytest.raises(UserError, match="dataset"):
         TrainLoader(other, batch_size=4, seq_len=T, seed=0).load_state_dict(state)
     with pytest.raises(UserError, match="inconsistent"):
-        TrainLoader(ds, batch_size=4, seq_len=T, seed=0).load_state_dict({**state, "micro_batch": 3})
+        TrainLoader(ds, batch_size=4, seq_len=T, seed=0).load_state_dict({**state, "window": 7})
+
+
+@pytest.mark.parametrize("saved_world,saved_batch,world,batch", [(2, 4, 1, 2), (1, 2, 2, 4), (2, 2, 4, 1)])
+def test_resume_under_another_layout_continues_at_the_next_window(data_dir, saved_world, saved_batch, world, batch):
+    """Elastic resume: ranks x micro-batch change, the token batch per step (8 windows) stays; after the resume the
+    ranks together read exactly the windows the saving layout would have read, epoch crossing included."""
+    ds = ShardDataset.open(data_dir)
+
+    def step_windows(loaders, steps):  # the (x) rows of each optimizer step, all ranks' micro-batches in stream order
+        accum = 8 // (len(loaders) * loaders[0].batch_size)
+        out = []
+        for _ in range(steps):
+            per_rank = [[ld.next_batch()[0] for _ in range(accum)] for ld in loaders]
+            out.append(torch.cat([per_rank[r][k] for k in range(accum) for r in range(len(loaders))]))
+        return out
+
+    def loaders(n, b):
+        return [TrainLoader(ds, batch_size=b, seq_len=T, rank=r, world_size=n, seed=5, log=lambda _: None)
+                for r in range(n)]
+    uninterrupted = step_windows(loaders(saved_world, saved_batch), 10)
+    saving = loaders(saved_world, saved_batch)
+    step_windows(saving, 3)
+    resumed = loaders(world, batch)
+    for ld in resumed:
+        ld.load_state_dict(saving[0].state_dict())
+    for a, b in zip(uninterrupted[3:], step_windows(resumed, 7)):  # 10 steps of 8 windows: into the next epoch
+        assert torch.equal(a, b)
+
+
+def test_loader_state_of_the_per_rank_format_still_loads(data_dir):
+    """Checkpoints before the stream-position state saved v1 states: micro-batch count k of W ranks x B windows."""
+    ds = ShardDataset.open(data_dir)
+    reference = TrainLoader(ds, batch_size=2, seq_len=T, rank=1, world_size=2, seed=3, log=lambda _: None)
+    read(reference, 5)
+    old = {"format": "lf-llm-train-loader-v1", "dataset": ds.fingerprint, "batch_size": 2, "seq_len": T,
+           "world_size": 2, "seed": 3, "micro_batch": 5, **{k: v for k, v in reference.state_dict().items()
+                                                            if k in ("epoch", "shard")},
+           "window": reference.state_dict()["shard_window"]}
+    resumed = TrainLoader(ds, batch_size=2, seq_len=T, rank=1, world_size=2, seed=3, log=lambda _: None)
+    resumed.load_state_dict(old)
+    assert torch.equal(resumed.next_batch()[0], reference.next_batch()[0])
+    with pytest.raises(UserError, match="inconsistent"):
+        resumed.load_state_dict({**old, "micro_batch": 4})
 
 
 def test_batch_larger_than_every_shard_is_refused(data_dir):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
-from train import TrainConfig, grad_accum_steps, largest_fitting, lr_at, micro_batch_candidates, parse_config
+from devices import largest_fitting
+from train import TrainConfig, grad_accum_steps, lr_at, micro_batch_candidates, parse_config
 from cli import UserError
 
 # A tiny, quick recipe on the debug model: 8 steps of 2 x 4 x 32 tokens, dropout on (the preset's).
@@ -70,7 +71,7 @@ def test_lr_schedule_formula():
 def test_grad_accum_derivation_and_error():
     assert grad_accum_steps(524_288, 16, 2048, 1) == 16
     assert grad_accum_steps(524_288, 8, 2048, 4) == 8
-    with pytest.raises(UserError, match="not a multiple"):
+    with pytest.raises(UserError, match="does not divide the 256 sequences"):
         grad_accum_steps(524_288, 12, 2048, 1)
 
 
@@ -85,7 +86,7 @@ def test_memory_probe_runs_two_accumulating_passes_and_leaves_the_model_untouche
     import contextlib
 
     from model import GPT, GPTConfig
-    from train import memory_probe
+    from devices import memory_probe
     model = GPT(GPTConfig.from_preset("debug"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = []
@@ -316,7 +317,8 @@ def test_corrupt_shard_refused(embedded_data, tmp_path):
 
 
 def test_indivisible_batch_and_long_sequence_refused(embedded_data, tmp_path):
-    one_line_error(train(embedded_data, tmp_path / "a", "--micro-batch", "3", check=False), "not a multiple")
+    one_line_error(train(embedded_data, tmp_path / "a", "--micro-batch", "3", check=False),
+                   "--micro-batch 3 does not divide")
     one_line_error(train(embedded_data, tmp_path / "b", "--seq-len", "256", "--total-batch-tokens", "1024",
                          check=False), "context")
 
@@ -364,7 +366,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_memory_flags(embedded_data, tm
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 3.07 GiB)")
-    assert " in train.py:" in error[-1] and "(_train_until);" in error[-1]  # where it happened: the innermost repo frame
+    assert " in train.py:" in error[-1] and "(run);" in error[-1]  # where it happened: the innermost repo frame
     assert "--micro-batch auto" in error[-1] and "--activation-checkpointing" in error[-1]
 
 
