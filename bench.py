@@ -1,11 +1,12 @@
 """Benchmarks: each mode measures one thing and compares against its baseline in the same run.
 
-  python bench.py --config lf_llm_269m ...   training throughput and MFU (the default mode, --mode train)
-  python bench.py --mode data-prep ...   data_prep.py whole runs vs fineweb.py's Pool scheme and a 1-process loop
-  python bench.py --mode generate ...    generation with the KV cache vs recomputing the context
-  python bench.py --mode memory ...      memory per GPU (weights, gradients, AdamW, activations), DDP vs FSDP
+  python bench.py train --config debug ...   training throughput and MFU (train.py's flags)
+  python bench.py data-prep ...   data_prep.py whole runs vs fineweb.py's Pool scheme and a 1-process loop
+  python bench.py generate ...    generation with the KV cache vs recomputing the context
+  python bench.py memory ...      memory per GPU (weights, gradients, AdamW, activations), DDP vs FSDP
 
-Every mode prints a table and, with --out FILE, writes its figures as JSON.
+Every mode prints a table and, with --out FILE, writes its figures as JSON. `python bench.py MODE --help` lists a
+mode's flags.
 """
 import argparse
 import re
@@ -22,45 +23,15 @@ MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# train: full training steps (forward, backward, clip, AdamW) built by train.py's own Trainer, so what is timed is
-# exactly what training runs: same model, optimizer, compile/autocast settings and data loader.
+# train: full training steps (forward, backward, clip, AdamW) built by train.py's own Trainer from train.py's own
+# flags, so what is timed is exactly what training runs: same model, optimizer, token batch (--total-batch-tokens in
+# micro-batches of --micro-batch, accumulated), compile/autocast settings and data loader.
 
 def add_train_arguments(parser):
-    from train import TRAIN_PRESETS
-    parser.add_argument("--config", choices=sorted(TRAIN_PRESETS), default="debug",
-                        help="train preset (default: debug)")
-    parser.add_argument("--data", default="temp_data/data/embedded",
-                        help="prepared data to read (default: the embedded corpus, made by "
-                             "`python data_prep.py --source embedded --out temp_data/data/embedded`)")
-    parser.add_argument("--micro-batch", help="sequences per forward pass, or 'auto' (default: the preset's)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
-    parser.add_argument("--accum", type=int, default=1,
-                        help="micro-steps per optimizer step (default 1; with --micro-batch auto the preset's token "
-                             "batch decides)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    from train import add_config_flags
+    add_config_flags(parser, default_preset="debug")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (default: the preset's)")
-    parser.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast on CUDA (default: the preset's)")
-    parser.add_argument("--pad-vocab-to", type=int, help="pad the vocabulary rows to a multiple of this (1 = off)")
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: by GPU name)")
-    parser.add_argument("--device", default="", help="cuda, mps or cpu (default: the best available)")
-
-
-def bench_config(args):
-    """The preset with the benchmark's overrides; the token batch is micro-batch x seq-len x accum."""
-    from train import TrainConfig
-    overrides = {k: v for k, v in (("micro_batch", args.micro_batch), ("seq_len", args.seq_len),
-                                   ("compile", args.compile), ("autocast", args.autocast),
-                                   ("pad_vocab_to", args.pad_vocab_to), ("peak_flops", args.peak_flops),
-                                   ("activation_checkpointing", args.activation_checkpointing)) if v is not None}
-    cfg = TrainConfig.from_preset(args.config, data=args.data, device=args.device, verify_data=False, **overrides)
-    cfg.validate()
-    if cfg.micro_batch != "auto":
-        cfg.total_batch_tokens = int(cfg.micro_batch) * cfg.seq_len * args.accum
-    return cfg
 
 
 def timed(fn, sync) -> float:
@@ -76,13 +47,12 @@ def run_train(args) -> dict:
 
     import torch
 
-    from devices import Dist, enable_tf32, pick_device
-    from devices import mfu
-    from train import Trainer
+    from devices import Dist, enable_tf32, mfu, pick_device
+    from train import Trainer, config_from_flags
 
-    if args.steps < 1 or args.warmup < 0 or args.accum < 1:
-        raise UserError("--steps and --accum must be >= 1, --warmup >= 0")
-    cfg = bench_config(args)
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    cfg, preset = config_from_flags(vars(args))
     device = pick_device(cfg.device)
     on_cuda = device.type == "cuda"
     enable_tf32(device)
@@ -90,8 +60,8 @@ def run_train(args) -> dict:
     for line in run_header(device):
         print(line)
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg.out = run_dir
-        trainer = Trainer(cfg, args.config, Dist(), device)
+        cfg.out = run_dir  # bench's --out is the JSON file; the run directory is a temporary one
+        trainer = Trainer(cfg, preset, Dist(), device)
         losses = []
 
         def step():
@@ -110,7 +80,7 @@ def run_train(args) -> dict:
     median = statistics.median(step_s)
     tokens_per_s = cfg.total_batch_tokens / median
     result = {
-        "mode": "train", "config": args.config, "device": hardware_name(device), "torch": torch.__version__,
+        "mode": "train", "config": preset, "device": hardware_name(device), "torch": torch.__version__,
         "micro_batch": trainer.micro_batch, "seq_len": cfg.seq_len, "accum": trainer.accum,
         "tokens_per_step": cfg.total_batch_tokens, "compile": cfg.compile, "autocast": cfg.autocast and on_cuda,
         "pad_vocab_to": trainer.model_config.pad_vocab_to, "activation_checkpointing": cfg.activation_checkpointing,
@@ -757,18 +727,20 @@ def command_without_out(argv: list[str]) -> str:
     return shlex.join(kept)
 
 
-@main_entry(memory_hint="try a lower --micro-batch with a higher --accum (the same tokens per step), --micro-batch "
-                        "auto or --activation-checkpointing")
+@main_entry(memory_hint="try a lower --micro-batch (accumulation keeps the tokens per step), --micro-batch auto or "
+                        "--activation-checkpointing")
 def main(argv=None):
-    mode_parser = argparse.ArgumentParser(add_help=False)
-    mode_parser.add_argument("--mode", choices=sorted(MODES), default="train")
-    known, _ = mode_parser.parse_known_args(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[mode_parser])
-    parser.add_argument("--out", help="write the figures as JSON to this file")
-    MODES[known.mode][0](parser)
+    argv = list(map(str, sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    for name, (add_arguments, _) in MODES.items():
+        # resolve: bench's --out (the JSON file) replaces train.py's --out (a run directory; bench uses a temporary)
+        sub = modes.add_parser(name, conflict_handler="resolve")
+        if argv[:1] == [name]:  # only the chosen mode's flags: adding them imports what the mode needs (torch...)
+            add_arguments(sub)
+            sub.add_argument("--out", help="write the figures as JSON to this file")
     args = parser.parse_args(argv)
-    args.command = command_without_out(list(map(str, sys.argv[1:] if argv is None else argv)))
+    args.command = command_without_out(argv)
     if args.out:  # refused now rather than after the measurement
         ensure_writable_dir(Path(args.out).parent, "--out's folder")
     result = MODES[args.mode][1](args)

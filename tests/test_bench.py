@@ -6,7 +6,7 @@ import torch
 
 from conftest import run_script
 
-TINY_TRAIN = ["--config", "debug", "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
+TINY_TRAIN = ["train", "--config", "debug", "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
 
 
 # Training FLOPs per token of the debug model (C 128, 4 layers, SwiGLU hidden 512) at 32 tokens, counted by hand:
@@ -20,8 +20,8 @@ def test_train_mode_reports_throughput_fields(embedded_data, tmp_path):
     import time
     out = tmp_path / "train.json"
     start = time.perf_counter()
-    run_script("bench.py", *TINY_TRAIN, "--accum", "2", "--data", embedded_data, "--no-compile", "--peak-flops", "1e12",
-               "--out", out, check=True)
+    run_script("bench.py", *TINY_TRAIN, "--total-batch-tokens", "128", "--data", embedded_data, "--no-compile",
+               "--peak-flops", "1e12", "--out", out, check=True)  # 128 tokens: 2 micro-batches of 2 x 32 a step
     wall = time.perf_counter() - start  # the whole process: more than the 2 timed steps it contains
     result = json.loads(out.read_text())
     for key in ("tokens_per_s", "step_ms", "mfu", "peak_memory_bytes", "loader_fraction", "device"):
@@ -35,7 +35,7 @@ def test_train_mode_reports_throughput_fields(embedded_data, tmp_path):
     assert 0 < result["loader_fraction"] < 1
     assert result["step_ms_min"] <= result["step_ms"] <= result["step_ms_max"]
     row = result["benchmarks_md_row"].strip("| ").split(" | ")  # pasted into BENCHMARKS.md's table as it is
-    assert len(row) == 9 and row[1] == result["device"] and row[3].startswith("`--config debug")
+    assert len(row) == 9 and row[1] == result["device"] and row[3].startswith("`train --config debug")
     assert "--out" not in row[3] and "--no-compile" in row[3]
     assert row[4] == f"{result['tokens_per_s']:,.0f}" and row[6] == f"{result['mfu']:.1%}"
 
@@ -79,7 +79,7 @@ def test_training_forward_compiles_to_one_graph(checkpointing):
 
 def test_generate_mode_compares_cache_with_recompute(tmp_path):
     out = tmp_path / "gen.json"
-    run_script("bench.py", "--mode", "generate", "--new-tokens", "8", "--repeats", "1", "--out", out, check=True)
+    run_script("bench.py", "generate", "--new-tokens", "8", "--repeats", "1", "--out", out, check=True)
     result = json.loads(out.read_text())
     assert result["kv_cache_tokens_per_s"] > 0 and result["recompute_tokens_per_s"] > 0
     assert result["same_tokens"] is True  # both paths decode the same greedy continuation
@@ -89,7 +89,7 @@ def test_data_prep_mode_compares_whole_runs_on_the_same_tokens(tmp_path):
     """data_prep.py, the Pool.imap scheme and the single-process loop on one parquet corpus: the same token stream
     (bench refuses to report otherwise), and the figures each whole run is judged by."""
     out, work = tmp_path / "prep.json", tmp_path / "work"
-    run_script("bench.py", "--mode", "data-prep", "--corpus-mb", "1", "--workers", "2", "--work-dir", work,
+    run_script("bench.py", "data-prep", "--corpus-mb", "1", "--workers", "2", "--work-dir", work,
                "--out", out, check=True)
     result = json.loads(out.read_text())
     runs = result["schemes"]
@@ -108,7 +108,7 @@ def test_data_prep_mode_compares_whole_runs_on_the_same_tokens(tmp_path):
 def test_bad_flag_values_are_one_line_errors(embedded_data):
     proc = run_script("bench.py", *TINY_TRAIN, "--data", embedded_data, "--micro-batch", "lots")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--micro-batch" in proc.stderr
-    proc = run_script("bench.py", "--config", "debug", "--data", "/nonexistent/data")
+    proc = run_script("bench.py", "train", "--config", "debug", "--data", "/nonexistent/data")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "data_prep.py" in proc.stderr
 
 
@@ -188,11 +188,11 @@ def test_training_steps_do_not_wait_for_the_device_between_log_steps(embedded_da
 
 
 def test_memory_mode_figures_against_hand_counts(tmp_path):
-    """--mode memory on the debug model (C 128, 4 layers, 4 heads, SwiGLU hidden 512, vocab 50257) at 16 x 128 on
+    """The memory mode on the debug model (C 128, 4 layers, 4 heads, SwiGLU hidden 512, vocab 50257) at 16 x 128 on
     8 GPUs: parameter bytes and FSDP shards against counts by hand, the bytes autograd saves against a list of what
     the model's code keeps for backward (one storage once), and checkpointing saving activations."""
     out = tmp_path / "memory.json"
-    run_script("bench.py", "--mode", "memory", "--configs", "debug", "--micro-batch", "16", "--seq-len", "128",
+    run_script("bench.py", "memory", "--configs", "debug", "--micro-batch", "16", "--seq-len", "128",
                "--gpus", "8", "--out", out, check=True)
     r = json.loads(out.read_text())["configs"]["debug"]
     C, h, H, D, V, L, T, B, G = 128, 512, 4, 32, 50257, 4, 128, 16, 8

@@ -23,12 +23,14 @@ SAMPLE_HELLASWAG = REPO / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"
 
 
 def assert_one_line(proc, *needles, status=None):
-    """A non-zero exit whose stderr ends in one `error: ...` line (argparse's `SCRIPT: error: ...` after its usage
-    lines for a flag it refuses) holding every needle, and no traceback."""
+    """A non-zero exit whose stderr ends in one `error: ...` line (argparse's `SCRIPT: error: ...`, or `SCRIPT MODE:
+    error: ...` for a subcommand, after its usage lines for a flag it refuses) holding every needle, and no
+    traceback."""
     assert proc.returncode != 0 if status is None else proc.returncode == status, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") or last.startswith(f"{proc.args[1]}: error: "), proc.stderr
+    argparse_prog = " ".join(map(str, proc.args[1:3])) if proc.args[1] == "bench.py" else proc.args[1]
+    assert last.startswith("error: ") or last.startswith(f"{argparse_prog}: error: "), proc.stderr
     for needle in needles:
         assert str(needle) in last, last
     return last
@@ -105,7 +107,7 @@ def test_unwritable_outputs_are_one_line_before_work(unwritable, embedded_data, 
         "export_hf.py": ("export_hf.py", "--checkpoint", tiny_checkpoint, "--out", folder / "export"),
         "export_hf.py --from-hf": ("export_hf.py", "--from-hf", tiny_checkpoint.parent, "--out", folder / "c.pt"),
         "plot_metrics.py": ("plot_metrics.py", run_with_metrics, "--out", folder / "plots"),
-        "bench.py": ("bench.py", "--mode", "generate", "--new-tokens", "2", "--repeats", "1", "--block-size", "8",
+        "bench.py": ("bench.py", "generate", "--new-tokens", "2", "--repeats", "1", "--block-size", "8",
                      "--out", folder / "bench.json"),
     }
     for name, args in runs.items():
@@ -281,8 +283,8 @@ def test_undecodable_input_file_names_the_file_and_line(tmp_path, name, content,
     ("generate.py", ["--temperature", "inf"], "--temperature"),
     ("generate.py", ["--seed", "100000000000000000000000"], "--seed"),
     ("generate.py", ["--seed", "-1"], "--seed"),
-    ("bench.py", ["--mode", "generate", "--block-size", "0"], "--block-size"),
-    ("bench.py", ["--mode", "data-prep", "--corpus-mb", "nan"], "--corpus-mb"),
+    ("bench.py", ["generate", "--block-size", "0"], "--block-size"),
+    ("bench.py", ["data-prep", "--corpus-mb", "nan"], "--corpus-mb"),
     ("train.py", ["--max-lr", "inf"], "--max-lr inf: must be a finite number"),
     ("train.py", ["--seed", "100000000000"], "--seed"),
 ])
