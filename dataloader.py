@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cli import UserError
-from shards import open_shard, read_manifest, validate_shards
+from shards import open_shard, read_manifest, rebuild_advice, validate_shards
 
 LOADER_STATE_FORMAT = "lf-llm-train-loader-v2"
 LOADER_STATE_V1 = "lf-llm-train-loader-v1"  # per-rank micro-batch counts (checkpoints before v2); still loaded
@@ -127,7 +127,7 @@ class TrainLoader:
         if batch_size * seq_len + 1 > largest:
             raise UserError(f"a batch of {batch_size} x {seq_len} tokens is larger than the largest train shard of "
                             f"{dataset.data_dir} ({largest} tokens); lower the batch size or sequence length, or "
-                            f"rebuild the data with a larger --shard-tokens")
+                            f"{rebuild_advice(dataset.data_dir, ' and a larger --shard-tokens')}")
         self.dataset = dataset
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
@@ -244,7 +244,7 @@ def val_batches(dataset: ShardDataset, batch_size: int, seq_len: int, rank: int 
         raise UserError(f"validation of {batch_size} x {seq_len} tokens on {world_size} rank(s) needs "
                         f"{batch_size * seq_len * world_size} tokens per step, but the val split of "
                         f"{dataset.data_dir} holds {dataset.val_tokens} (limit {max_tokens}); lower the batch size or "
-                        f"rebuild the data with a larger --val-tokens")
+                        f"{rebuild_advice(dataset.data_dir, ' and a larger --val-tokens')}")
     used = per_rank * batch_size * world_size
     chosen = np.arange(used, dtype=np.int64) * total // used  # evenly spread, strictly increasing
     ends = np.cumsum(counts)

@@ -34,6 +34,11 @@ HEADER_LAYOUT = ("little-endian: 8 bytes magic 'LFLLMTOK', uint32 version, uint3
 BUILD_HINT = "python data_prep.py --source embedded --out {dir} (or --source hf for FineWeb-Edu)"
 
 
+def rebuild_advice(data_dir, hint: str = "") -> str:
+    """The remedy for a data directory that cannot be used, said the same way everywhere (`hint`: what to change)."""
+    return f"rebuild it with `python data_prep.py ... --out {data_dir} --overwrite`{hint}"
+
+
 def write_shard(path, tokens: np.ndarray) -> str:
     """Write header + tokens to a temporary name, fsync, rename to `path`; returns the file's sha256."""
     path = Path(path)
@@ -55,18 +60,18 @@ def read_shard_header(path) -> int:
             raw = f.read(HEADER_BYTES)
         size = path.stat().st_size
     except OSError as e:
-        raise UserError(f"shard {path} cannot be read ({e.strerror}); rebuild the data with data_prep.py")
+        raise UserError(f"shard {path} cannot be read ({e.strerror}); {rebuild_advice(path.parent)}")
     if len(raw) < HEADER_BYTES:
-        raise UserError(f"shard {path} is truncated ({size} bytes, shorter than its header); rebuild the data "
-                        f"with data_prep.py --overwrite")
+        raise UserError(f"shard {path} is truncated ({size} bytes, shorter than its header); "
+                        f"{rebuild_advice(path.parent)}")
     magic, version, dtype_code, count = _HEADER.unpack(raw)
     if magic != SHARD_MAGIC or version != SHARD_VERSION or dtype_code not in DTYPE_CODES:
-        raise UserError(f"{path} is not a version-{SHARD_VERSION} token shard (bad header); rebuild the data "
-                        f"with data_prep.py --overwrite")
+        raise UserError(f"{path} is not a version-{SHARD_VERSION} token shard (bad header); "
+                        f"{rebuild_advice(path.parent)}")
     expected = HEADER_BYTES + count * DTYPE_CODES[dtype_code].itemsize
     if size != expected:
         raise UserError(f"shard {path} is truncated or corrupt: {size} bytes, its header promises {count} tokens "
-                        f"({expected} bytes); rebuild the data with data_prep.py --overwrite")
+                        f"({expected} bytes); {rebuild_advice(path.parent)}")
     return count
 
 
@@ -110,20 +115,18 @@ def read_manifest(data_dir) -> dict:
     except (ValueError, TypeError, KeyError):
         ok = False
     if not ok:
-        raise UserError(f"{path} is corrupt or not a data_prep.py manifest; rebuild with `python data_prep.py ... "
-                        f"--out {data_dir} --overwrite`")
+        raise UserError(f"{path} is corrupt or not a data_prep.py manifest; {rebuild_advice(data_dir)}")
     bad = next((entry for entry in manifest["shards"] if not is_shard_entry(entry)), None)
     if bad is not None:
         raise UserError(f"{path} lists a damaged shard entry {json.dumps(bad)[:100]} (a shard needs a file name, "
-                        f"split train/val, integer tokens and a sha256 string); rebuild with `python data_prep.py ... "
-                        f"--out {data_dir} --overwrite`")
+                        f"split train/val, integer tokens and a sha256 string); {rebuild_advice(data_dir)}")
     if manifest.get("tokenizer_sha256") != tokenizer.RANKS_SHA256:
         raise UserError(f"{data_dir} was tokenized with another tokenizer (sha256 {manifest.get('tokenizer_sha256')}"
                         f", this repo's GPT-2 BPE is {tokenizer.RANKS_SHA256[:16]}...); rebuild it with this repo's "
                         f"data_prep.py into a new --out")
     if manifest.get("header_bytes") != HEADER_BYTES or manifest.get("dtype") != "uint16":
         raise UserError(f"{path} describes another shard layout (header_bytes {manifest.get('header_bytes')}, dtype "
-                        f"{manifest.get('dtype')}); rebuild with this repo's data_prep.py --overwrite")
+                        f"{manifest.get('dtype')}); {rebuild_advice(data_dir)}")
     return manifest
 
 
@@ -135,21 +138,19 @@ def validate_shards(data_dir, manifest: dict, verify_sha256: bool = False) -> di
     for entry in manifest["shards"]:
         path = data_dir / entry["file"]
         if entry["split"] not in splits or Path(entry["file"]).name != entry["file"]:
-            raise UserError(f"{data_dir / MANIFEST_NAME} lists a bad shard entry {entry['file']!r}; rebuild "
-                            f"with data_prep.py --overwrite")
+            raise UserError(f"{data_dir / MANIFEST_NAME} lists a bad shard entry {entry['file']!r}; "
+                            f"{rebuild_advice(data_dir)}")
         if not path.is_file():
-            raise UserError(f"shard {path} listed in the manifest is missing; rebuild with `python data_prep.py "
-                            f"... --out {data_dir} --overwrite`")
+            raise UserError(f"shard {path} listed in the manifest is missing; {rebuild_advice(data_dir)}")
         count = read_shard_header(path)
         if count != entry["tokens"]:
-            raise UserError(f"shard {path} holds {count} tokens, the manifest says {entry['tokens']}; rebuild "
-                            f"with data_prep.py --overwrite")
+            raise UserError(f"shard {path} holds {count} tokens, the manifest says {entry['tokens']}; "
+                            f"{rebuild_advice(data_dir)}")
         if verify_sha256 and file_sha256(path) != entry["sha256"]:
-            raise UserError(f"shard {path} is corrupt (sha256 differs from the manifest); rebuild with "
-                            f"data_prep.py --overwrite")
+            raise UserError(f"shard {path} is corrupt (sha256 differs from the manifest); {rebuild_advice(data_dir)}")
         splits[entry["split"]].append((path, count))
     for split, shards in splits.items():
         if not shards:
-            raise UserError(f"{data_dir} has no {split} shards; rebuild it with data_prep.py (its --val-tokens "
-                            f"must leave tokens for both splits)")
+            raise UserError(f"{data_dir} has no {split} shards; "
+                            f"{rebuild_advice(data_dir, ' and a --val-tokens that leaves tokens for both splits')}")
     return splits
