@@ -26,8 +26,9 @@ Validation size: --val-tokens, or by default one shard's worth; a corpus smaller
 VAL_SHARE (10%) of its tokens for validation instead. The output says so, and the manifest records it (val_share).
 
 Output: one directory per dataset. Shards are written under temporary names and renamed when complete; manifest.json
-is written last, so a directory without one is unfinished: a rerun removes its shards and rebuilds it. A rerun on a
-finished directory with the same settings says so and exits 0; --overwrite rebuilds it.
+is written last, so a directory without one is unfinished. A rerun on a finished directory with the same settings
+(every shard hashing right) says so and exits 0; any other non-empty --out is refused unless --overwrite, which
+replaces what data_prep.py wrote there (never other files).
 """
 import argparse
 import collections
@@ -62,7 +63,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DOCS_PER_TASK = 1024  # documents per pool task: big enough to hide the IPC cost, small enough to balance the load
 VAL_SHARE = 0.1  # of a corpus smaller than the default --val-tokens, taken for validation
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|\.manifest\.json\.tmp\d*)$")
+_OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|manifest\.json|\.manifest\.json\.tmp\d*)$")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -632,47 +633,54 @@ def settings_record(source: dict, args) -> dict:
 def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
     """Make `out` ready for a build; False when it already holds this very dataset (nothing to do).
 
-    Refuses a directory holding anything data_prep.py did not write, and one holding a finished dataset made with
-    other settings (unless --overwrite); clears an unfinished build (no manifest) so output is never mixed."""
+    A new or empty directory is used as it is, and a finished build with the same settings is reused; anything else
+    is refused unless --overwrite, which removes what data_prep.py writes (shards, manifest and their temporary
+    files). Files of any other name are never removed: a directory holding one is refused."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
     ensure_writable_dir(out, "--out")
     entries = [p.name for p in out.iterdir()]
-    foreign = [name for name in entries if name != shards.MANIFEST_NAME and not _OUR_FILE.match(name)]
-    if (out / shards.MANIFEST_NAME).exists():
-        try:
-            existing = shards.read_manifest(out)
-        except UserError:
-            existing = None
-        if existing is None or "settings" not in existing:
-            raise UserError(f"--out {out} holds a manifest.json that this data_prep.py did not write; pass a new or "
-                            f"empty --out")
-        if not overwrite:
-            if existing["settings"] != settings:
-                raise UserError(f"--out {out} holds a dataset built with other settings ({describe(existing)}); use "
-                                f"one --out per dataset, or --overwrite to replace it")
-            try:
-                shards.validate_shards(out, existing, verify_sha256=True)  # complete means every shard hashes right
-                print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
-                return False
-            except UserError as e:
-                print(f"{out}: the finished dataset is damaged ({e}); rebuilding it")
+    if not entries:
+        return True
+    if not overwrite:
+        existing, holds = finished_build(out, settings)
+        if existing:
+            print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
+            return False
+    foreign = [name for name in entries if not _OUR_FILE.match(name)]
     if foreign:
         raise UserError(f"--out {out} holds files data_prep.py did not write (e.g. {foreign[0]!r}); pass a new or "
                         f"empty directory")
-    ours = [name for name in entries if name not in foreign]
-    if ours:
-        if shards.MANIFEST_NAME not in ours:
-            print(f"{out} holds an unfinished build (no manifest.json); removing its {len(ours)} files and rebuilding")
-        # The manifest goes first: a crash while deleting then leaves an unfinished build, never a complete-looking one.
-        for name in sorted(ours, key=lambda n: n != shards.MANIFEST_NAME):
-            (out / name).unlink()
+    if not overwrite:
+        raise UserError(f"--out {out} holds {holds}; pass --overwrite to replace it, or use one --out per dataset")
+    # The manifest goes first: a crash while deleting then leaves an unfinished build, never a complete-looking one.
+    for name in sorted(entries, key=lambda n: n != shards.MANIFEST_NAME):
+        (out / name).unlink()
     return True
 
 
+def finished_build(out: Path, settings: dict) -> tuple[dict | None, str]:
+    """(manifest, "") when `out` holds a finished build made with `settings` whose every shard hashes right, else
+    (None, what it holds instead)."""
+    if not (out / shards.MANIFEST_NAME).exists():
+        return None, "an unfinished build (no manifest.json)"
+    try:
+        manifest = shards.read_manifest(out)
+    except UserError as e:
+        return None, f"an unusable manifest ({e})"
+    if manifest.get("settings") != settings:
+        return None, f"a dataset built with other settings ({describe(manifest)})"
+    try:
+        shards.validate_shards(out, manifest, verify_sha256=True)
+    except UserError as e:
+        return None, f"a damaged dataset ({e})"
+    return manifest, ""
+
+
 def describe(manifest: dict) -> str:
-    return (f"{describe_source(manifest['settings']['source'])}, {manifest['documents']} documents, "
-            f"{manifest['total_tokens']} tokens in {len(manifest['shards'])} shards")
+    source = manifest.get("settings", {}).get("source")
+    return (f"{describe_source(source) if source else 'unknown source'}, {manifest.get('documents')} documents, "
+            f"{manifest.get('total_tokens')} tokens in {len(manifest['shards'])} shards")
 
 
 # ----------------------------------------------------------------------------------------------------------------

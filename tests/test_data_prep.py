@@ -133,18 +133,21 @@ def test_rerun_on_finished_output_and_overwrite(tmp_path, capsys):
     assert manifest["documents"] == 400 and json.loads((out / "manifest.json").read_text())["documents"] == 400
 
 
-def test_unfinished_build_is_cleared_and_rebuilt(tmp_path, capsys):
+def test_unfinished_build_is_refused_until_overwrite(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
     (out / "train_000007.bin").write_bytes(b"left over from a killed run")
     (out / ".val_000000.bin.tmp").write_bytes(b"half")
-    manifest = prepare(out, "--source", "embedded", "--max-docs", "300", "--val-tokens", "1000")
-    assert "unfinished build" in capsys.readouterr().out
+    args = ["--source", "embedded", "--max-docs", "300", "--val-tokens", "1000"]
+    with pytest.raises(UserError, match=r"unfinished build \(no manifest.json\); pass --overwrite"):
+        prepare(out, *args)
+    assert sorted(p.name for p in out.iterdir()) == [".val_000000.bin.tmp", "train_000007.bin"]  # untouched
+    manifest = prepare(out, *args, "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(s["file"] for s in manifest["shards"])])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte"])  # the second keeps the size: only sha256 sees it
-def test_damaged_finished_output_is_rebuilt(tmp_path, capsys, damage):
+def test_damaged_finished_output_is_refused_until_overwrite(tmp_path, damage):
     out = tmp_path / "d"
     args = ["--source", "embedded", "--max-docs", "300", "--val-tokens", "1000"]
     prepare(out, *args)
@@ -155,8 +158,9 @@ def test_damaged_finished_output_is_rebuilt(tmp_path, capsys, damage):
     else:
         data[-3] ^= 0xFF
     shard.write_bytes(bytes(data))
-    prepare(out, *args)
-    assert "damaged" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"damaged dataset \(shard .*train_000000.bin is (truncated|corrupt).*--overwrite"):
+        prepare(out, *args)
+    prepare(out, *args, "--overwrite")
     ShardDataset.open(out, verify_sha256=True)
 
 

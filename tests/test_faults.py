@@ -208,7 +208,7 @@ def test_ctrl_c_stops_data_prep_and_its_pool_with_one_line(tmp_path):
     assert proc.wait(timeout=60) == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C)"
-    assert not (out / "manifest.json").exists()  # unfinished: a rerun rebuilds it
+    assert not (out / "manifest.json").exists()  # unfinished: a rerun refuses it until --overwrite
     time.sleep(0.5)
     alive = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert not alive, f"workers still running: {alive}"
