@@ -35,6 +35,7 @@ import tokenizer
 from checkpoint import load_checkpoint, model_from_state, save_checkpoint
 from cli import UserError, atomic_write, ensure_writable_dir, main_entry, write_json
 from model import GPT, GPTConfig
+from plot_metrics import latest_values, read_metrics
 
 ARCHITECTURE = "LlamaForCausalLM"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -214,26 +215,11 @@ def write_tokenizer_files(out_dir: Path, max_length: int) -> None:
 # Model card
 
 def run_metrics(run_dir: Path, step: int | None) -> dict:
-    """Latest `tokens`, `val_loss` and `hellaswag_acc_norm` in run_dir/metrics.jsonl at or before `step` (all steps
-    when None), each as (step, value); empty when the file is missing. Unreadable lines are skipped."""
-    found = {}
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            continue
-        if step is not None and record["step"] > step:
-            continue
-        for key in ("tokens", "val_loss", "hellaswag_acc_norm"):
-            if record.get(key) is not None and record["step"] >= found.get(key, (-1, None))[0]:
-                found[key] = (record["step"], record[key])
-    return found
+    """{metric: (step, value)}: the latest of each in run_dir/metrics.jsonl at or before `step` (all steps when
+    None); empty when the run has no metrics file. Unusable lines are skipped with a warning (read_metrics)."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return {}
+    return latest_values([e for e in read_metrics(run_dir) if step is None or e["step"] <= step])
 
 
 def model_card_text(model: GPT, dtype_name: str, step: int | None, metrics: dict) -> str:
