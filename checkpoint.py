@@ -5,6 +5,11 @@ A checkpoint is one `torch.save` file, RUN_DIR/checkpoints/step_NNNNNN.pt, holdi
 optimizer, step, loader and RNG state. Files are written to a temporary name (.step_NNNNNN.pt.tmpPID), fsynced
 and renamed, so a kill during a save never leaves a damaged file under a checkpoint name; the temporary file such a
 kill leaves behind is removed by the next training start or save (remove_orphaned_temp_files).
+
+An FSDP run's checkpoint is a folder, RUN_DIR/checkpoints/step_NNNNNN/ (written by sharding.py the same way: a
+temporary .step_NNNNNN.tmpPID folder renamed when complete): torch.distributed.checkpoint files with the model and
+optimizer state, sharded as the processes held them, plus train_state.pt with the rest of the dict. Every function
+here treats it like a file: load_checkpoint_file gives the same dict, the model as full tensors.
 """
 import errno
 import os
@@ -20,8 +25,12 @@ import torch
 from cli import UserError, atomic_write
 
 FORMAT = "lf-llm-checkpoint-v1"
-_NAME = re.compile(r"^step_(\d{6,})\.pt$")
-_TEMP_NAME = re.compile(r"^\.step_\d{6,}\.pt\.tmp(\d+)$")  # cli.atomic_write's temporary file of a checkpoint
+_NAME = re.compile(r"^step_(\d{6,})(?:\.pt)?$")  # a file, or a sharded checkpoint's folder
+# cli.atomic_write's temporary file of a checkpoint, or the temporary folder of a sharded one (also the name a pruned
+# folder takes while it is deleted)
+_TEMP_NAME = re.compile(r"^\.step_\d{6,}(?:\.pt)?\.tmp(\d+)$")
+STATE_FILE = "train_state.pt"  # a sharded checkpoint's dict, without the model and optimizer state
+METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of the shard files
 
 
 class CheckpointDamaged(UserError):
@@ -32,12 +41,18 @@ def checkpoint_dir(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def checkpoint_path(run_dir, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step_{step:06d}.pt"
+def checkpoint_path(run_dir, step: int, sharded: bool = False) -> Path:
+    return checkpoint_dir(run_dir) / (f"step_{step:06d}" if sharded else f"step_{step:06d}.pt")
+
+
+def is_sharded_checkpoint(path) -> bool:
+    """Whether `path` is a sharded checkpoint's folder (a run directory is not)."""
+    path = Path(path)
+    return path.is_dir() and (_NAME.match(path.name) is not None or (path / STATE_FILE).is_file())
 
 
 def list_checkpoints(run_dir) -> list[Path]:
-    """Checkpoint files of a run directory, oldest step first."""
+    """Checkpoint files (and sharded checkpoint folders) of a run directory, oldest step first."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
@@ -86,8 +101,15 @@ def remove_orphaned_temp_files(run_dir) -> list[Path]:
     orphans = [p for p in (folder.iterdir() if folder.is_dir() else [])
                if (m := _TEMP_NAME.match(p.name)) and not _is_other_live_process(int(m.group(1)))]
     for path in orphans:
-        path.unlink(missing_ok=True)
+        _delete(path)
     return orphans
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _is_other_live_process(pid: int) -> bool:
@@ -103,20 +125,23 @@ def _is_other_live_process(pid: int) -> bool:
 
 
 def prune_checkpoints(run_dir, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all)."""
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all). A folder first takes a temporary name:
+    a kill while its files are deleted leaves an orphan for the next start to remove, not a damaged checkpoint."""
     if keep > 0:
         for path in list_checkpoints(run_dir)[:-keep]:
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                path = path.rename(path.with_name(f".{path.name}.tmp{os.getpid()}"))
+            _delete(path)
 
 
 def quarantine_checkpoints(run_dir, from_step: int) -> None:
-    """Rename checkpoints of step >= from_step to *.pt.nonfinite (kept for inspection, never picked by a resume)."""
+    """Rename checkpoints of step >= from_step to *.nonfinite (kept for inspection, never picked by a resume)."""
     set_aside([p for p in list_checkpoints(run_dir) if int(_NAME.match(p.name).group(1)) >= from_step], ".nonfinite")
 
 
 def set_aside(paths: list[Path], suffix: str) -> list[Path]:
-    """Rename each file to NAME+suffix: kept for inspection, but no longer a checkpoint name that a resume, a lookup
-    or the pruning would see. Returns the new paths."""
+    """Rename each file (or sharded checkpoint folder) to NAME+suffix: kept for inspection, but no longer a checkpoint
+    name that a resume, a lookup or the pruning would see. Returns the new paths."""
     moved = []
     for path in paths:
         new, n = path.with_name(path.name + suffix), 1
@@ -127,13 +152,25 @@ def set_aside(paths: list[Path], suffix: str) -> list[Path]:
     return moved
 
 
-def load_checkpoint_file(path, map_location="cpu") -> dict:
-    """Load and validate one checkpoint file; UserError when it is missing, truncated or not one of ours."""
+def load_checkpoint_file(path, map_location="cpu", weights: bool = True) -> dict:
+    """Load and validate one checkpoint file or sharded checkpoint folder; UserError when it is missing, truncated
+    or not one of ours. weights=False leaves a sharded checkpoint's model and optimizer state on disk (no 'model'
+    key): sharding.load_training_state reads them straight into a run's shards."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return load_sharded_checkpoint(path, map_location, weights)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    state = _torch_load(path, map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not {"model", "model_config"} <= state.keys():
+        raise CheckpointDamaged(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
+    return state
+
+
+def _torch_load(path: Path, map_location):
+    """torch.load (weights only) of a checkpoint's file: CheckpointDamaged when the file is damaged."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (OSError, MemoryError):
         raise  # the disk or the machine failed, not the file: never a reason to fall back to an older checkpoint
     except Exception as e:  # torch raises many types for truncated/garbled files
@@ -145,9 +182,66 @@ def load_checkpoint_file(path, map_location="cpu") -> dict:
                             "wrote it") from e
         raise CheckpointDamaged(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use an earlier "
                                 "checkpoint")
-    if not isinstance(state, dict) or state.get("format") != FORMAT or not {"model", "model_config"} <= state.keys():
-        raise CheckpointDamaged(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
+
+
+def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = True) -> dict:
+    """A sharded checkpoint's dict: train_state.pt's content plus, unless weights=False, the model as one plain
+    state_dict of full tensors (what a .pt file holds). Needs no process group. Every shard file the index names must
+    be there at its full length: else CheckpointDamaged naming the file."""
+    metadata = _sharded_metadata(folder)
+    state = _torch_load(folder / STATE_FILE, map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model_config" not in state:
+        raise CheckpointDamaged(f"{folder / STATE_FILE} is not a checkpoint of this repo (no '{FORMAT}' state in it)")
+    if weights:
+        state["model"] = _read_full_model(folder, metadata, map_location)
     return state
+
+
+def _sharded_metadata(folder: Path):
+    """The DCP index of a sharded checkpoint, after checking that it and every file it names are complete (a
+    size check: no file is read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    for name in (METADATA_FILE, STATE_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointDamaged(f"sharded checkpoint {folder} has no {name}; use an earlier checkpoint")
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # a truncated or garbled pickle
+        raise CheckpointDamaged(f"checkpoint index {folder / METADATA_FILE} is corrupt or truncated "
+                                f"({type(e).__name__}); use an earlier checkpoint")
+    if not any(key.startswith("model.") for key in metadata.state_dict_metadata):
+        raise CheckpointDamaged(f"{folder} is not a checkpoint of this repo (no model state in its index)")
+    needed = {}  # shard file -> bytes its entries reach
+    for entry in metadata.storage_data.values():
+        needed[entry.relative_path] = max(needed.get(entry.relative_path, 0), entry.offset + entry.length)
+    for name, size in sorted(needed.items()):
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointDamaged(f"sharded checkpoint {folder} is missing its shard file {name}; use an earlier "
+                                    "checkpoint")
+        if file.stat().st_size < size:
+            raise CheckpointDamaged(f"shard file {file} is truncated ({file.stat().st_size:,} of {size:,} bytes); "
+                                    "use an earlier checkpoint")
+    return metadata
+
+
+def _read_full_model(folder: Path, metadata, map_location) -> dict:
+    """The model's state_dict from a sharded checkpoint as full tensors, in this process alone (no_dist): every
+    shard's piece of each tensor is read into one tensor of the saved shape."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    model = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype, device=map_location)
+             for key, entry in metadata.state_dict_metadata.items()
+             if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+    state = {"model": model}
+    with warnings.catch_warnings():  # a load in one process is what this is for
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
+    return state["model"]
 
 
 def is_damaged_file_error(error: Exception) -> bool:
@@ -158,23 +252,25 @@ def is_damaged_file_error(error: Exception) -> bool:
     return True
 
 
-def newest_valid_checkpoint(run_dir, map_location="cpu") -> tuple[dict | None, Path | None, dict[Path, str]]:
+def newest_valid_checkpoint(run_dir, map_location="cpu",
+                            weights: bool = True) -> tuple[dict | None, Path | None, dict[Path, str]]:
     """(state, path) of the newest checkpoint of a run directory that loads and validates, or (None, None) when
-    none does, and {path: what is wrong} of the newer ones that did not (newest first)."""
+    none does, and {path: what is wrong} of the newer ones that did not (newest first). `weights`: as in
+    load_checkpoint_file."""
     damaged = {}
     for candidate in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint_file(candidate, map_location), candidate, damaged
+            return load_checkpoint_file(candidate, map_location, weights), candidate, damaged
         except CheckpointDamaged as e:  # anything else (the disk, memory, a version) stops the lookup
             damaged[candidate] = str(e)
     return None, None, damaged
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[dict, Path]:
-    """Load a checkpoint file, or the newest valid checkpoint of a run directory (corrupt ones skipped, with a
-    warning). Returns (state, file path)."""
+    """Load a checkpoint file (or sharded checkpoint folder), or the newest valid checkpoint of a run directory
+    (corrupt ones skipped, with a warning). Returns (state, file path)."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() or is_sharded_checkpoint(path):
         return load_checkpoint_file(path, map_location), path
     state, found, damaged = newest_valid_checkpoint(path, map_location)
     for candidate, error in damaged.items():

@@ -151,7 +151,12 @@ def atomic_write(path, mode: str = "wb"):
         if os_error is not None and os_error.filename is None:  # a failed write() names no file: name it
             raise OSError(os_error.errno, os_error.strerror, str(path)) from e
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder) -> None:
+    """Make the entries of `folder` (files created or renamed in it) survive a crash."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
