@@ -238,6 +238,31 @@ def test_ddp_two_processes_match_one_process_with_accumulation(single_run_withou
     assert_weights_close_relative_to_training(final_weights(single), final_weights(ddp), rel=1e-3)
 
 
+def test_resume_under_another_process_count_and_micro_batch(single_run_without_dropout, embedded_data, tmp_path):
+    """Elastic resume: 2 processes x micro-batch 4 save at step 4; 1 process x micro-batch 2 (4 accumulation steps,
+    the same 256-token batch) continues. The continuation reads the same windows with the same weights and optimizer
+    state, so its losses and grad norms match the uninterrupted run's up to the order of gradient sums (the DDP
+    test's tolerance) and its final weights are close; the layout change is logged and recorded. A changed token
+    batch is refused in one line unless --allow-token-batch-change."""
+    out = tmp_path / "elastic"
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+               "--data", embedded_data, "--out", out, *NO_DROPOUT, "--stop-at-step", "4", check=True)
+    one_line_error(train(embedded_data, out, *NO_DROPOUT, "--resume", "--total-batch-tokens", "512", check=False),
+                   "--total-batch-tokens 256", "--allow-token-batch-change")
+    train(embedded_data, out, *NO_DROPOUT, "--resume", "--micro-batch", "2")
+    a, b = train_events(single_run_without_dropout), train_events(out)
+    assert [e["step"] for e in a] == [e["step"] for e in b] == list(range(8))
+    for ours, theirs in zip(a, b):
+        assert theirs["loss"] == pytest.approx(ours["loss"], rel=1e-5), ours["step"]
+        assert theirs["grad_norm"] == pytest.approx(ours["grad_norm"], rel=1e-5), ours["step"]
+    assert_weights_close_relative_to_training(final_weights(single_run_without_dropout), final_weights(out), rel=1e-3)
+    assert "layout changed: 2 processes x micro-batch 4 x 1 accumulation steps -> 1 x 2 x 4" in \
+        (out / "train.log").read_text()
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 4, "world_size": 1, "micro_batch": 2, "previous_world_size": 2, "previous_micro_batch": 4} in events
+    assert torch.load(out / "checkpoints" / "step_000008.pt", weights_only=True)["loader"]["window"] == 8 * 8
+
+
 def test_killed_worker_restarts_from_checkpoint(embedded_data, tmp_path):
     """SIGKILL of a worker under torchrun --max-restarts: the group restarts from the last checkpoint and continues
     exactly like a run that was never interrupted (2 gloo processes, dropout on: data, masks and optimizer state)."""
@@ -374,16 +399,16 @@ def test_resumed_optimizer_keeps_saved_moments_under_this_runs_settings():
     """A checkpoint's AdamW state (here: plain for-loop AdamW, other betas and weight decay) loaded into this run's
     optimizer (fused, as on CUDA): the moments and step counts come from the checkpoint, every setting from the run."""
     from model import GPT, GPTConfig
-    from train import load_optimizer_state
+    from sharding import load_training_state
     model = GPT(GPTConfig.from_preset("debug"))
     saved_optimizer = torch.optim.AdamW(model.param_groups(0.2), lr=1e-3, betas=(0.8, 0.9), foreach=False)
     model(torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8), dtype=torch.long))[1].backward()
     saved_optimizer.step()
     saved = saved_optimizer.state_dict()
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=True)
-    load_optimizer_state(optimizer, saved)
+    load_training_state(model, optimizer, {"model": model.state_dict(), "optimizer": saved}, "step_000001.pt")
     for group in optimizer.param_groups:
-        assert group["fused"] is True and group["foreach"] is None and group["betas"] == (0.9, 0.95)
+        assert group["fused"] is True and group["foreach"] is None and tuple(group["betas"]) == (0.9, 0.95)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     first = model.wte.weight
     assert torch.equal(optimizer.state[first]["exp_avg"], saved_optimizer.state[first]["exp_avg"])
