@@ -82,6 +82,18 @@ def test_micro_batch_auto_picks_largest_fitting_divisor():
     assert largest_fitting(candidates, lambda b: False) == 0
 
 
+def test_debug_preset_divides_over_one_or_two_cpu_processes():
+    """`torchrun --nproc_per_node=2 train.py --config debug` needs no extra flag: auto picks 8 sequences on one
+    process and 4 on each of two (a fixed 8 does not divide the 1,024-token batch over 2 x 128-token rows)."""
+    from train import CPU_AUTO_MICRO_BATCH
+    cfg = TrainConfig.from_preset("debug")
+    assert cfg.micro_batch == "auto"
+    for world, expected in ((1, 8), (2, 4)):
+        batch = largest_fitting(micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, world),
+                                lambda b: b <= CPU_AUTO_MICRO_BATCH)
+        assert batch == expected and grad_accum_steps(cfg.total_batch_tokens, batch, cfg.seq_len, world) == 1
+
+
 def test_memory_probe_runs_two_accumulating_passes_and_leaves_the_model_untouched():
     import contextlib
 
@@ -413,6 +425,7 @@ def test_resumed_optimizer_keeps_saved_moments_under_this_runs_settings():
     first = model.wte.weight
     assert torch.equal(optimizer.state[first]["exp_avg"], saved_optimizer.state[first]["exp_avg"])
     assert float(optimizer.state[first]["step"]) == 1.0
+    model(torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8), dtype=torch.long))[1].backward()
     optimizer.step()  # the fused kernel accepts the loaded state
     assert float(optimizer.state[first]["step"]) == 2.0
 
