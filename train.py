@@ -31,7 +31,7 @@ from tqdm import tqdm
 from checkpoint import (checkpoint_dir, checkpoint_path, checkpoint_step, list_checkpoints, load_checkpoint,
                         newest_valid_checkpoint, prune_checkpoints, quarantine_checkpoints, remove_orphaned_temp_files,
                         rng_state, save_checkpoint, seed_everything, set_aside, set_rng_state)
-from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_header
+from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_header, write_json
 from dataloader import ShardDataset, TrainLoader, val_batches
 from devices import (Dist, cuda_memory_probe, enable_tf32, init_distributed, largest_fitting, mfu,
                      peak_flops)
@@ -728,7 +728,7 @@ class Trainer:
         config = {"train": dataclasses.asdict(self.cfg), "model": dataclasses.asdict(self.model_config)}
         self.log.info("config: " + json.dumps(config))
         if self.d.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_json(self.run_dir / "config.json", config)
         return header, config
 
     def _open_trackers(self, header: list[str], config: dict) -> Trackers:
