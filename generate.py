@@ -21,7 +21,7 @@ import torch
 
 from cli import UserError, main_entry
 from devices import pick_device
-from model import EOT_ID, GPT
+from model import EOT_ID, GPT, evaluating
 from tokenizer import EOT_TOKEN, get_tokenizer
 
 REFERENCE_PROMPTS = [
@@ -107,13 +107,9 @@ def generate_samples(model: GPT, prompts: list[str], max_new_tokens: int, temper
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return [sample_continuations(model, ids, 1, max_new_tokens, temperature, top_k, top_p, generator,
                                      stop_at_eot)[0] for ids in prompt_ids]
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------------------------

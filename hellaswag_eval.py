@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cli import REPO_DIR, UserError, ensure_writable_dir, main_entry, positive_int, write_json
 from devices import init_distributed
-from model import EOT_ID, GPT, IGNORE_INDEX
+from model import EOT_ID, GPT, IGNORE_INDEX, evaluating
 from tokenizer import get_tokenizer
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -191,13 +191,9 @@ def evaluate_hellaswag(model: GPT, examples: list[dict], device, batch_size: int
     """
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("evaluate_hellaswag with world_size > 1 needs an initialized torch.distributed process group")
-    was_training = model.training
-    model.eval()
-    try:
-        mine = examples[rank::world_size]
+    mine = examples[rank::world_size]
+    with evaluating(model):
         sums, counts = score_examples(model, mine, device, batch_size, progress=progress and rank == 0)
-    finally:
-        model.train(was_training)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     correct = int((sums.argmax(1) == labels).sum())
     correct_norm = int(((sums / counts).argmax(1) == labels).sum())

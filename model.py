@@ -5,6 +5,7 @@ Reading order: config and presets, RMSNorm, RoPE, attention (with a KV cache), S
 
 Shapes: B batch, T sequence length, C = d_model, H heads, D = C / H head dim, V vocabulary.
 """
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -384,3 +385,15 @@ def sample_next(logits, temperature: float, top_k: int | None, top_p: float | No
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode (no dropout) inside the block and the model's previous mode after it, also after an error: for
+    evaluations and samples taken from a model that is training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -8,7 +8,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from generate import REFERENCE_PROMPTS, TokenPrinter, continuation_text, generate_samples
-from model import EOT_ID, GPT, GPTConfig
+from model import EOT_ID, GPT, GPTConfig, evaluating
 from tokenizer import get_tokenizer
 
 
@@ -83,6 +83,14 @@ def test_same_seed_same_text_and_no_side_effects():
     assert len(first) == 3 and all(first)
     assert model.training  # mode restored
     assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched
+
+
+def test_evaluating_restores_the_mode_after_an_error():
+    model = GPT(tiny_config(), seed=0).train()
+    with pytest.raises(RuntimeError, match="inside"), evaluating(model):
+        assert not model.training
+        raise RuntimeError("inside")
+    assert model.training
 
 
 class EotLovingGPT(GPT):
