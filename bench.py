@@ -163,13 +163,13 @@ def run_generate(args) -> dict:
 
     from devices import pick_device
     from generate import REFERENCE_PROMPTS
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, Sampling
     from tokenizer import get_tokenizer
 
     device = pick_device(args.device)
     model = GPT(GPTConfig.from_preset(args.config, block_size=args.block_size)).to(device).eval()
     prompt = torch.tensor([get_tokenizer().encode(REFERENCE_PROMPTS[1])], device=device)  # "HTML stands for"
-    paths = {"kv_cache": lambda n: model.generate(prompt, n, temperature=0),
+    paths = {"kv_cache": lambda n: model.generate(prompt, Sampling(n, temperature=0)),
              "recompute": lambda n: generate_without_cache(model, prompt, n)}
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

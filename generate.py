@@ -14,15 +14,14 @@ the context: the model then keeps the most recent block_size tokens in view.
 """
 import argparse
 import codecs
-import math
 import sys
 
 import torch
 
 from cli import UserError, main_entry
 from devices import pick_device
-from model import EOT_ID, GPT, evaluating
-from tokenizer import EOT_TOKEN, get_tokenizer
+from model import GPT, Sampling, evaluating
+from tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 REFERENCE_PROMPTS = [
     "If animals could talk, my pet would probably say",
@@ -31,16 +30,19 @@ REFERENCE_PROMPTS = [
 ]
 
 
-def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """UserError naming the flag when a sampling setting is out of range."""
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be >= 1 (or 0 for no top-k cut), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
+# The flag of each Sampling setting here; train.py passes its own (--sample-tokens, ...).
+SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                  "top_p": "--top-p"}
+
+
+def check_sampling(sampling: Sampling, flags: dict[str, str] = SAMPLING_FLAGS) -> Sampling:
+    """The one check of sampling settings a user gives: `sampling` itself, or a UserError naming the flag of a
+    setting out of range."""
+    errors = sampling.errors()
+    if errors:
+        name, rule = next(iter(errors.items()))
+        raise UserError(f"{flags[name]} {getattr(sampling, name)!r}: {rule}")
+    return sampling
 
 
 def encode_prompt(prompt: str, block_size: int) -> list[int]:
@@ -86,30 +88,27 @@ class TokenPrinter:
 
 
 @torch.no_grad()
-def sample_continuations(model: GPT, prompt_ids: list[int], num_samples: int, max_new_tokens: int,
-                         temperature: float, top_k: int | None, top_p: float | None,
+def sample_continuations(model: GPT, prompt_ids: list[int], num_samples: int, sampling: Sampling,
                          generator: torch.Generator, stop_at_eot: bool = True, on_token=None) -> list[str]:
     """num_samples continuations of one prompt, sampled together as the rows of one batch."""
     device = model.wte.weight.device
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(num_samples, 1)  # (S, T)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator, stop_at_eot=stop_at_eot, on_token=on_token)
+    out = model.generate(idx, sampling, generator, stop_token=EOT_ID if stop_at_eot else None, on_token=on_token)
     return [continuation_text(row[len(prompt_ids):].tolist(), stop_at_eot) for row in out]
 
 
-def generate_samples(model: GPT, prompts: list[str], max_new_tokens: int, temperature: float,
-                     top_k: int | None, top_p: float | None, seed: int, device, stop_at_eot: bool = True) -> list[str]:
-    """One continuation per prompt (the prompt itself not included).
+def generate_samples(model: GPT, prompts: list[str], sampling: Sampling, seed: int, device,
+                     stop_at_eot: bool = True) -> list[str]:
+    """One continuation per prompt (the prompt itself not included), with settings the caller checked
+    (check_sampling).
 
     Uses its own generator seeded with `seed` (the global RNG streams are untouched, so training is unaffected),
     puts the model in eval mode and restores its mode afterwards. Runs in the model's dtype, without autocast.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(seed)
     with evaluating(model):
-        return [sample_continuations(model, ids, 1, max_new_tokens, temperature, top_k, top_p, generator,
-                                     stop_at_eot)[0] for ids in prompt_ids]
+        return [sample_continuations(model, ids, 1, sampling, generator, stop_at_eot)[0] for ids in prompt_ids]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,8 +155,7 @@ def read_prompts(args) -> list[str]:
 @main_entry(memory_hint="lower --num-samples")
 def main(argv=None):
     args = parse_args(argv)
-    top_k = args.top_k or None  # 0 = off
-    check_sampling_args(args.max_new_tokens, args.temperature, top_k, args.top_p)
+    sampling = check_sampling(Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p))
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if not 0 <= args.seed < 2 ** 64:
@@ -174,12 +172,10 @@ def main(argv=None):
         if stream:
             print(f"{header(1)}\n{prompt}", end="", flush=True)
             printer = TokenPrinter(args.stop_at_eot)
-            sample_continuations(model, ids, 1, args.max_new_tokens, args.temperature, top_k, args.top_p,
-                                 generator, args.stop_at_eot, on_token=printer)
+            sample_continuations(model, ids, 1, sampling, generator, args.stop_at_eot, on_token=printer)
             printer.finish()
         else:
-            texts = sample_continuations(model, ids, args.num_samples, args.max_new_tokens, args.temperature, top_k,
-                                         args.top_p, generator, args.stop_at_eot)
+            texts = sample_continuations(model, ids, args.num_samples, sampling, generator, args.stop_at_eot)
             for s, text in enumerate(texts, start=1):
                 print(f"{header(s)}\n{prompt}{text}")
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from cli import REPO_DIR, UserError, ensure_writable_dir, main_entry, positive_int, write_json
 from devices import init_distributed
-from model import EOT_ID, GPT, IGNORE_INDEX, evaluating
-from tokenizer import get_tokenizer
+from model import GPT, IGNORE_INDEX, evaluating
+from tokenizer import EOT_ID, get_tokenizer
 
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 OFFICIAL_EXAMPLES = 10042  # lines of the official validation file

@@ -15,8 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer import EOT_ID  # <|endoftext|> (50256): generation can stop there
-
 IGNORE_INDEX = -100  # targets equal to this (padding) are left out of the loss
 
 
@@ -329,55 +327,69 @@ class GPT(nn.Module):
     # Generation
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, stop_at_eot: bool = False,
-                 on_token=None):
-        """Append up to max_new_tokens sampled tokens to idx (B, T) and return prompt + new ids.
+    def generate(self, idx, sampling: "Sampling", generator: torch.Generator | None = None,
+                 stop_token: int | None = None, on_token=None):
+        """Append up to sampling.max_new_tokens sampled tokens to idx (B, T) and return prompt + new ids.
 
         A KV cache makes each new token one forward pass over one position. The context is cropped to the model's
         window: a prompt longer than block_size keeps its last block_size tokens in view, and once the window is
         full each step re-reads the last block_size tokens (exactly what recomputing the cropped context gives).
-        temperature 0 is greedy. With stop_at_eot, rows that emitted <|endoftext|> keep emitting it, and generation
-        ends when every row has. on_token, if given, is called with each step's new ids (B, 1), for streaming.
+        With a stop_token (<|endoftext|>), rows that emitted it keep emitting it, and generation ends when every row
+        has. on_token, if given, is called with each step's new ids (B, 1), for streaming.
         """
+        assert not sampling.errors(), sampling  # checked where the user gives it (generate.check_sampling)
         if idx.dim() == 1:
             idx = idx[None]
         window = self.config.block_size
         cache = None
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for _ in range(sampling.max_new_tokens):
             if cache is None or cache.pos >= window:  # (re)fill the cache from the cropped context
                 cache = KVCache(self.config, idx.size(0), window, idx.device, self.wte.weight.dtype)
                 logits, _ = self(idx[:, -window:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            if stop_at_eot:
-                next_id = torch.where(done[:, None], torch.full_like(next_id, EOT_ID), next_id)
-                done |= next_id[:, 0] == EOT_ID
+            next_id = sample_next(logits[:, -1, :], sampling, generator)  # (B, 1)
+            if stop_token is not None:
+                next_id = torch.where(done[:, None], torch.full_like(next_id, stop_token), next_id)
+                done |= next_id[:, 0] == stop_token
             idx = torch.cat([idx, next_id], dim=1)
             if on_token is not None:
                 on_token(next_id)
-            if stop_at_eot and bool(done.all()):
+            if stop_token is not None and bool(done.all()):
                 break
         return idx
 
 
-def sample_next(logits, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None = None):
-    """One token id per row from logits (B, V): greedy at temperature 0, else softmax(logits / T) cut to the top-k
-    and to the smallest set whose probability reaches top_p."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature == 0:
+@dataclass(frozen=True)
+class Sampling:
+    """How generate picks each new token: greedy at temperature 0, else softmax(logits / temperature) cut to the
+    top_k most likely tokens (0: no cut) and to the smallest set whose probability reaches top_p (1: no cut)."""
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def errors(self) -> dict[str, str]:
+        """{setting: the rule its value breaks}; empty when every setting is in range."""
+        rules = {"max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+                 "temperature": (math.isfinite(self.temperature) and self.temperature >= 0,
+                                 "must be a finite number >= 0 (0 = greedy)"),
+                 "top_k": (self.top_k >= 0, "must be >= 0 (0 = no top-k cut)"),
+                 "top_p": (0 < self.top_p <= 1, "must be in (0, 1] (1 = no nucleus cut)")}
+        return {name: rule for name, (ok, rule) in rules.items() if not ok}
+
+
+def sample_next(logits, sampling: Sampling, generator: torch.Generator | None = None):
+    """One token id per row from logits (B, V), as `sampling` says."""
+    if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    logits = logits.float() / sampling.temperature
+    top_k, top_p = sampling.top_k, sampling.top_p
+    if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
+    if top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # tokens past the nucleus (the top one always stays)

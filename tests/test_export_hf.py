@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import export_hf
 import tokenizer
 from checkpoint import checkpoint_path, save_checkpoint
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Sampling
 
 EOT = tokenizer.EOT_ID
 
@@ -45,7 +45,7 @@ def assert_transformers_matches(model: GPT, export_dir, n_tokens: int = 16, new_
         theirs = hf(ids).logits
     assert theirs.shape == ours.shape
     assert (theirs - ours).abs().max().item() < 1e-4
-    ours_gen = model.generate(ids, new_tokens, temperature=0)
+    ours_gen = model.generate(ids, Sampling(new_tokens, temperature=0))
     hf_gen = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                          pad_token_id=EOT)
     # transformers stops at <|endoftext|> (the export's EOS); ours runs on: compare up to where transformers stopped.

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from generate import REFERENCE_PROMPTS, TokenPrinter, continuation_text, generate_samples
-from model import EOT_ID, GPT, GPTConfig, evaluating
-from tokenizer import get_tokenizer
+from cli import UserError
+from generate import REFERENCE_PROMPTS, TokenPrinter, check_sampling, continuation_text, generate_samples
+from model import GPT, GPTConfig, Sampling, evaluating
+from tokenizer import EOT_ID, get_tokenizer
 
 
 # Helpers shared with test_hellaswag.py ----------------------------------------------------------------------------
@@ -63,8 +64,8 @@ def greedy_without_cache(model, prompt_ids: list[int], n: int) -> list[int]:
 def test_greedy_equals_argmax_decoding_without_cache():
     model = GPT(tiny_config(block_size=24), seed=2).eval()
     n = 40  # more than block_size: the window slides past the 4-token prompt
-    texts = generate_samples(model, ["HTML stands for", "Hello"], n, temperature=0, top_k=None, top_p=None,
-                             seed=0, device="cpu", stop_at_eot=False)
+    texts = generate_samples(model, ["HTML stands for", "Hello"], Sampling(n, temperature=0), seed=0, device="cpu",
+                             stop_at_eot=False)
     enc = get_tokenizer()
     for prompt, text in zip(["HTML stands for", "Hello"], texts):
         assert text == enc.decode(greedy_without_cache(model, enc.encode(prompt), n))
@@ -75,7 +76,7 @@ def test_same_seed_same_text_and_no_side_effects():
     model.train()
     torch.manual_seed(123)
     rng_before = torch.get_rng_state()
-    kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=200, top_p=0.95, device="cpu")
+    kwargs = dict(sampling=Sampling(12, temperature=1.0, top_k=200, top_p=0.95), device="cpu")
     first = generate_samples(model, REFERENCE_PROMPTS, seed=7, **kwargs)
     again = generate_samples(model, REFERENCE_PROMPTS, seed=7, **kwargs)
     other = generate_samples(model, REFERENCE_PROMPTS, seed=8, **kwargs)
@@ -93,6 +94,16 @@ def test_evaluating_restores_the_mode_after_an_error():
     assert model.training
 
 
+def test_sampling_settings_are_refused_naming_the_callers_flag():
+    """check_sampling is the one check (generate.py's flags by default; train.py passes its own names)."""
+    fine = Sampling(1, temperature=0.0, top_k=0, top_p=1.0)
+    assert check_sampling(fine) is fine
+    with pytest.raises(UserError, match=r"^--top-k -1: must be >= 0"):
+        check_sampling(Sampling(5, top_k=-1))
+    with pytest.raises(UserError, match=r"^--sample-tokens 0: must be >= 1"):
+        check_sampling(Sampling(0), {"max_new_tokens": "--sample-tokens"})
+
+
 class EotLovingGPT(GPT):
     """A GPT whose most likely next token is always <|endoftext|>."""
 
@@ -104,8 +115,8 @@ class EotLovingGPT(GPT):
 
 def test_stop_at_eot_ends_the_text_before_endoftext():
     model = EotLovingGPT(tiny_config(), seed=4)
-    stopped = generate_samples(model, ["Hello"], 5, 0, None, None, 0, "cpu", stop_at_eot=True)
-    kept = generate_samples(model, ["Hello"], 5, 0, None, None, 0, "cpu", stop_at_eot=False)
+    stopped = generate_samples(model, ["Hello"], Sampling(5, temperature=0), 0, "cpu", stop_at_eot=True)
+    kept = generate_samples(model, ["Hello"], Sampling(5, temperature=0), 0, "cpu", stop_at_eot=False)
     assert stopped == [""] and kept == ["<|endoftext|>" * 5]
     enc = get_tokenizer()
     assert continuation_text(enc.encode("Hi there") + [EOT_ID, 42], stop_at_eot=True) == "Hi there"
@@ -166,6 +177,8 @@ def test_cli_sampling_follows_the_seed(repo_dir, checkpoint_file):
     (["--top-p", "0"], ["--top-p"]),
     (["--top-p", "1.5"], ["--top-p"]),
     (["--temperature", "-1"], ["--temperature"]),
+    (["--top-k", "-1"], ["--top-k"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens"]),
 ])
 def test_cli_bad_input_is_one_line(repo_dir, checkpoint_file, args, words):
     assert_one_line_error(run_script(repo_dir, "generate.py", "--checkpoint", checkpoint_file, *args), *words)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from devices import mfu, peak_flops
-from model import GPT, GPTConfig, IGNORE_INDEX, PRESETS
+from model import GPT, GPTConfig, IGNORE_INDEX, PRESETS, Sampling
 
 
 def tiny_config(**overrides):
@@ -108,13 +108,13 @@ def greedy_without_cache(model, idx, n):
 def test_greedy_generation_equals_argmax_recompute(prompt_len, new):
     model = GPT(tiny_config(), seed=2).eval()
     idx = torch.randint(0, 97, (2, prompt_len))
-    assert torch.equal(model.generate(idx, new, temperature=0), greedy_without_cache(model, idx, new))
+    assert torch.equal(model.generate(idx, Sampling(new, temperature=0)), greedy_without_cache(model, idx, new))
 
 
 def test_sampling_reproducible_with_generator():
     model = GPT(tiny_config(), seed=2).eval()
     idx = torch.randint(0, 97, (1, 4))
-    runs = [model.generate(idx, 15, temperature=1.0, top_k=20, top_p=0.9,
+    runs = [model.generate(idx, Sampling(15, temperature=1.0, top_k=20, top_p=0.9),
                            generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
@@ -123,12 +123,8 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     from model import sample_next
     logits = torch.randn(4, 97)
     greedy = logits.argmax(-1, keepdim=True)
-    assert torch.equal(sample_next(logits, 1.0, top_k=1, top_p=None), greedy)
-    assert torch.equal(sample_next(logits, 1.0, top_k=None, top_p=1e-6), greedy)
-    with pytest.raises(ValueError):
-        sample_next(logits, 1.0, None, top_p=1.5)
-    with pytest.raises(ValueError):
-        sample_next(logits, -1.0, None, None)
+    assert torch.equal(sample_next(logits, Sampling(1, top_k=1)), greedy)
+    assert torch.equal(sample_next(logits, Sampling(1, top_p=1e-6)), greedy)
 
 
 def test_top_p_keeps_the_smallest_set_that_reaches_p():
@@ -137,19 +133,17 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     from model import sample_next
     logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(2000, 3)  # 2000 rows: 2000 draws in one call
     for top_p, kept in ((0.7, {0, 1}), (0.85, {0, 1, 2})):
-        draws = sample_next(logits, 1.0, None, top_p, torch.Generator().manual_seed(0))
+        draws = sample_next(logits, Sampling(1, top_p=top_p), torch.Generator().manual_seed(0))
         assert set(draws.flatten().tolist()) == kept, top_p
 
 
-def test_stop_at_eot(monkeypatch):
-    import model as model_module
+def test_stop_token():
     model = GPT(tiny_config(), seed=0).eval()
     prompt = torch.randint(0, 97, (2, 3))
-    free = model.generate(prompt, 10, temperature=0)
-    # Pretend the 3rd token row 0 generates is <|endoftext|>: generation must end right there for that row.
+    free = model.generate(prompt, Sampling(10, temperature=0))
+    # Stop at the 3rd token row 0 generates: generation must end right there for that row.
     eot = free[0, 5].item()
-    monkeypatch.setattr(model_module, "EOT_ID", eot)
-    stopped = model.generate(prompt, 10, temperature=0, stop_at_eot=True)
+    stopped = model.generate(prompt, Sampling(10, temperature=0), stop_token=eot)
     first_eot_row1 = [t for t in range(3, 13) if free[1, t] == eot]
     assert stopped.shape[1] == max(6, (first_eot_row1 or [12])[0] + 1)
     assert torch.equal(stopped[0, :6], free[0, :6]) and (stopped[0, 6:] == eot).all()
