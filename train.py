@@ -35,9 +35,9 @@ from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_he
 from dataloader import ShardDataset, TrainLoader, val_batches
 from devices import (Dist, cuda_memory_probe, enable_tf32, init_distributed, largest_fitting, mfu,
                      peak_flops)
-from generate import REFERENCE_PROMPTS, generate_samples
+from generate import REFERENCE_PROMPTS, check_sampling, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
-from model import GPT, PRESETS, GPTConfig
+from model import GPT, PRESETS, GPTConfig, Sampling, evaluating
 from plot_metrics import read_metrics
 from trackers import Trackers, check_installed, open_trackers, parse_trackers
 
@@ -117,12 +117,14 @@ class TrainConfig:
         def need(ok: bool, name: str, rule: str):
             if not ok:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {rule}")
-        for name in ("total_batch_tokens", "seq_len", "max_steps", "log_every", "sample_tokens"):
+        for name in ("total_batch_tokens", "seq_len", "max_steps", "log_every"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("warmup_steps", "eval_every", "val_tokens", "final_val_tokens", "hellaswag_every",
-                     "hellaswag_limit", "sample_every", "sample_top_k", "ckpt_every", "keep_checkpoints", "seed",
-                     "stop_at_step", "min_lr", "weight_decay", "sample_temperature", "peak_flops"):
+                     "hellaswag_limit", "sample_every", "ckpt_every", "keep_checkpoints", "seed", "stop_at_step",
+                     "min_lr", "weight_decay", "peak_flops"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
+        check_sampling(self.sampling(), {"max_new_tokens": "--sample-tokens", "temperature": "--sample-temperature",
+                                         "top_k": "--sample-top-k"})
         for name in ("max_lr", "grad_clip", "eps"):
             need(getattr(self, name) > 0, name, "must be > 0")
         for name in ("beta1", "beta2", "attn_dropout", "ffn_dropout"):
@@ -139,6 +141,9 @@ class TrainConfig:
             need(not isinstance(value, float) or math.isfinite(value), field.name, "must be a finite number")
         check_installed(parse_trackers(self.tracker))  # a missing package stops every rank now, not rank 0 later
 
+    def sampling(self) -> Sampling:
+        return Sampling(self.sample_tokens, self.sample_temperature, self.sample_top_k)
+
     def model_config(self) -> GPTConfig:
         overrides = {k: getattr(self, k) for k in ("attn_dropout", "ffn_dropout", "pad_vocab_to")
                      if getattr(self, k) is not None}
@@ -149,7 +154,7 @@ TRAIN_PRESETS = {
     "lf_llm_269m": TrainConfig(),
     # The reference recipe (10B tokens, 2^19 tokens per step, its schedule; the learning rate is not re-tuned for
     # this size) on the 1.18B model. Micro-batch 16 x 2048 per GPU needs activation checkpointing: per
-    # `bench.py --mode memory` about 42 GiB per GPU with it under DDP, 138 GiB without.
+    # `bench.py memory` about 42 GiB per GPU with it under DDP, 138 GiB without.
     "lf_llm_1b": TrainConfig(model="lf_llm_1b", activation_checkpointing=True),
     # Trains the tiny debug model on the embedded corpus (about 0.8 epoch) on 2 CPU cores in about 3 minutes.
     # Its micro-batch is auto: 8 sequences on one process, 4 each on two (CPU DDP), the same 1,024-token batch.
@@ -674,16 +679,13 @@ class Trainer:
     @torch.no_grad()
     def eval_val_loss(self, step: int) -> None:
         max_tokens = self.cfg.final_val_tokens if step == self.cfg.max_steps else self.cfg.val_tokens
-        was_training = self.model.training
-        self.model.eval()
         total, batches = torch.zeros((), device=self.device), 0
-        for x, y in val_batches(self.dataset, self.micro_batch, self.cfg.seq_len, self.d.rank, self.d.world_size,
-                                max_tokens=max_tokens or None, device=self.device):
-            with self.autocast():
-                loss = self.model(x, y)[1]
-            total += loss
-            batches += 1
-        self.model.train(was_training)
+        with evaluating(self.model):
+            for x, y in val_batches(self.dataset, self.micro_batch, self.cfg.seq_len, self.d.rank, self.d.world_size,
+                                    max_tokens=max_tokens or None, device=self.device):
+                with self.autocast():
+                    total += self.model(x, y)[1]
+                batches += 1
         val = self.d.mean(total / max(1, batches))
         self.log.metrics({"step": step, "val_loss": val.item()})
         self.log.info(f"step {step:6d} | val loss {val.item():.4f} ({batches * self.d.world_size} batches)")
@@ -704,8 +706,7 @@ class Trainer:
     def eval_samples(self, step: int) -> None:
         if not self.cfg.sample_prompts or not self.d.is_main:
             return
-        texts = generate_samples(self.model, list(self.cfg.sample_prompts), self.cfg.sample_tokens,
-                                 self.cfg.sample_temperature, self.cfg.sample_top_k or None, None, self.cfg.seed,
+        texts = generate_samples(self.model, list(self.cfg.sample_prompts), self.cfg.sampling(), self.cfg.seed,
                                  self.device)
         self.log.metrics({"step": step, "samples": [{"prompt": p, "text": t}
                                                     for p, t in zip(self.cfg.sample_prompts, texts)]})
