@@ -9,6 +9,7 @@ checkpoints are sharded the same way: RUN/checkpoints/step_NNNNNN/ holds torch.d
 DCP reshards on load, so one function, load_training_state, continues any checkpoint in any layout: a sharded one on
 another process count, under DDP or on one process, and a DDP run's .pt file under FSDP.
 """
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -65,6 +66,24 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def whole_model(model, device):
+    """A plain copy of a sharded GPT, whole on this process, in eval mode; every process calls this (each parameter
+    is all-gathered). Evaluations run on it: their work may differ between processes (HellaSwag's uneven split,
+    samples on rank 0 only), which the collectives of a sharded model's every forward pass do not allow."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from checkpoint import model_from_state
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return model_from_state({"model_config": dataclasses.asdict(model.config), "model": weights}, "the FSDP model",
+                            device)
+
+
+def load_weights(model, weights: dict) -> None:
+    """A full state_dict (a checkpoint's "model") into a sharded or a plain model: each process keeps its slice."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def local_bytes(tensors) -> int:
@@ -150,6 +169,9 @@ def load_training_state(model, optimizer, state: dict, path, group=None) -> None
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
+    # torch's helpers build the AdamW state to load into (a step at lr 0) only while no gradient is held: without
+    # this, held gradients would leave that state empty and the checkpoint's moments unloaded
+    optimizer.zero_grad(set_to_none=True)
     names = _param_names(model, optimizer)
     path = Path(path)
     if path.is_dir():

@@ -28,9 +28,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (checkpoint_dir, checkpoint_path, checkpoint_step, list_checkpoints, load_checkpoint,
-                        newest_valid_checkpoint, prune_checkpoints, quarantine_checkpoints, remove_orphaned_temp_files,
-                        rng_state, save_checkpoint, seed_everything, set_aside, set_rng_state)
+from checkpoint import (checkpoint_dir, checkpoint_path, checkpoint_step, is_sharded_checkpoint, list_checkpoints,
+                        load_checkpoint, newest_valid_checkpoint, prune_checkpoints, quarantine_checkpoints,
+                        remove_orphaned_temp_files, rng_state, save_checkpoint, seed_everything, set_aside,
+                        set_rng_state)
 from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_header, write_json
 from dataloader import ShardDataset, TrainLoader, val_batches
 from devices import (Dist, cuda_memory_probe, enable_tf32, init_distributed, largest_fitting, mfu,
@@ -39,6 +40,8 @@ from generate import REFERENCE_PROMPTS, check_sampling, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
 from model import GPT, PRESETS, GPTConfig, Sampling, evaluating
 from plot_metrics import read_metrics
+from sharding import (clip_grad_norm, load_training_state, load_weights, require_fsdp, save_sharded_checkpoint,
+                      shard_model, training_state_bytes, whole_model)
 from trackers import Trackers, check_installed, open_trackers, parse_trackers
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,6 +75,9 @@ class TrainConfig:
     compile: bool = True  # torch.compile the model (off in the debug preset: on CPU it costs more than it saves)
     autocast: bool = True  # bf16 autocast on CUDA
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    # Under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) instead of replicating
+    # them (DDP): each holds about 1/N of them; checkpoints become sharded folders (sharding.py).
+    fsdp: bool = False
     peak_flops: float = 0.0  # device peak for MFU; 0 = look up the GPU name (A100, H100, H200)
     # Evaluation, logging and checkpoints (intervals in optimizer steps; 0 = only at the last step).
     log_every: int = 10
@@ -208,18 +214,6 @@ def micro_batch_candidates(total_batch_tokens: int, seq_len: int, world_size: in
     return [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load the saved moments and step counts under this run's hyperparameters: the config's betas, eps and weight
-    decay, and the fused/foreach choice of this device (a run saved on CPU and resumed on CUDA gets fused AdamW,
-    with its step counts moved to the GPU by load_state_dict). The LR is set every step anyway."""
-    groups = optimizer.state_dict()["param_groups"]
-    if len(groups) != len(saved["param_groups"]):
-        raise UserError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this model's "
-                        f"{len(groups)}; resume with the code that wrote it")
-    groups = [{**ours, "params": theirs["params"]} for ours, theirs in zip(groups, saved["param_groups"])]
-    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: every config field is a flag
 
@@ -344,6 +338,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, preset: str, d: Dist, device: torch.device):
         cfg.validate()
+        if cfg.fsdp:
+            require_fsdp()
+            if not dist.is_initialized():
+                raise UserError("--fsdp shards the model over torchrun's processes: run it under torchrun "
+                                "(torchrun --nproc_per_node=N train.py ... --fsdp; N=1 works), or leave --fsdp out")
         self.cfg, self.d, self.device = cfg, d, device
         self.on_cuda = device.type == "cuda"
         self.run_dir = self._make_run_dir(preset)
@@ -359,6 +358,8 @@ class Trainer:
         resume = self._checkpoint_to_resume()
         self.micro_batch = self._choose_micro_batch(resume and resume[0])
         self.accum = grad_accum_steps(cfg.total_batch_tokens, self.micro_batch, cfg.seq_len, d.world_size)
+        if cfg.fsdp:  # before the optimizer is made: it must hold the shards
+            shard_model(self.model, mixed_precision=self.on_cuda and cfg.autocast)
         self.optimizer = self.model.configure_optimizer(cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
         self.loader = TrainLoader(self.dataset, self.micro_batch, cfg.seq_len, rank=d.rank, world_size=d.world_size,
                                   seed=cfg.seed, device=device, log=self.log.info)
@@ -425,7 +426,8 @@ class Trainer:
         if not self.d.is_main:  # rank 0 decides and moves damaged files first: then every rank finds the same
             self.d.barrier()
         try:
-            state, path, damaged = newest_valid_checkpoint(self.run_dir, map_location="cpu")
+            # a sharded checkpoint's weights stay on disk: load_state_dict reads them straight into this run's layout
+            state, path, damaged = newest_valid_checkpoint(self.run_dir, map_location="cpu", weights=False)
             if state is None and damaged and not cfg.allow_fresh_start:
                 raise UserError(f"--resume: every checkpoint in {folder} is damaged (" + "; ".join(damaged.values())
                                 + "). Nothing was changed: add --allow-fresh-start to move them aside (renamed "
@@ -447,7 +449,8 @@ class Trainer:
             self.log.info(f"resume: WARNING: no valid checkpoint in {folder}, training starts from step 0"
                           + (" (every checkpoint was damaged)" if damaged else ""))
             return None
-        missing = [key for key in self.STATE_KEYS if key not in state]
+        in_shard_files = ("model", "optimizer") if is_sharded_checkpoint(path) else ()
+        missing = [key for key in self.STATE_KEYS if key not in state and key not in in_shard_files]
         if missing:
             raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)} missing); start a new "
                             f"run from its weights with --init-from {path}")
@@ -457,7 +460,7 @@ class Trainer:
         if self.cfg.init_from:
             state, path = load_checkpoint(self.cfg.init_from, map_location="cpu")
             self._check_model_config(state, path, ignore=("attn_dropout", "ffn_dropout"))
-            self.model.load_state_dict(state["model"])
+            load_weights(self.model, state["model"])
             self.log.info(f"init: weights from {path}")
         if list_checkpoints(self.run_dir):
             raise UserError(f"{self.run_dir} already holds checkpoints; add --resume to continue that run, "
@@ -475,7 +478,7 @@ class Trainer:
         model = self.model
         if self.cfg.compile:
             model = torch.compile(model)
-        if self.d.world_size > 1:
+        if self.d.world_size > 1 and not self.cfg.fsdp:
             # no buffer broadcast: the only buffers, the RoPE tables, are computed identically on every rank
             model = DDP(model, device_ids=[self.device.index] if self.on_cuda else None, broadcast_buffers=False)
         return model
@@ -486,7 +489,8 @@ class Trainer:
                   "micro_batch", "loader", "rng")
 
     def state_dict(self) -> dict:
-        """Everything needed to continue this run exactly. Every rank calls it: it gathers each rank's RNG state."""
+        """Everything needed to continue this run exactly. Every rank calls it: it gathers each rank's RNG state.
+        Under --fsdp the model and optimizer entries are this process's shards: save() writes them with DCP."""
         state = {
             "model_config": dataclasses.asdict(self.model_config),  # the architecture, for every reader of the file
             "model": self.model.state_dict(),  # the plain module's: no compile or DDP prefixes
@@ -517,8 +521,7 @@ class Trainer:
                    and k not in ("resume", "allow_fresh_start", "stop_at_step", "allow_token_batch_change")}
         if changed:
             self.log.info(f"resume: these settings differ from the checkpoint's run: {sorted(changed)}")
-        self.model.load_state_dict(state["model"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        load_training_state(self.model, self.optimizer, state, path, group=self.d.control)  # .pt or sharded, any layout
         loader = state["loader"]
         self.loader.load_state_dict(loader[0] if isinstance(loader, list) else loader)  # (a list: one per rank, v1)
         self.step = state["step"]
@@ -542,11 +545,17 @@ class Trainer:
                           "previous_world_size": world_size, "previous_micro_batch": micro_batch})
 
     def save(self) -> None:
+        """A .pt file written by rank 0, or under --fsdp a sharded folder every process writes its shards into."""
         state = self.state_dict()
+        path = checkpoint_path(self.run_dir, self.step, sharded=self.cfg.fsdp)
         if self.d.is_main:
             self._remove_orphaned_saves()  # before writing: their space may be what this save needs
-            path = checkpoint_path(self.run_dir, self.step)
+        if self.cfg.fsdp:
+            extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            save_sharded_checkpoint(path, self.model, self.optimizer, extra, group=self.d.control)
+        elif self.d.is_main:
             save_checkpoint(state, path)
+        if self.d.is_main:
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
             self.log.info(f"step {self.step:6d} | checkpoint {path}")
         self.d.barrier()
@@ -572,19 +581,25 @@ class Trainer:
         for micro in range(self.accum):
             x, y = self.loader.next_batch()
             last = micro == self.accum - 1
-            # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate locally.
-            sync = contextlib.nullcontext() if last or self.d.world_size == 1 else self.forward_model.no_sync()
-            with sync:
+            with self._gradient_sync(last):
                 with self.autocast():
                     # only the loss is kept: the (B, T, V) bf16 logits are freed now instead of living through
                     # backward (which needs only the float32 log-softmax saved by the loss)
                     loss = self.forward_model(x, y)[1]
                 (loss / self.accum).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.grad_clip)  # the global norm, also over shards
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / self.accum, grad_norm
+
+    def _gradient_sync(self, last: bool):
+        """Gradients are reduced over the processes only on a step's last micro-step; earlier ones accumulate
+        locally (under FSDP unsharded, in fp32: whole-model gradients until that reduce-scatter)."""
+        if self.cfg.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last or self.d.world_size == 1 else self.forward_model.no_sync()
 
     def run(self) -> int:
         """Train to max_steps (or --stop-at-step, or a signal). Steps are counted in optimizer updates done: the
@@ -612,7 +627,8 @@ class Trainer:
                 if due_val or due_hellaswag or due_samples or due_save:
                     with timer.paused():
                         # forked RNG streams: evaluations leave the training's random state as they found it
-                        with torch.random.fork_rng(devices=[self.device] if self.on_cuda else []):
+                        with torch.random.fork_rng(devices=[self.device] if self.on_cuda else []), \
+                                self._whole_model_evaluated(due_val or due_hellaswag or due_samples):
                             if due_val:
                                 self.eval_val_loss(step)
                             if due_hellaswag:
@@ -637,12 +653,33 @@ class Trainer:
                     self._log_train(step, loss, grad_norm, timer.lap())
                 elif step == first_step:
                     timer.lap()  # this process's first step compiles the model: never averaged into a window
+                if step == first_step:
+                    self._log_state_bytes()
         if stop:
             self.log.info(f"stopped by signal after step {self.step}; checkpoint written. "
                           f"Continue with the same command plus --resume")
         self.log.info(f"done: {self.step} steps, {self.loader.state_dict()['window'] * cfg.seq_len:,} tokens, "
                       f"run directory {self.run_dir}")
         return 0
+
+    @contextlib.contextmanager
+    def _whole_model_evaluated(self, evaluating: bool):
+        """Under --fsdp, self.model is a whole plain copy while evaluations run (sharding.whole_model), the sharded
+        model again afterwards; without --fsdp the model itself is evaluated."""
+        if not (self.cfg.fsdp and evaluating):
+            yield
+            return
+        sharded, self.model = self.model, whole_model(self.model, self.device)
+        try:
+            yield
+        finally:
+            self.model = sharded
+
+    def _log_state_bytes(self) -> None:
+        """Rank 0's measured parameter and AdamW state bytes (after the first step: AdamW makes its state then)."""
+        params, moments = training_state_bytes(self.model, self.optimizer)
+        self.log.info(f"memory: parameters {params:,} bytes + optimizer state {moments:,} bytes on this process"
+                      + (f" (its shards, of {self.d.world_size})" if self.cfg.fsdp else ""))
 
     def _check_finite(self, bad_step: torch.Tensor) -> None:
         """Stop every rank when any rank saw a NaN/inf loss or gradient (the first such step is kept on the

@@ -1,9 +1,10 @@
-"""sharding.py under `torchrun --nproc_per_node=2` (gloo, CPU) on the debug model, for tests/test_fsdp.py.
+"""Under `torchrun --nproc_per_node=2` (gloo, CPU), for tests/test_fsdp.py:
 
-  python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py OUT
-
-Each check writes what the test asserts into OUT (rank 0 unless named per rank); the last one, a save killed by
-SIGKILL on rank 0 while it writes train_state.pt, ends the launch with a non-zero status on purpose.
+  python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py units OUT
+      sharding.py on the debug model: each check writes what the test asserts into OUT (rank 0's, unless per rank)
+  python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py kill-at-save STEP TRAIN_ARGS
+      train.py TRAIN_ARGS --fsdp, with rank 0 SIGKILLed while it saves step STEP: after every process wrote its
+      shards, in the middle of writing train_state.pt
 """
 import json
 import os
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sharding  # noqa: E402
-from checkpoint import checkpoint_path, load_checkpoint_file  # noqa: E402
+from checkpoint import checkpoint_path, checkpoint_step, load_checkpoint_file  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # The debug model with a small vocabulary (quick to save and compare); an odd row count, as GPT-2's 50257, so the
@@ -77,7 +78,7 @@ def full_state(model, optimizer) -> dict:
             "optimizer": get_optimizer_state_dict(model, optimizer, options=options)["state"]}
 
 
-def main(out: Path) -> None:
+def units(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -116,16 +117,26 @@ def main(out: Path) -> None:
                                         for g in fresh_optimizer.param_groups]
     if rank == 0:
         torch.save({"trained": trained, "plain": full_state(plain, plain_optimizer), **results}, out / "loaded.pt")
-    dist.barrier()
+    dist.destroy_process_group()
 
-    # 4. A save killed on rank 0 after every shard is written, before train_state.pt is complete.
+
+def kill_at_save(step: int, train_args: list[str]) -> int:
+    import train
+
     def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
-    if rank == 0:
-        (out / "killing").write_text("")
-        sharding.atomic_write = killed
-    sharding.save_sharded_checkpoint(checkpoint_path(run, STEPS + 1, sharded=True), model, optimizer, extra)
+    save = train.save_sharded_checkpoint
+
+    def save_or_die(path, *args, **kwargs):
+        if checkpoint_step(path) == step and dist.get_rank() == 0:
+            sharding.atomic_write = killed  # train_state.pt is written last, after the shards
+        return save(path, *args, **kwargs)
+    train.save_sharded_checkpoint = save_or_die
+    return train.main([*train_args, "--fsdp"])
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "units":
+        units(Path(sys.argv[2]))
+    else:
+        sys.exit(kill_at_save(int(sys.argv[2]), sys.argv[3:]))

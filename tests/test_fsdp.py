@@ -1,7 +1,10 @@
-"""FSDP2 and sharded checkpoints (sharding.py, checkpoint.py): one torchrun launch of tests/fsdp_worker.py (2 gloo
-processes) trains, saves, reloads in every layout and is killed mid-save; the tests below read what it left, the
-single-process readers among them with no process group at all."""
+"""FSDP2 and sharded checkpoints (sharding.py, checkpoint.py, train.py --fsdp), all on CPU with gloo.
+
+Unit checks: one torchrun launch of tests/fsdp_worker.py (2 processes) trains, saves and reloads in every layout;
+the tests read what it left, the single-process readers among them with no process group at all. Acceptance: a few
+short train.py runs (the `runs` fixture) compared with one process accumulating the same token batch."""
 import json
+import re
 import shutil
 
 import pytest
@@ -10,18 +13,17 @@ import torch
 from conftest import REPO, run_script
 import checkpoint
 import sharding
-from cli import UserError
+from test_train import NO_DROPOUT, TINY, assert_weights_close_relative_to_training, train_events
 
 STEP = 3  # the worker's STEPS: its sharded checkpoint is step_000003
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_worker")
-    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                      REPO / "tests" / "fsdp_worker.py", out, env={"OMP_NUM_THREADS": "1"})
-    # the last act, a save killed on rank 0, fails the launch on purpose: every file before it must be there
-    assert (out / "killing").exists() and proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(*TORCHRUN_2, REPO / "tests" / "fsdp_worker.py", "units", out, env=ONE_THREAD, check=True)
     return out
 
 
@@ -83,19 +85,6 @@ def test_single_process_readers_get_the_full_model_without_a_process_group(worke
     model = checkpoint.load_model(run)
     assert_same_tensors(model.state_dict(), trained)
     assert "model" not in checkpoint.load_checkpoint_file(found, weights=False)
-
-
-def test_save_killed_mid_write_leaves_the_previous_checkpoint_and_an_orphan_only(worker, tmp_path):
-    """Rank 0 was SIGKILLed while writing step 4's train_state.pt, after both processes' shards: step 4 exists under
-    no checkpoint name (a resume picks step 3), and its temporary folder is an orphan the next start removes."""
-    run = tmp_path / "run"
-    shutil.copytree(worker / "run", run)
-    assert checkpoint.list_checkpoints(run) == [checkpoint.checkpoint_path(run, STEP, sharded=True)]
-    state, found, damaged = checkpoint.newest_valid_checkpoint(run)
-    assert found.name == f"step_{STEP:06d}" and state["step"] == STEP and not damaged
-    orphans = checkpoint.remove_orphaned_temp_files(run)
-    assert [p.name for p in orphans] == [p.name for p in (worker / "run" / "checkpoints").glob(".step_000004.tmp*")]
-    assert len(orphans) == 1 and not orphans[0].exists()
 
 
 @pytest.fixture
@@ -161,8 +150,127 @@ def test_listing_pruning_and_setting_aside_treat_folders_like_files(tmp_path):
     assert checkpoint.list_checkpoints(tmp_path) == [folder / "step_000003"]
 
 
-def test_fsdp_on_a_torch_without_fsdp2_is_one_line_naming_the_version(monkeypatch):
+# --- train.py --fsdp: acceptance ------------------------------------------------------------------------------
+
+RUN = [*TINY, *NO_DROPOUT, "--final-val-tokens", "512"]  # 8 steps of 2 x 4 x 32 tokens, no dropout
+
+
+@pytest.fixture(scope="module")
+def runs(embedded_data, tmp_path_factory):
+    """The runs every acceptance test reads, made in one chain (each launch costs seconds of startup):
+    single: one process, micro-batch 4 x 2 accumulation steps, checkpoints at steps 6 and 8: the reference;
+    chain: 2 DDP processes to step 2 (.pt), continued by 2 processes under --fsdp, saving steps 4 and 6 (sharded),
+        rank 0 SIGKILLed while it saves step 8; then, with a damaged step 7 added, resumed by one process without
+        --fsdp to step 8 (.pt). `after_kill` lists the checkpoint folder as the kill left it."""
+    root = tmp_path_factory.mktemp("fsdp_runs")
+    single, chain, data = root / "single", root / "chain", ["--data", embedded_data]
+    run_script("train.py", *RUN, *data, "--out", single, "--ckpt-every", "6", env=ONE_THREAD, check=True)
+    run_script(*TORCHRUN_2, "train.py", *RUN, *data, "--out", chain, "--stop-at-step", "2", env=ONE_THREAD,
+               check=True)
+    ddp_log = (chain / "train.log").read_text()
+    killed = run_script(*TORCHRUN_2, REPO / "tests" / "fsdp_worker.py", "kill-at-save", 8, *RUN, *data,
+                        "--out", chain, "--resume", "--ckpt-every", "2", env=ONE_THREAD)
+    after_kill = sorted(p.name for p in checkpoint.checkpoint_dir(chain).iterdir())
+    fsdp_log = (chain / "train.log").read_text()[len(ddp_log):]
+    fsdp_events = train_events(chain)
+    step_6, step_7 = (checkpoint.checkpoint_path(chain, s, sharded=True) for s in (6, 7))
+    shutil.copytree(step_6, step_7)
+    (step_7 / "__1_0.distcp").unlink()
+    run_script("train.py", *RUN, *data, "--out", chain, "--resume", env=ONE_THREAD, check=True)
+    return {"single": single, "chain": chain, "killed": killed, "after_kill": after_kill, "ddp_log": ddp_log,
+            "fsdp_log": fsdp_log, "fsdp_events": fsdp_events,
+            "one_log": (chain / "train.log").read_text()[len(ddp_log) + len(fsdp_log):]}
+
+
+# Pre-clip grad norms, as clip_grad_norm_ computes them in float32, differ by more than the gradients do: over one
+# process's whole 6.4M-element embedding gradient the float32 sum of squares loses more to rounding than over each
+# of two halves (vs a float64 sum, measured 4.6e-4 low for the one process, 2.3e-4 for FSDP's shards at step 3).
+# Measured between the runs: up to 3.3e-4 relative under FSDP, 2e-6 without; the losses agree to 6e-7.
+FSDP_NORM_REL = 2e-3
+
+
+def assert_steps_match(reference: list[dict], events: list[dict], steps: range, norm_rel: float) -> None:
+    """Losses of `steps` equal the reference's up to the order of gradient sums (the DDP test's tolerance), grad
+    norms to `norm_rel`; the tokens seen after each step are the reference's (the loader's global position)."""
+    ours, theirs = {e["step"]: e for e in reference}, {e["step"]: e for e in events}
+    assert set(steps) <= theirs.keys(), sorted(theirs)
+    for step in steps:
+        assert theirs[step]["loss"] == pytest.approx(ours[step]["loss"], rel=1e-5), step
+        assert theirs[step]["grad_norm"] == pytest.approx(ours[step]["grad_norm"], rel=norm_rel), step
+        assert theirs[step]["tokens"] == ours[step]["tokens"], step
+
+
+def assert_same_state(reference, path) -> None:
+    """The checkpoint at `path` holds weights close to the reference run's at that step (relative to how far
+    training moved them, as in the DDP test) and the same loader state: the same global window position, so the
+    next windows read are the same (the stream is a function of seed and position)."""
+    step = checkpoint.checkpoint_step(path)
+    theirs = checkpoint.load_checkpoint(path)[0]
+    ours = torch.load(checkpoint.checkpoint_path(reference, step), weights_only=True)
+    assert theirs["loader"] == ours["loader"] and theirs["step"] == step
+    assert_weights_close_relative_to_training(ours["model"], theirs["model"], rel=1e-3)
+
+
+def test_ddp_checkpoint_continues_under_fsdp_like_one_process_accumulating(runs):
+    """2 DDP processes save step 2 (.pt); 2 FSDP processes (1 micro-step of 4 each) continue from it. Against one
+    process accumulating the same token batch (2 micro-steps of 4) from step 0: losses of steps 2-7 to 1e-5
+    relative (measured: 5e-7), grad norms to FSDP_NORM_REL; FSDP's step-6 checkpoint (sharded) holds close weights
+    and the same loader position."""
+    assert_steps_match(train_events(runs["single"]), runs["fsdp_events"], range(2, 8), FSDP_NORM_REL)
+    assert_same_state(runs["single"], checkpoint.checkpoint_path(runs["chain"], 6, sharded=True))
+    assert "resume: layout changed" not in runs["fsdp_log"]  # same process count and micro-batch: RNG restored too
+
+
+def test_fsdp_checkpoint_continues_on_one_process_without_fsdp(runs):
+    """Saved by 2 FSDP processes at step 6, resumed by one plain process (2 accumulation steps) to step 8: it
+    matches the single run. A newer step 7 missing a shard file was set aside loudly, naming the file."""
+    assert_steps_match(train_events(runs["single"]), train_events(runs["chain"]), range(6, 8), norm_rel=1e-5)
+    assert_same_state(runs["single"], checkpoint.checkpoint_path(runs["chain"], 8))
+    log = runs["one_log"]
+    assert "layout changed: 2 processes x micro-batch 4 x 1 accumulation steps -> 1 x 4 x 2" in log
+    assert re.search(r"moved a damaged checkpoint aside to \S*step_000007\.damaged: sharded checkpoint \S* is "
+                     r"missing its shard file __1_0\.distcp", log), log
+    assert "steps 7-7 are lost" in log
+
+
+def test_kill_during_a_sharded_save_leaves_the_previous_checkpoint_for_resume(runs):
+    """Rank 0 SIGKILLed while saving step 8 (every shard written, train_state.pt half written): step 6 is the newest
+    checkpoint; the half-written step 8 sits under a temporary name, which the next start removes, and --resume
+    continues from step 6."""
+    assert runs["killed"].returncode != 0
+    temporary, *kept = runs["after_kill"]
+    assert kept == ["step_000002.pt", "step_000004", "step_000006"] and re.fullmatch(r"\.step_000008\.tmp\d+",
+                                                                                     temporary)
+    chain = runs["chain"]
+    assert f"removed {checkpoint.checkpoint_dir(chain) / temporary}" in runs["one_log"]
+    assert f"resume: continuing after step 6 from {checkpoint.checkpoint_path(chain, 6, True)}" in runs["one_log"]
+
+
+def state_bytes(log: str) -> int:
+    """Rank 0's measured parameter + optimizer state bytes, from its train.log."""
+    line = re.search(r"memory: parameters ([\d,]+) bytes \+ optimizer state ([\d,]+) bytes", log)
+    return int(line.group(1).replace(",", "")) + int(line.group(2).replace(",", ""))
+
+
+def test_fsdp_process_holds_half_the_parameters_and_optimizer_state_of_a_ddp_process(runs):
+    fsdp, ddp = state_bytes(runs["fsdp_log"]), state_bytes(runs["ddp_log"])
+    assert 0.49 < fsdp / ddp < 0.51, (fsdp, ddp)
+
+
+def test_fsdp_on_a_torch_without_fsdp2_is_one_line_naming_the_version(monkeypatch, embedded_data, tmp_path, capsys):
+    import train
     monkeypatch.setattr(sharding, "fsdp_available", lambda: False)
-    with pytest.raises(UserError, match=r"--fsdp needs FSDP2 .* torch 2\.6 or newer; this is torch ") as error:
-        sharding.require_fsdp()
-    assert "\n" not in str(error.value)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--data", str(embedded_data), "--out", str(tmp_path / "run"), "--fsdp"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and re.fullmatch(r"error: --fsdp needs FSDP2 .* in torch 2\.6 or newer; this is torch .*",
+                                            error[0]), error
+
+
+def test_fsdp_without_torchrun_is_one_line(embedded_data, tmp_path, capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--data", str(embedded_data), "--out", str(tmp_path / "run"), "--fsdp"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: --fsdp shards the model over torchrun's processes"), error
