@@ -594,12 +594,12 @@ class Trainer:
         return loss_sum / self.accum, grad_norm
 
     def _gradient_sync(self, last: bool):
-        """Gradients are reduced over the processes only on a step's last micro-step; earlier ones accumulate
-        locally (under FSDP unsharded, in fp32: whole-model gradients until that reduce-scatter)."""
-        if self.cfg.fsdp:
-            self.model.set_requires_gradient_sync(last)
+        """DDP all-reduces gradients only on a step's last micro-step; earlier ones accumulate locally. FSDP
+        reduce-scatters on every micro-step instead, so its gradients stay sharded: accumulating them unsharded
+        (set_requires_gradient_sync(False)) would hold the whole model's fp32 gradients on every process."""
+        if last or self.d.world_size == 1 or self.cfg.fsdp:
             return contextlib.nullcontext()
-        return contextlib.nullcontext() if last or self.d.world_size == 1 else self.forward_model.no_sync()
+        return self.forward_model.no_sync()
 
     def run(self) -> int:
         """Train to max_steps (or --stop-at-step, or a signal). Steps are counted in optimizer updates done: the

@@ -41,13 +41,12 @@ def batches(step: int):
 
 
 def train_fsdp(model, optimizer, rank: int, world: int) -> list[float]:
-    """STEPS optimizer steps, ACCUM micro-steps each; gradients reduced only on the last micro-step. Returns the
-    (global, clipped-by) grad norms."""
+    """STEPS optimizer steps, ACCUM micro-steps each (gradients reduce-scattered on each, as train.py does).
+    Returns the (global, clipped-by) grad norms."""
     norms = []
     for step in range(STEPS):
         x, y = batches(step)
         for micro in range(ACCUM):
-            model.set_requires_gradient_sync(micro == ACCUM - 1)
             row = micro * world + rank  # one sequence per process and micro-step
             (model(x[row:row + 1], y[row:row + 1])[1] / ACCUM).backward()
         norms.append(sharding.clip_grad_norm(model.parameters(), 0.5).item())
