@@ -57,7 +57,8 @@ if [ -n "$HELLASWAG_DATA" ]; then
 fi
 echo "config $CONFIG | data $DATA_DIR | run $RUN_DIR | $NNODES node(s) x $NPROC processes | node rank $NODE_RANK"
 
-stage "prepare data -> $DATA_DIR" "${prepare[@]}"
+# shellcheck disable=SC2046
+stage "prepare data -> $DATA_DIR" "${prepare[@]}" $(replace_unfinished_data "$DATA_DIR")
 if [ -z "$HELLASWAG_DATA" ]; then
   stage "download HellaSwag validation" python hellaswag_eval.py --download-only
 fi

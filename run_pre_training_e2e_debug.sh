@@ -28,7 +28,9 @@ resume_args=(); [ "${RESUME:-0}" = 1 ] && resume_args=(--resume)
 extra_args=(${TRAIN_ARGS:-})
 # Arrays are expanded as ${a[@]+"${a[@]}"}: macOS's bash 3.2 calls an empty "${a[@]}" unbound under set -u.
 
-stage "prepare the embedded corpus -> $DATA_DIR" python data_prep.py --source embedded --out "$DATA_DIR"
+# shellcheck disable=SC2046
+stage "prepare the embedded corpus -> $DATA_DIR" python data_prep.py --source embedded --out "$DATA_DIR" \
+  $(replace_unfinished_data "$DATA_DIR")
 stage "train the debug model -> $RUN_DIR" python train.py --config debug --data "$DATA_DIR" --out "$RUN_DIR" \
   --tracker "${TRACKER:-none}" \
   ${device_args[@]+"${device_args[@]}"} ${resume_args[@]+"${resume_args[@]}"} \

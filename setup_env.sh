@@ -24,3 +24,10 @@ stage() {  # stage NAME COMMAND...: announce, run, and stop the script with the 
   echo; echo "=== $name"
   "$@" || { echo "error: stage '$name' failed (exit $?)" >&2; exit 1; }
 }
+replace_unfinished_data() {  # replace_unfinished_data DIR: --overwrite when DIR holds an interrupted data_prep.py
+  # build (files but no manifest.json, which is written last), so a re-run of a run script starts the preparation
+  # again instead of stopping at data_prep.py's refusal; a finished build, or one of other settings, is left to it
+  if [ -d "$1" ] && [ -n "$(ls -A "$1")" ] && [ ! -e "$1/manifest.json" ]; then
+    echo "--overwrite"
+  fi
+}
