@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import FORMAT, STATE_FILE
+from checkpoint import FORMAT, STATE_FILE, model_from_state
 from cli import UserError, atomic_write, fsync_dir
 
 FSDP_TORCH = "2.6"  # the first torch with FSDP2 as torch.distributed.fsdp.fully_shard (public API)
@@ -53,13 +53,6 @@ def shard_model(model, mixed_precision: bool):
     return model
 
 
-def is_sharded(model) -> bool:
-    if not fsdp_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """clip_grad_norm_ that also takes FSDP's sharded gradients: their norm is a DTensor over all shards (the global
     norm, the one the clipping used); it is returned as a plain tensor, the same on every process."""
@@ -73,8 +66,6 @@ def whole_model(model, device):
     is all-gathered). Evaluations run on it: their work may differ between processes (HellaSwag's uneven split,
     samples on rank 0 only), which the collectives of a sharded model's every forward pass do not allow."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from checkpoint import model_from_state
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return model_from_state({"model_config": dataclasses.asdict(model.config), "model": weights}, "the FSDP model",
                             device)
