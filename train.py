@@ -517,7 +517,8 @@ class Trainer:
                             f", this run asks for {cfg.total_batch_tokens}: resume with the checkpoint's value (the "
                             "process count and micro-batch may change), or add --allow-token-batch-change to continue "
                             "the data where it stopped with steps of the new size")
-        changed = {k for k, v in dataclasses.asdict(cfg).items() if saved_cfg.get(k) != v
+        # (a field that did not exist when the checkpoint was written is no change)
+        changed = {k for k, v in dataclasses.asdict(cfg).items() if k in saved_cfg and saved_cfg[k] != v
                    and k not in ("resume", "allow_fresh_start", "stop_at_step", "allow_token_batch_change")}
         if changed:
             self.log.info(f"resume: these settings differ from the checkpoint's run: {sorted(changed)}")
