@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, run_script, run_scripts
 from test_generate import save_tiny_checkpoint
 from test_train import TINY, train, train_losses
 
@@ -110,8 +110,7 @@ def test_unwritable_outputs_are_one_line_before_work(unwritable, embedded_data, 
         "bench.py": ("bench.py", "generate", "--new-tokens", "2", "--repeats", "1", "--block-size", "8",
                      "--out", folder / "bench.json"),
     }
-    for name, args in runs.items():
-        proc = run_script(*args)
+    for name, proc in zip(runs, run_scripts(*runs.values())):
         line = assert_one_line(proc, reason)
         assert str(folder) in line, (name, line)
         assert "HellaSwag (" not in proc.stdout and "tokenizing" not in proc.stderr, name  # refused before the work
@@ -231,15 +230,28 @@ def test_a_bug_while_handling_a_file_error_keeps_its_traceback():
 
 # --- damaged manifests, metrics lines and input files -----------------------------------------------------------
 
-@pytest.mark.parametrize("field, value", [("file", 5), ("split", ["val"]), ("tokens", "100"), ("sha256", None)])
-def test_manifest_entry_of_the_wrong_type_is_one_line(embedded_data, tmp_path, field, value):
+BAD_MANIFEST_ENTRIES = [("file", 5), ("split", ["val"]), ("tokens", "100"), ("sha256", None)]
+
+
+@pytest.fixture(scope="module")
+def runs_on_bad_manifests(embedded_data, tmp_path_factory):
+    """{repr((field, value)): the train.py run on a copy of the data whose first manifest entry has that value}, the
+    runs side by side."""
     import shutil
-    data = tmp_path / "data"
-    shutil.copytree(embedded_data, data)
-    manifest = json.loads((data / "manifest.json").read_text())
-    manifest["shards"][0][field] = value
-    (data / "manifest.json").write_text(json.dumps(manifest))
-    assert_one_line(train(data, tmp_path / "run", check=False), "manifest.json")
+    runs = []
+    for field, value in BAD_MANIFEST_ENTRIES:
+        data = tmp_path_factory.mktemp("bad_manifest") / "data"
+        shutil.copytree(embedded_data, data)
+        manifest = json.loads((data / "manifest.json").read_text())
+        manifest["shards"][0][field] = value
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        runs.append(("train.py", *TINY, "--data", data, "--out", data.parent / "run"))
+    return dict(zip(map(repr, BAD_MANIFEST_ENTRIES), run_scripts(*runs)))
+
+
+@pytest.mark.parametrize("field, value", BAD_MANIFEST_ENTRIES)
+def test_manifest_entry_of_the_wrong_type_is_one_line(runs_on_bad_manifests, field, value):
+    assert_one_line(runs_on_bad_manifests[repr((field, value))], "manifest.json")
 
 
 def test_unusable_metrics_lines_are_skipped_with_their_numbers(tmp_path, capsys):
@@ -278,7 +290,7 @@ def test_undecodable_input_file_names_the_file_and_line(tmp_path, name, content,
 
 # --- out-of-range arguments -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script, args, needle", [
+OUT_OF_RANGE = [
     ("generate.py", ["--temperature", "nan"], "--temperature"),
     ("generate.py", ["--temperature", "inf"], "--temperature"),
     ("generate.py", ["--seed", "100000000000000000000000"], "--seed"),
@@ -287,12 +299,24 @@ def test_undecodable_input_file_names_the_file_and_line(tmp_path, name, content,
     ("bench.py", ["data-prep", "--corpus-mb", "nan"], "--corpus-mb"),
     ("train.py", ["--max-lr", "inf"], "--max-lr inf: must be a finite number"),
     ("train.py", ["--seed", "100000000000"], "--seed"),
-])
-def test_non_finite_and_out_of_range_arguments_are_one_line(script, args, needle, tiny_checkpoint, embedded_data,
-                                                            tmp_path):
-    extra = {"generate.py": ["--checkpoint", tiny_checkpoint, "--max-new-tokens", "2"],
-             "train.py": [*TINY, "--data", embedded_data, "--out", tmp_path / "run"], "bench.py": []}[script]
-    assert_one_line(run_script(script, *extra, *args), needle)
+]
+
+
+@pytest.fixture(scope="module")
+def runs_with_out_of_range_arguments(tiny_checkpoint, embedded_data, tmp_path_factory):
+    """{(script, *args): its run}, the runs side by side."""
+    def argv(script, args):
+        out = tmp_path_factory.mktemp("out_of_range") / "run"
+        extra = {"generate.py": ["--checkpoint", tiny_checkpoint, "--max-new-tokens", "2"],
+                 "train.py": [*TINY, "--data", embedded_data, "--out", out], "bench.py": []}[script]
+        return (script, *extra, *args)
+    runs = run_scripts(*[argv(script, args) for script, args, _ in OUT_OF_RANGE])
+    return {(script, *args): proc for (script, args, _), proc in zip(OUT_OF_RANGE, runs)}
+
+
+@pytest.mark.parametrize("script, args, needle", OUT_OF_RANGE)
+def test_non_finite_and_out_of_range_arguments_are_one_line(runs_with_out_of_range_arguments, script, args, needle):
+    assert_one_line(runs_with_out_of_range_arguments[(script, *args)], needle)
 
 
 # --- resuming a run whose checkpoints are damaged ---------------------------------------------------------------

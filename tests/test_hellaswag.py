@@ -70,13 +70,14 @@ def checkpoint_file(tmp_path_factory):
     return path
 
 
-def test_cli_two_gloo_ranks_count_like_one_process(repo_dir, checkpoint_file, tmp_path):
+def test_cli_two_gloo_ranks_count_like_one_process(checkpoint_file, tmp_path):
+    from conftest import run_scripts
     common = ["--checkpoint", checkpoint_file, "--data", SAMPLE_FILE, "--limit", 9, "--batch-size", 2,
               "--device", "cpu"]  # 9 examples: ranks get 5 and 4
-    single = run_script(repo_dir, "hellaswag_eval.py", *common, "--out", tmp_path / "one.json")
-    assert single.returncode == 0, single.stderr
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    double = run_script(repo_dir, "hellaswag_eval.py", *common, "--out", tmp_path / "two.json", launcher=launcher)
+    single, double = run_scripts(["hellaswag_eval.py", *common, "--out", tmp_path / "one.json"],
+                                 [*launcher, "hellaswag_eval.py", *common, "--out", tmp_path / "two.json"], timeout=120)
+    assert single.returncode == 0, single.stderr
     assert double.returncode == 0, double.stderr
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     keys = ["acc", "acc_norm", "correct", "correct_norm", "total"]
