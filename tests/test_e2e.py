@@ -48,7 +48,8 @@ def test_full_script_smoke_mode_runs_every_stage_and_resumes(tmp_path):
 def test_debug_script_runs_and_summarizes(tmp_path):
     env = {"DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu",
            "TRAIN_ARGS": "--max-steps 6 --micro-batch 2 --seq-len 32 --total-batch-tokens 64 --eval-every 3 "
-                         "--val-tokens 256 --final-val-tokens 512 --ckpt-every 3 --hellaswag-every 0 --sample-every 0"}
+                         "--val-tokens 256 --final-val-tokens 512 --ckpt-every 3 --hellaswag-every 0 --sample-every 0 "
+                         "--hellaswag-limit 2 --sample-tokens 4"}  # the last step still evaluates and samples
     proc = run_bash("run_pre_training_e2e_debug.sh", env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = proc.stdout.split("=== summary")[1]

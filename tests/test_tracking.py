@@ -190,12 +190,14 @@ def test_resumed_run_continues_the_same_wandb_run(tracked_run):
 
 
 def train_in_process(embedded_data, out, **overrides):
-    """4 steps of the debug model in this process (no interpreter start: quicker than a subprocess)."""
+    """4 steps of the debug model in this process (no interpreter start: quicker than a subprocess). The last step
+    still evaluates HellaSwag and samples, on 2 examples and 4 tokens."""
     from devices import Dist
     from train import TrainConfig, Trainer
     cfg = TrainConfig.from_preset("debug", data=str(embedded_data), out=str(out), micro_batch="2", seq_len=32,
                                   total_batch_tokens=128, max_steps=4, log_every=1, eval_every=2, val_tokens=256,
-                                  final_val_tokens=256, hellaswag_every=0, sample_every=0, ckpt_every=0, **overrides)
+                                  final_val_tokens=256, hellaswag_every=0, hellaswag_limit=2, sample_every=0,
+                                  sample_tokens=4, ckpt_every=0, **overrides)
     return Trainer(cfg, "debug", Dist(), torch.device("cpu")).run()
 
 
