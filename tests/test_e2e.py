@@ -28,6 +28,10 @@ def free_port() -> int:
 
 
 def test_full_script_smoke_mode_runs_every_stage_and_resumes(tmp_path):
+    """Also: DATA_DIR starts as an interrupted preparation left it (a shard, no manifest.json), which data_prep.py
+    alone refuses; the script replaces it."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train_000000.bin").write_bytes(b"\0" * 64)
     env = {"SMOKE": "1", "DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path / "run"),
            "MASTER_PORT": str(free_port())}
     proc = run_bash("run_pre_training_e2e.sh", env)
