@@ -241,10 +241,13 @@ def val_batches(dataset: ShardDataset, batch_size: int, seq_len: int, rank: int 
     usable = total if max_tokens is None else min(total, max_tokens // seq_len)
     per_rank = usable // (batch_size * world_size)
     if per_rank == 0:
+        limit = (f", of which the limit of {max_tokens} tokens allows {usable}"
+                 if max_tokens is not None and usable < total else "")
         raise UserError(f"validation of {batch_size} x {seq_len} tokens on {world_size} rank(s) needs "
-                        f"{batch_size * seq_len * world_size} tokens per step, but the val split of "
-                        f"{dataset.data_dir} holds {dataset.val_tokens} (limit {max_tokens}); lower the batch size or "
-                        f"{rebuild_advice(dataset.data_dir, ' and a larger --val-tokens')}")
+                        f"{batch_size * world_size} windows of {seq_len + 1} tokens (seq-len + 1: the targets are the "
+                        f"inputs shifted by one) per step, but the val split of {dataset.data_dir} holds "
+                        f"{dataset.val_tokens} tokens: {total} such windows at stride {seq_len}{limit}; lower the "
+                        f"batch size or {rebuild_advice(dataset.data_dir, ' and a larger --val-tokens')}")
     used = per_rank * batch_size * world_size
     chosen = np.arange(used, dtype=np.int64) * total // used  # evenly spread, strictly increasing
     ends = np.cumsum(counts)

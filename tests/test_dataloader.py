@@ -212,6 +212,16 @@ def test_val_token_bound_spreads_windows_over_the_split(data_dir):
         val_batches(ds, batch_size=2, seq_len=T, max_tokens=T)  # less than one batch
 
 
+def test_too_small_val_split_is_named_in_windows(data_dir, tmp_path):
+    """The first GPU user's case in small: a split of exactly batch x seq-len tokens holds one window too few,
+    since a window is seq-len + 1 tokens; the message counts windows, needed and held (and what a limit allows)."""
+    exact = ShardDataset.open(make_dataset(tmp_path / "exact", val_sizes=[4 * T]))  # (32 - 1) // 8 = 3 windows
+    with pytest.raises(UserError, match=r"needs 4 windows of 9 tokens .* holds 32 tokens: 3 such windows at stride 8;"):
+        val_batches(exact, batch_size=4, seq_len=T)
+    with pytest.raises(UserError, match=r"needs 2 windows .* 24 such windows .* limit of 8 tokens allows 1;"):
+        val_batches(ShardDataset.open(data_dir), batch_size=2, seq_len=T, max_tokens=T)
+
+
 def test_open_refuses_missing_or_unfinished_data(tmp_path):
     with pytest.raises(UserError, match="does not exist.*data_prep.py --source"):
         ShardDataset.open(tmp_path / "nope")
