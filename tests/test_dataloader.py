@@ -84,6 +84,35 @@ def test_shuffle_depends_on_seed(data_dir):
     assert not torch.equal(a, b)
 
 
+def epochs_by_shard(ds, loader, epochs):
+    """Read `epochs` whole epochs (batch size 1); for each epoch, {shard name: its window starts in reading order}."""
+    starts = read(loader, epochs * loader.epoch_windows)[0][:, 0].tolist()
+    shard_of = {int(ds.tokens(s)[j * T]): s.path.name for s in ds.train_shards for j in range((s.tokens - 1) // T)}
+    result = []
+    for e in range(epochs):
+        by_shard = {}
+        for start in starts[e * loader.epoch_windows:(e + 1) * loader.epoch_windows]:
+            by_shard.setdefault(shard_of[start], []).append(start)
+        result.append(by_shard)
+    return result
+
+
+def test_window_order_inside_each_shard_is_reshuffled_every_epoch(data_dir, tmp_path):
+    # One train shard: the shard order cannot change, so only a new window order makes epoch 1 differ from epoch 0.
+    one = ShardDataset.open(make_dataset(tmp_path / "one", train_sizes=[201]))  # 25 windows
+    epochs = epochs_by_shard(one, TrainLoader(one, batch_size=1, seq_len=T, seed=0, log=lambda _: None), 3)
+    orders = [e["train_000000.bin"] for e in epochs]
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2]) == sorted(all_train_window_starts(one))
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    # Several shards: each shard of more than one window is read in a new order in each epoch, not only the shards.
+    ds = ShardDataset.open(data_dir)
+    first, second = epochs_by_shard(ds, TrainLoader(ds, batch_size=1, seq_len=T, seed=0, log=lambda _: None), 2)
+    for name, order in first.items():
+        assert sorted(second[name]) == sorted(order)
+        if len(order) > 2:
+            assert second[name] != order, name
+
+
 def test_ranks_are_disjoint_and_their_union_is_the_single_process_stream(data_dir):
     ds = ShardDataset.open(data_dir)
     world, batch, steps = 3, 2, 10  # 60 windows: crosses into the second epoch
