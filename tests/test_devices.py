@@ -1,0 +1,93 @@
+"""devices.py: the Dist collectives on 2 gloo processes (joined through init_distributed, as torchrun's workers
+do), the GPU each torchrun process takes, and the per-attempt rendezvous store. CPU only: CUDA is faked where the
+choice of GPU is checked."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import devices
+from cli import UserError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def collectives_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    d, device = devices.init_distributed("cpu")
+    try:
+        result = {
+            "dist": [d.rank, d.local_rank, d.world_size, d.is_main], "device": str(device),
+            "gather": d.gather({"rank": rank}),
+            "any_one": d.any(rank == world - 1), "any_none": d.any(False), "any_all": d.any(True),
+            "mean": d.mean(torch.tensor([rank + 1.0, 10.0])).tolist(),
+        }
+        d.barrier()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dist_collectives_on_two_processes(tmp_path):
+    mp.spawn(collectives_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["dist"] == [rank, rank, 2, rank == 0] and result["device"] == "cpu"
+        assert result["gather"] == [{"rank": 0}, {"rank": 1}]
+        assert (result["any_one"], result["any_none"], result["any_all"]) == (True, False, True)
+        assert result["mean"] == [1.5, 10.0]  # the mean over ranks, not the sum
+
+
+def test_one_process_collectives_are_the_identity():
+    d = devices.Dist()
+    value = torch.tensor([3.0])
+    assert d.gather("x") == ["x"] and d.any(True) and not d.any(False) and d.mean(value) is value and d.is_main
+
+
+@pytest.fixture
+def four_fake_gpus(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+def test_each_torchrun_process_takes_its_local_rank_gpu(four_fake_gpus):
+    assert devices.pick_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    assert devices.pick_device(None, local_rank=2) == torch.device("cuda", 2)  # the best available: CUDA
+    assert devices.pick_device("cuda:1", local_rank=3) == torch.device("cuda", 1)  # an explicit GPU wins
+    assert four_fake_gpus == [torch.device("cuda", 3), torch.device("cuda", 2), torch.device("cuda", 1)]
+    with pytest.raises(UserError, match="4 GPU"):
+        devices.pick_device("cuda", local_rank=4)
+    assert devices.pick_device("cpu", local_rank=3) == torch.device("cpu")
+
+
+def test_each_restart_attempt_has_its_own_store_keys(monkeypatch):
+    """torchrun's agent store outlives a restart of the worker group: a restarted rank must not read the keys the
+    dead group left there (it would try to connect to dead processes)."""
+    port = free_port()
+    agent = dist.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # connect to the agent's store as a client
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = devices.attempt_store(devices.Dist(0, 0, 2))
+    first.set("rank0_address", "dead process")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = devices.attempt_store(devices.Dist(0, 0, 2))
+    assert not second.check(["rank0_address"])
+    second.set("rank0_address", "live process")
+    assert first.get("rank0_address") == b"dead process" and second.get("rank0_address") == b"live process"
+    del agent
