@@ -12,11 +12,13 @@ optimizer state, sharded as the processes held them, plus train_state.pt with th
 here treats it like a file: load_checkpoint_file gives the same dict, the model as full tensors.
 """
 import errno
+import io
 import os
 import random
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +71,18 @@ def save_checkpoint(state: dict, path) -> None:
         with atomic_write(path) as f:
             torch.save({"format": FORMAT, **state}, f)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise
-        limit = "the file size limit (ulimit -f)" if e.errno == errno.EFBIG else "the free space"
-        raise UserError(f"cannot save checkpoint {path}: {e.strerror}; a checkpoint needs about "
-                        f"{human_size(tensor_bytes(state))} ({human_size(shutil.disk_usage(path.parent).free)} free "
-                        f"there), more than {limit} allows. Earlier checkpoints are intact: make room, then run "
-                        f"again (train.py: with --resume)") from e
+        raise no_room_error(e, path, tensor_bytes(state)) from e
+
+
+def no_room_error(error: OSError, path: Path, needed: int) -> OSError | UserError:
+    """A save of `path` (about `needed` bytes) that failed with `error`: a disk too full (or a file size limit too
+    low) becomes one line with the sizes; any other error is returned as it is."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return error
+    limit = "the file size limit (ulimit -f)" if error.errno == errno.EFBIG else "the free space"
+    return UserError(f"cannot save checkpoint {path}: {error.strerror}; a checkpoint needs about {human_size(needed)} "
+                     f"({human_size(shutil.disk_usage(path.parent).free)} free there), more than {limit} allows. "
+                     "Earlier checkpoints are intact: make room, then run again (train.py: with --resume)")
 
 
 def tensor_bytes(obj) -> int:
@@ -124,11 +131,14 @@ def _is_other_live_process(pid: int) -> bool:
     return True
 
 
-def prune_checkpoints(run_dir, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all). A folder first takes a temporary name:
-    a kill while its files are deleted leaves an orphan for the next start to remove, not a damaged checkpoint."""
+def prune_checkpoints(run_dir, keep: int, saved: Path) -> None:
+    """After `saved` was written: delete the checkpoints older than it but the newest `keep` (counting `saved`;
+    keep <= 0 keeps all). The one just saved is the newest good checkpoint, so it and any newer one (damaged or
+    not: never this run's to judge) stay. A folder first takes a temporary name: a kill while its files are deleted
+    leaves an orphan for the next start to remove, not a damaged checkpoint."""
     if keep > 0:
-        for path in list_checkpoints(run_dir)[:-keep]:
+        older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < checkpoint_step(saved)]
+        for path in older[:max(0, len(older) - (keep - 1))]:
             if path.is_dir():
                 path = path.rename(path.with_name(f".{path.name}.tmp{os.getpid()}"))
             _delete(path)
@@ -161,27 +171,29 @@ def load_checkpoint_file(path, map_location="cpu", weights: bool = True) -> dict
         return load_sharded_checkpoint(path, map_location, weights)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    state = _torch_load(path, map_location)
+    state = _torch_load(path, path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT or not {"model", "model_config"} <= state.keys():
         raise CheckpointDamaged(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
     return state
 
 
-def _torch_load(path: Path, map_location):
-    """torch.load (weights only) of a checkpoint's file: CheckpointDamaged when the file is damaged."""
+def _torch_load(source, path: Path, map_location):
+    """torch.load (weights only) of a checkpoint's file, or of `source` (bytes of `path`, a sharded checkpoint's
+    shard file): CheckpointDamaged naming `path` when the file is damaged or not one of ours. The one classification
+    of a checkpoint file's damage, for .pt files and every file of a sharded folder."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, MemoryError):
-        raise  # the disk or the machine failed, not the file: never a reason to fall back to an older checkpoint
+        with warnings.catch_warnings():  # (a pickle of another protocol than torch's: refused below, if not ours)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated/garbled files
         if not is_damaged_file_error(e):
-            raise
-        if "Unsupported global" in str(e):
-            raise UserError(f"checkpoint {path} holds objects this torch {torch.__version__} will not load "
-                            "(weights_only); the file is not damaged: load it with the code and torch version that "
-                            "wrote it") from e
+            raise  # the disk or the machine failed, not the file: never a reason to fall back to an older checkpoint
+        if "Unsupported global" in str(e):  # (torch's message advises weights_only=False: unsafe, never repeated)
+            raise CheckpointDamaged(f"checkpoint {path} holds objects a checkpoint of this repo never holds (not "
+                                    f"one of ours, or written by other code than this torch {torch.__version__} "
+                                    "reads); use an earlier checkpoint") from None
         raise CheckpointDamaged(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use an earlier "
-                                "checkpoint")
+                                "checkpoint") from None
 
 
 def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = True) -> dict:
@@ -189,7 +201,7 @@ def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = Tr
     state_dict of full tensors (what a .pt file holds). Needs no process group. Every shard file the index names must
     be there at its full length: else CheckpointDamaged naming the file."""
     metadata = _sharded_metadata(folder)
-    state = _torch_load(folder / STATE_FILE, map_location)
+    state = _torch_load(folder / STATE_FILE, folder / STATE_FILE, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model_config" not in state:
         raise CheckpointDamaged(f"{folder / STATE_FILE} is not a checkpoint of this repo (no '{FORMAT}' state in it)")
     if weights:
@@ -198,9 +210,10 @@ def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = Tr
 
 
 def _sharded_metadata(folder: Path):
-    """The DCP index of a sharded checkpoint, after checking that it and every file it names are complete (a
-    size check: no file is read)."""
+    """The DCP index of a sharded checkpoint, after checking that it and every file it names are complete and that
+    every entry of every shard file loads (each is a torch.save of its own: all of the folder is read once)."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata
     for name in (METADATA_FILE, STATE_FILE):
         if not (folder / name).is_file():
             raise CheckpointDamaged(f"sharded checkpoint {folder} has no {name}; use an earlier checkpoint")
@@ -210,28 +223,31 @@ def _sharded_metadata(folder: Path):
         raise
     except Exception as e:  # a truncated or garbled pickle
         raise CheckpointDamaged(f"checkpoint index {folder / METADATA_FILE} is corrupt or truncated "
-                                f"({type(e).__name__}); use an earlier checkpoint")
-    if not any(key.startswith("model.") for key in metadata.state_dict_metadata):
-        raise CheckpointDamaged(f"{folder} is not a checkpoint of this repo (no model state in its index)")
-    needed = {}  # shard file -> bytes its entries reach
+                                f"({type(e).__name__}); use an earlier checkpoint") from None
+    if not isinstance(metadata, Metadata) or not any(key.startswith("model.") for key in metadata.state_dict_metadata):
+        raise CheckpointDamaged(f"{folder} is not a checkpoint of this repo (no model state in its index "
+                                f"{folder / METADATA_FILE})")
+    entries = {}  # shard file -> its entries
     for entry in metadata.storage_data.values():
-        needed[entry.relative_path] = max(needed.get(entry.relative_path, 0), entry.offset + entry.length)
-    for name, size in sorted(needed.items()):
-        file = folder / name
+        entries.setdefault(entry.relative_path, []).append(entry)
+    for name, items in sorted(entries.items()):
+        file, size = folder / name, max(entry.offset + entry.length for entry in items)
         if not file.is_file():
             raise CheckpointDamaged(f"sharded checkpoint {folder} is missing its shard file {name}; use an earlier "
                                     "checkpoint")
         if file.stat().st_size < size:
             raise CheckpointDamaged(f"shard file {file} is truncated ({file.stat().st_size:,} of {size:,} bytes); "
                                     "use an earlier checkpoint")
+        with open(file, "rb") as f:
+            for entry in sorted(items, key=lambda entry: entry.offset):
+                f.seek(entry.offset)
+                _torch_load(io.BytesIO(f.read(entry.length)), file, "cpu")
     return metadata
 
 
 def _read_full_model(folder: Path, metadata, map_location) -> dict:
     """The model's state_dict from a sharded checkpoint as full tensors, in this process alone (no_dist): every
     shard's piece of each tensor is read into one tensor of the saved shape."""
-    import warnings
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     model = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype, device=map_location)
@@ -246,7 +262,11 @@ def _read_full_model(folder: Path, metadata, map_location) -> dict:
 
 def is_damaged_file_error(error: Exception) -> bool:
     """Whether torch.load's error says the file itself is damaged (truncated zip, garbled pickle or header), as
-    opposed to the machine (out of memory: a RuntimeError from the allocator) or this code's version."""
+    opposed to the disk (an OSError) or the machine (out of memory: a RuntimeError from the allocator)."""
+    if isinstance(error, OSError):  # torch's zip reader seeking before the start of a truncated file: EINVAL
+        return error.errno == errno.EINVAL
+    if isinstance(error, MemoryError):
+        return False
     if isinstance(error, RuntimeError):
         return "PytorchStreamReader" in str(error) or "zip archive" in str(error)
     return True
@@ -264,6 +284,27 @@ def newest_valid_checkpoint(run_dir, map_location="cpu",
         except CheckpointDamaged as e:  # anything else (the disk, memory, a version) stops the lookup
             damaged[candidate] = str(e)
     return None, None, damaged
+
+
+def end_step(max_steps: int, stop_at_step: int) -> int:
+    """The step a run ends at: --stop-at-step when set (0: not set) and below --max-steps, else --max-steps."""
+    return min(max_steps, stop_at_step) if stop_at_step else max_steps
+
+
+def steps_left(saved_step: int, path, max_steps: int, stop_at_step: int) -> int:
+    """Steps a resume from the checkpoint `path`, taken after `saved_step` steps, trains to the run's last step: 0
+    when it is there already. A checkpoint past it is one line naming the flags to raise: a run never trains past
+    its last step (nor prunes, as it saves, the checkpoints it went past)."""
+    left = end_step(max_steps, stop_at_step) - saved_step
+    if left < 0:
+        flags = [f"{flag} above {saved_step}" for flag, value in (("--max-steps", max_steps),
+                                                                  ("--stop-at-step", stop_at_step))
+                 if 0 < value <= saved_step]
+        raise UserError(f"--resume: the newest good checkpoint {path} is at step {saved_step}, past this run's last "
+                        f"step {saved_step + left} (--max-steps {max_steps}"
+                        + (f", --stop-at-step {stop_at_step}" if stop_at_step else "") + "); nothing was changed: "
+                        "to train on, resume with " + " and ".join(flags))
+    return left
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[dict, Path]:

@@ -11,13 +11,14 @@ another process count, under DDP or on one process, and a DDP run's .pt file und
 """
 import dataclasses
 import os
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from checkpoint import FORMAT, STATE_FILE, model_from_state
+from checkpoint import FORMAT, STATE_FILE, model_from_state, no_room_error, tensor_bytes
 from cli import UserError, atomic_write, fsync_dir
 
 FSDP_TORCH = "2.6"  # the first torch with FSDP2 as torch.distributed.fsdp.fully_shard (public API)
@@ -96,7 +97,8 @@ def save_sharded_checkpoint(path, model, optimizer, extra: dict, group=None) -> 
     """Write the checkpoint folder `path` (checkpoint.checkpoint_path(..., sharded=True)); every process calls this.
     Each writes its shards into a temporary sibling folder .step_NNNNNN.tmpPID (PID: rank 0's), rank 0 adds
     train_state.pt ({"format", **extra}), then renames the complete folder to `path`: a kill at any point leaves the
-    earlier checkpoints as they were and at most the temporary folder (checkpoint.remove_orphaned_temp_files).
+    earlier checkpoints as they were and at most the temporary folder (checkpoint.remove_orphaned_temp_files); a
+    failure removes the temporary folder (a full disk: one line with the sizes, as for a .pt file).
     `group`: the process group for DCP's host-side coordination (gloo), None for the default one."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -117,6 +119,10 @@ def save_sharded_checkpoint(path, model, optimizer, extra: dict, group=None) -> 
     except BaseException as e:
         error = e
     failed = _rank0_value(f"{type(error).__name__}: {error}" if error and rank0 else None, group)
+    if error is not None and rank0:  # every process is done with the folder (a collective failed on all)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, OSError):
+        raise no_room_error(error, path, tensor_bytes(state)) from error
     if error is not None:
         raise error
     if failed:  # rank 0 failed after the shards were written: every process stops with it

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (checkpoint_dir, checkpoint_path, checkpoint_step, is_sharded_checkpoint, list_checkpoints,
-                        load_checkpoint, newest_valid_checkpoint, prune_checkpoints, quarantine_checkpoints,
-                        remove_orphaned_temp_files, rng_state, save_checkpoint, seed_everything, set_aside,
-                        set_rng_state)
+from checkpoint import (checkpoint_dir, checkpoint_path, checkpoint_step, end_step, is_sharded_checkpoint,
+                        list_checkpoints, load_checkpoint, newest_valid_checkpoint, prune_checkpoints,
+                        quarantine_checkpoints, remove_orphaned_temp_files, rng_state, save_checkpoint,
+                        seed_everything, set_aside, set_rng_state, steps_left)
 from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_header, write_json
 from dataloader import ShardDataset, TrainLoader, val_batches
 from devices import (Dist, cuda_memory_probe, enable_tf32, init_distributed, largest_fitting, mfu,
@@ -428,6 +428,11 @@ class Trainer:
         try:
             # a sharded checkpoint's weights stay on disk: load_state_dict reads them straight into this run's layout
             state, path, damaged = newest_valid_checkpoint(self.run_dir, map_location="cpu", weights=False)
+            if state is not None and steps_left(state["step"], path, cfg.max_steps, cfg.stop_at_step) == 0:
+                if self.d.is_main:  # (steps_left refuses a checkpoint past the last step)
+                    print(f"resume: {path} is at step {state['step']}, this run's last step: nothing to train, "
+                          "nothing changed")
+                raise SystemExit(0)
             if state is None and damaged and not cfg.allow_fresh_start:
                 raise UserError(f"--resume: every checkpoint in {folder} is damaged (" + "; ".join(damaged.values())
                                 + "). Nothing was changed: add --allow-fresh-start to move them aside (renamed "
@@ -557,7 +562,7 @@ class Trainer:
         elif self.d.is_main:
             save_checkpoint(state, path)
         if self.d.is_main:
-            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints, saved=path)
             self.log.info(f"step {self.step:6d} | checkpoint {path}")
         self.d.barrier()
 
@@ -608,7 +613,7 @@ class Trainer:
         is update S itself (0-based), the one that takes the weights from step S to S + 1."""
         cfg, d = self.cfg, self.d
         header, config = self._log_header()
-        last_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
+        last_step = end_step(cfg.max_steps, cfg.stop_at_step)
         first_step, stop = self.step, False
         timer = StepTimer(self.device)
         bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first update with a NaN/inf loss

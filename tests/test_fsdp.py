@@ -141,7 +141,7 @@ def test_listing_pruning_and_setting_aside_treat_folders_like_files(tmp_path):
             path.write_bytes(b"x")
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
         "step_000001", "step_000002.pt", "step_000003", "step_000004", "step_000005.pt"]
-    checkpoint.prune_checkpoints(tmp_path, keep=3)
+    checkpoint.prune_checkpoints(tmp_path, keep=3, saved=folder / "step_000005.pt")
     assert sorted(p.name for p in folder.iterdir()) == ["step_000003", "step_000004", "step_000005.pt"]
     checkpoint.quarantine_checkpoints(tmp_path, from_step=4)
     assert sorted(p.name for p in folder.iterdir()) == ["step_000003", "step_000004.nonfinite",

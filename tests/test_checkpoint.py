@@ -1,0 +1,291 @@
+"""Checkpoints: the fault matrix (every reader x every damage x both formats), pruning, setting aside, a sharded
+save on a full disk, and a resume at or past the run's last step.
+
+The matrix works on tiny checkpoints built once: a .pt file and a sharded folder (written by sharding.py in this
+process, no process group), each with the training keys a resume needs. Each cell damages one file of a copy. A
+reader of one checkpoint must fail with one line naming the damaged file (never torch's weights_only advice); a
+reader of a run directory must fall back to the older good checkpoint and name what it skipped. Most cells call the
+reader functions in this process; a few run the CLI readers for the 'no traceback' property."""
+import dataclasses
+import errno
+import hashlib
+import pickle
+import random
+import re
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import export_hf
+import sharding
+from cli import UserError
+from conftest import run_script, run_scripts
+from model import GPT, GPTConfig
+
+CONFIG = GPTConfig(vocab_size=101, block_size=16, n_layer=1, n_head=2, n_embd=16, ffn_hidden=32)
+GOOD, DAMAGED = 2, 4  # a run directory holds a good checkpoint at step 2 and the damaged one at step 4
+
+
+def training_state(step: int) -> tuple[GPT, torch.optim.Optimizer, dict]:
+    model = GPT(CONFIG, seed=step)
+    optimizer = model.configure_optimizer(1e-3, 0.1)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()  # AdamW moments to save
+    extra = {"model_config": dataclasses.asdict(CONFIG), "train_config": {}, "step": step, "tokens_seen": 0,
+             "world_size": 1, "micro_batch": 1, "loader": {"window": 0}, "rng": [checkpoint.rng_state()]}
+    return model, optimizer, extra
+
+
+def write_checkpoint(run_dir: Path, step: int, sharded: bool) -> Path:
+    model, optimizer, extra = training_state(step)
+    path = checkpoint.checkpoint_path(run_dir, step, sharded)
+    if sharded:
+        sharding.save_sharded_checkpoint(path, model, optimizer, extra)
+    else:
+        checkpoint.save_checkpoint({**extra, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A run directory per format with good checkpoints at steps GOOD and DAMAGED (the cells damage a copy)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+    for kind, sharded in (("pt", False), ("sharded", True)):
+        for step in (GOOD, DAMAGED):
+            write_checkpoint(root / kind, step, sharded)
+        made[kind] = root / kind
+    return made
+
+
+# --- the damage kinds: each rewrites (or removes) one file ----------------------------------------------------
+
+def truncated(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+
+
+def zero_bytes(file: Path) -> None:
+    file.write_bytes(b"")
+
+
+def garbled(file: Path) -> None:
+    """Its middle half overwritten with random bytes: the size is kept."""
+    data, rng = bytearray(file.read_bytes()), random.Random(file.name)
+    for i in range(len(data) // 4, 3 * len(data) // 4):
+        data[i] = rng.randrange(256)
+    file.write_bytes(bytes(data))
+
+
+def missing(file: Path) -> None:
+    file.unlink()
+
+
+def foreign_pickle(file: Path) -> None:
+    """Another program's pickle under the name, an object of a class no checkpoint holds: torch.save's format, or
+    for DCP's index its own (a plain pickle)."""
+    foreign = Namespace(weights=torch.ones(3))
+    if file.name == checkpoint.METADATA_FILE:
+        file.write_bytes(pickle.dumps(foreign))
+    else:
+        torch.save(foreign, file)
+
+
+DAMAGES = [truncated, zero_bytes, garbled, missing, foreign_pickle]
+# (format, the file of a checkpoint to damage: "" = the .pt file itself)
+TARGETS = [("pt", ""), ("sharded", checkpoint.METADATA_FILE), ("sharded", "__0_0.distcp"),
+           ("sharded", checkpoint.STATE_FILE)]
+
+
+def damaged_copy(runs, kind: str, name: str, damage, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(run directory, its damaged checkpoint at step DAMAGED, the damaged file) in a copy of the run of `kind`."""
+    run = shutil.copytree(runs[kind], tmp_path / kind)
+    ckpt = checkpoint.checkpoint_path(run, DAMAGED, sharded=kind == "sharded")
+    file = ckpt / name if name else ckpt
+    damage(file)
+    return run, ckpt, file
+
+
+def assert_names_file(message: str, file: Path) -> None:
+    """One line naming the damaged file (by its path, or by its name next to its folder's path), without torch's
+    advice to load unsafely."""
+    assert "\n" not in message and "weights_only" not in message, message
+    assert str(file) in message or (str(file.parent) in message and file.name in message), message
+
+
+# --- readers of one checkpoint: generate.py and hellaswag_eval.py (GPT.from_checkpoint -> checkpoint.load_model),
+# export_hf.py (export_checkpoint), train.py --init-from (checkpoint.load_checkpoint) -------------------------------
+
+SINGLE_READERS = {
+    "load_model": lambda path, tmp_path: checkpoint.load_model(path),
+    "export_hf": lambda path, tmp_path: export_hf.export_checkpoint(path, tmp_path / "export"),
+    "init_from": lambda path, tmp_path: checkpoint.load_checkpoint(path),
+}
+
+
+@pytest.mark.parametrize("kind, name", TARGETS, ids=[f"{k}:{n or 'file'}" for k, n in TARGETS])
+@pytest.mark.parametrize("damage", DAMAGES, ids=[d.__name__ for d in DAMAGES])
+@pytest.mark.parametrize("reader", SINGLE_READERS)
+def test_a_damaged_checkpoint_is_one_line_naming_its_file(reader, damage, kind, name, runs, tmp_path):
+    run, ckpt, file = damaged_copy(runs, kind, name, damage, tmp_path)
+    with pytest.raises(UserError) as error:
+        SINGLE_READERS[reader](ckpt, tmp_path)
+    assert_names_file(str(error.value), file)
+    assert not (tmp_path / "export").exists()
+
+
+# --- readers of a run directory: --resume (one process, DDP, FSDP: checkpoint.newest_valid_checkpoint, weights on
+# disk) and the scripts given a run directory (checkpoint.load_checkpoint) -----------------------------------------
+
+def resume_reader(run: Path, capsys) -> tuple[Path, str]:
+    state, found, damaged = checkpoint.newest_valid_checkpoint(run, weights=False)
+    assert state["step"] == GOOD
+    return found, " ".join(damaged.values())
+
+
+def scripts_reader(run: Path, capsys) -> tuple[Path, str]:
+    state, found = checkpoint.load_checkpoint(run)
+    assert state["step"] == GOOD and "model" in state
+    return found, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, name", TARGETS, ids=[f"{k}:{n or 'file'}" for k, n in TARGETS])
+@pytest.mark.parametrize("damage", DAMAGES, ids=[d.__name__ for d in DAMAGES])
+@pytest.mark.parametrize("reader", [resume_reader, scripts_reader], ids=["resume", "scripts"])
+def test_a_run_directory_falls_back_past_a_damaged_checkpoint_naming_it(reader, damage, kind, name, runs, tmp_path,
+                                                                       capsys):
+    run, ckpt, file = damaged_copy(runs, kind, name, damage, tmp_path)
+    found, warning = reader(run, capsys)
+    assert found == checkpoint.checkpoint_path(run, GOOD, sharded=kind == "sharded")
+    if ckpt.exists():  # (a removed .pt file is no checkpoint: nothing to skip)
+        assert_names_file(warning.strip().splitlines()[-1] if warning.strip() else "", file)
+
+
+# --- the CLI readers: one line, no traceback ------------------------------------------------------------------
+
+HELLASWAG_SAMPLE = "assets/hellaswag/hellaswag_val_head10.jsonl"
+
+
+def test_cli_readers_of_a_garbled_shard_file_print_one_line(runs, tmp_path):
+    run, ckpt, file = damaged_copy(runs, "sharded", "__0_0.distcp", garbled, tmp_path)
+    procs = run_scripts(("generate.py", "--checkpoint", ckpt, "--prompt", "a", "--max-new-tokens", "1"),
+                        ("hellaswag_eval.py", "--checkpoint", ckpt, "--data", HELLASWAG_SAMPLE),
+                        ("export_hf.py", "--checkpoint", ckpt, "--out", tmp_path / "export"))
+    for proc in procs:
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert_names_file(lines[0], file)
+
+
+# --- pruning, setting aside -----------------------------------------------------------------------------------
+
+def fake_checkpoints(run: Path, steps) -> list[Path]:
+    """Files and folders under checkpoint names (pruning and setting aside never read them)."""
+    paths = []
+    for step in steps:
+        path = checkpoint.checkpoint_path(run, step, sharded=step % 2 == 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if step % 2:
+            path.mkdir()
+            (path / "__0_0.distcp").write_bytes(b"x")
+        else:
+            path.write_bytes(b"x")
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_pruning_keeps_the_checkpoint_just_saved_and_newer_ones(keep, tmp_path):
+    """Saved step 4 is the newest good checkpoint; damaged newer ones (5, 6) are still there. Pruning deletes only
+    older ones, keeping `keep` checkpoints up to the saved one."""
+    paths = fake_checkpoints(tmp_path, [1, 2, 3, 4, 5, 6])
+    checkpoint.prune_checkpoints(tmp_path, keep, saved=paths[3])
+    assert checkpoint.list_checkpoints(tmp_path) == paths[4 - keep:]
+    assert [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir() if p.name.startswith(".")] == []
+
+
+def test_setting_aside_the_same_name_three_times_keeps_every_copy(tmp_path):
+    """The README promises damaged checkpoints are never deleted: a name set aside again (a checkpoint of that step
+    written and damaged again) takes a new name each time, for a file and for a folder."""
+    moved = {}
+    for round_ in range(3):
+        for path in fake_checkpoints(tmp_path, [2, 3]):
+            (path / "__0_0.distcp" if path.is_dir() else path).write_bytes(f"round {round_}".encode())
+            moved.setdefault(path.name, []).extend(checkpoint.set_aside([path], ".damaged"))
+    for name, copies in moved.items():
+        assert len(set(copies)) == 3 and all(p.name.startswith(f"{name}.damaged") for p in copies)
+        assert [(p / "__0_0.distcp" if p.is_dir() else p).read_bytes() for p in copies] == [b"round 0", b"round 1",
+                                                                                           b"round 2"]
+    assert checkpoint.list_checkpoints(tmp_path) == []
+
+
+# --- a sharded save on a full disk ----------------------------------------------------------------------------
+
+def test_sharded_save_on_a_full_disk_is_one_line_with_sizes_and_leaves_no_temporary_folder(runs, tmp_path,
+                                                                                         monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    def no_space(self, plan, planner):
+        (Path(self.path) / "__0_0.distcp").write_bytes(b"part of a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(FileSystemWriter, "write_data", no_space)
+    run = shutil.copytree(runs["sharded"], tmp_path / "run")
+    before = checkpoint.list_checkpoints(run)
+    with pytest.raises(UserError) as error:
+        write_checkpoint(run, 6, sharded=True)
+    message = str(error.value)
+    assert re.fullmatch(r"cannot save checkpoint \S*step_000006: No space left on device; a checkpoint needs about "
+                        r"[\d.]+ MB \([\d.]+ [MG]B free there\), more than the free space allows\. Earlier checkpoints "
+                        r"are intact: .*", message), message
+    assert sorted(checkpoint.checkpoint_dir(run).iterdir()) == before  # no temporary folder, nothing else touched
+
+
+# --- a resume at or past the run's last step ------------------------------------------------------------------
+
+# The debug model, 4 sequences of 32 tokens a step, checkpoints every 2 steps, no evaluation before step 8
+TRAIN = ["--config", "debug", "--micro-batch", "4", "--seq-len", "32", "--total-batch-tokens", "128", "--max-steps",
+         "8", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--hellaswag-every", "0",
+         "--sample-every", "0", "--ckpt-every", "2", "--keep-checkpoints", "1"]
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_at_step_4(embedded_data, tmp_path_factory) -> Path:
+    """A run stopped after step 4 (its one kept checkpoint), with a damaged step 6 beside it."""
+    run = tmp_path_factory.mktemp("resume") / "run"
+    run_script("train.py", *TRAIN, "--data", embedded_data, "--out", run, "--stop-at-step", "4", check=True)
+    (checkpoint.checkpoint_path(run, 6)).write_bytes(b"damaged")
+    return run
+
+
+def test_a_resume_at_or_past_the_last_step_trains_nothing_and_touches_nothing(run_at_step_4, embedded_data,
+                                                                              tmp_path):
+    """Past the last step (--max-steps 2, or --stop-at-step 3, below the checkpoint's step 4): one line naming the
+    flag to raise, exit 2. At it (--stop-at-step 4): one line, exit 0. Either way no step is trained and every file
+    of the run is byte for byte what it was (the damaged step 6 is not even set aside)."""
+    before = file_hashes(run_at_step_4)
+    cases = {("--max-steps", "2"): "--max-steps above 4", ("--stop-at-step", "3"): "--stop-at-step above 4",
+             ("--stop-at-step", "4"): None}
+    runs = [shutil.copytree(run_at_step_4, tmp_path / f"run{i}") for i in range(len(cases))]
+    procs = run_scripts(*[("train.py", *TRAIN, "--data", embedded_data, "--out", run, "--resume", *flags)
+                          for run, flags in zip(runs, cases)])
+    for run, proc, remedy in zip(runs, procs, cases.values()):
+        assert "Traceback" not in proc.stderr, proc.stderr
+        if remedy:
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: --resume: the newest good checkpoint "), lines
+            assert "step_000004.pt is at step 4" in lines[0] and lines[0].endswith(remedy), lines[0]
+        else:
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.strip().endswith("is at step 4, this run's last step: nothing to train, nothing "
+                                                "changed"), proc.stdout
+        assert file_hashes(run) == before, proc.args
