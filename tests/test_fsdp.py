@@ -248,6 +248,25 @@ def test_kill_during_a_sharded_save_leaves_the_previous_checkpoint_for_resume(ru
     assert f"resume: continuing after step 6 from {checkpoint.checkpoint_path(chain, 6, True)}" in runs["one_log"]
 
 
+def test_init_from_under_fsdp_starts_from_the_checkpoints_full_weights(embedded_data, tmp_path):
+    """--init-from a .pt (full tensors) under --fsdp on 2 processes: each keeps its slice of the checkpoint's
+    weights. At a learning rate of 1e-30 the one step leaves them as they were, so the sharded step-1 checkpoint,
+    read back whole, holds the initial checkpoint's weights (zero biases moved by 5e-31)."""
+    from model import GPT, GPTConfig
+    init = tmp_path / "init.pt"
+    model = GPT(GPTConfig.from_preset("debug", attn_dropout=0.0, ffn_dropout=0.0), seed=7)
+    checkpoint.save_checkpoint({"model_config": model.config.__dict__, "model": model.state_dict()}, init)
+    run = tmp_path / "run"
+    run_script(*TORCHRUN_2, "train.py", *RUN, "--data", embedded_data, "--out", run, "--fsdp", "--init-from", init,
+               "--stop-at-step", "1", "--max-lr", "1e-30", "--min-lr", "0", env=ONE_THREAD, check=True)
+    assert f"init: weights from {init}" in (run / "train.log").read_text()
+    state, found = checkpoint.load_checkpoint(run)
+    assert found == checkpoint.checkpoint_path(run, 1, sharded=True)
+    assert state["model"].keys() == model.state_dict().keys()
+    for key, weight in model.state_dict().items():
+        torch.testing.assert_close(state["model"][key], weight, rtol=0, atol=1e-29, msg=key)
+
+
 def state_bytes(log: str) -> int:
     """Rank 0's measured parameter + optimizer state bytes, from its train.log."""
     line = re.search(r"memory: parameters ([\d,]+) bytes \+ optimizer state ([\d,]+) bytes", log)
