@@ -215,12 +215,13 @@ def expand_files(patterns: list[str]) -> tuple[list[str], str]:
     return files, kinds.pop()
 
 
-def load_hf_dataset(args, what: str, *load_args, num_proc: int = 1, **load_kwargs):
-    """datasets.load_dataset, with its many failure types turned into one line naming the input."""
+def load_hf_dataset(args, what: str, files: list[str], *load_args, num_proc: int = 1, **load_kwargs):
+    """datasets.load_dataset, with its many failure types turned into one line naming the input (and the line of
+    `files`, the local files it reads, that cannot be decoded)."""
     import datasets  # only here: the rest of the repo must run on machines without `datasets`
     if not args.streaming and num_proc > 1:
         load_kwargs["num_proc"] = num_proc  # download and prepare files in parallel
-    with reading(what, load_kwargs.get("data_files") or []):
+    with reading(what, files):
         return datasets.load_dataset(*load_args, streaming=args.streaming, cache_dir=args.cache_dir, **load_kwargs)
 
 
@@ -290,13 +291,13 @@ def load_texts(args, source: dict):
             return parquet_tasks(paths, args.text_field, args.max_docs)
     if source["type"] == "hf":
         what = f"--dataset {args.dataset} --name {args.name} --split {args.split}"
-        ds = load_hf_dataset(args, what, args.dataset, args.name, split=args.split, num_proc=args.workers)
+        files = local_dataset_files(args, what)
+        ds = load_hf_dataset(args, what, files, args.dataset, args.name, split=args.split, num_proc=args.workers)
     else:
-        what = f"--files {' '.join(args.files)}"
+        what, files = f"--files {' '.join(args.files)}", source["files"]
         options = {"sample_by": "paragraph"} if source["reader"] == "text" else {}
-        ds = load_hf_dataset(args, what, source["reader"], data_files=source["files"], split="train",
-                             num_proc=min(args.workers, len(source["files"])), **options)
-    files = source.get("files", [])
+        ds = load_hf_dataset(args, what, files, source["reader"], data_files=files, split="train",
+                             num_proc=min(args.workers, len(files)), **options)
     with reading(what, files):  # a streamed dataset reads its first row here
         check_text_field(ds, args.text_field, what)
     if args.streaming:
@@ -305,6 +306,15 @@ def load_texts(args, source: dict):
             ds = ds.take(args.max_docs)
         return stream_batches(ds, args.text_field, what, files)
     return ArrowTexts(ds, args.text_field, args.max_docs)
+
+
+def local_dataset_files(args, what: str) -> list[str]:
+    """The files a local copy given as --dataset holds for --name/--split (all its files when its card lists no
+    configs), for naming the one that cannot be decoded; [] for a dataset on the hub."""
+    if not Path(args.dataset).is_dir():
+        return []
+    repo = open_dataset_repo(args)
+    return [repo.fetch(name) for name in config_data_files(repo, args.name, args.split, what) or repo.files]
 
 
 def stream_batches(ds, field: str, what: str, files: list[str]):
@@ -357,6 +367,15 @@ class DatasetRepo(NamedTuple):
     card: str  # README.md's text ('' when there is none)
     fetch: object  # relative path -> local path (downloads from the hub)
     revision: str | None  # the hub commit every file is read from; None for a local copy
+    card_name: str = "README.md"  # the card, as errors name it
+
+
+def read_card(path: Path, name: str) -> str:
+    """A dataset card's text; one line naming the card when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"dataset card {name} is not UTF-8 text (byte {e.start}: {e.reason}); fix its encoding")
 
 
 def open_dataset_repo(args) -> DatasetRepo:
@@ -364,8 +383,8 @@ def open_dataset_repo(args) -> DatasetRepo:
     if root.is_dir():  # datasets.load_dataset also reads a local folder of that name before asking the hub
         files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
         card = root / "README.md"
-        return DatasetRepo(files, card.read_text(encoding="utf-8") if card.is_file() else "",
-                           lambda name: str(root / name), None)
+        return DatasetRepo(files, read_card(card, str(card)) if card.is_file() else "", lambda name: str(root / name),
+                           None, str(card))
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.utils import disable_progress_bars
     # the downloads run in a daemon thread (fetched_in_order): without its own bars it never holds stderr, which a
@@ -379,8 +398,9 @@ def open_dataset_repo(args) -> DatasetRepo:
     with hub_errors(args.dataset):
         info = HfApi().dataset_info(args.dataset)  # pins one commit, so that every file comes from it
     files = sorted(sibling.rfilename for sibling in info.siblings)
-    card = Path(fetch("README.md")).read_text(encoding="utf-8") if "README.md" in files else ""
-    return DatasetRepo(files, card, fetch, info.sha)
+    card_name = f"README.md of --dataset {args.dataset}"
+    card = read_card(Path(fetch("README.md")), card_name) if "README.md" in files else ""
+    return DatasetRepo(files, card, fetch, info.sha, card_name)
 
 
 @contextlib.contextmanager
@@ -396,16 +416,12 @@ def hub_errors(dataset: str):
 def config_data_files(repo: DatasetRepo, name: str, split: str, what: str) -> list[str] | None:
     """The files of config `name`, split `split`, matched as the card's `configs:` says (sorted, hidden files left
     out, as datasets does); None when the card lists no configs (datasets then infers them from the layout)."""
-    import yaml
-    front = re.match(r"^---\s*\n(.*?)\n---\s*$", repo.card, re.S | re.M)
-    configs = (yaml.safe_load(front.group(1)) or {}).get("configs") if front else None
+    configs = card_configs(repo)
     if not configs:
         return None
-    config = next((c for c in configs if c.get("config_name", "default") == name), None)
-    if config is None:
-        names = ", ".join(c.get("config_name", "default") for c in configs)
-        raise UserError(f"{what}: the dataset has no config {name!r} (its configs: {names}); pass --name")
-    patterns = split_patterns(config.get("data_files"))
+    if name not in configs:
+        raise UserError(f"{what}: the dataset has no config {name!r} (its configs: {', '.join(configs)}); pass --name")
+    patterns = configs[name]
     if split not in patterns:
         raise UserError(f"{what}: config {name!r} has no split {split!r} (its splits: {', '.join(patterns)}); "
                         f"pass --split")
@@ -417,16 +433,61 @@ def config_data_files(repo: DatasetRepo, name: str, split: str, what: str) -> li
     return files
 
 
-def split_patterns(data_files) -> dict[str, list[str]]:
-    """A config's data_files (a pattern, a list of them, or a list of {split, path}) as {split: [patterns]}."""
-    if isinstance(data_files, str):
-        return {"train": [data_files]}
-    if isinstance(data_files, dict):
-        return {split: [p] if isinstance(p, str) else list(p) for split, p in data_files.items()}
-    if all(isinstance(entry, str) for entry in data_files or []):
-        return {"train": list(data_files or [])}
-    return {entry["split"]: [entry["path"]] if isinstance(entry["path"], str) else list(entry["path"])
-            for entry in data_files}
+def card_configs(repo: DatasetRepo) -> dict[str, dict[str, list[str]]]:
+    """{config name: {split: [file patterns]}} from the `configs:` of the card's YAML header ({} when it lists none).
+    A header that breaks this shape is one line naming the card and the entry at fault."""
+    import yaml
+
+    def bad(where: str, expected: str, value) -> UserError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return UserError(f"dataset card {repo.card_name}: {where} must be {expected}, not {shown}; fix the card")
+    front = re.match(r"^---\s*\n(.*?)\n---\s*$", repo.card, re.S | re.M)
+    try:
+        header = yaml.safe_load(front.group(1)) if front else None
+    except yaml.YAMLError as e:
+        raise UserError(f"dataset card {repo.card_name}: its YAML header does not parse "
+                        f"({' '.join(str(e).split())}); fix the card") from None
+    if header is None:
+        return {}
+    if not isinstance(header, dict):
+        raise bad("its YAML header", "a mapping of fields", header)
+    configs = header.get("configs") or []
+    if not isinstance(configs, list):
+        raise bad("configs", "a list of configs", configs)
+    found = {}
+    for i, config in enumerate(configs):
+        if not isinstance(config, dict):
+            raise bad(f"configs[{i}]", "a mapping (config_name, data_files)", config)
+        name = config.get("config_name", "default")
+        if not isinstance(name, str):
+            raise bad(f"configs[{i}].config_name", "a name", name)
+        found[name] = split_patterns(config.get("data_files"), f"configs[{i}].data_files", bad)
+    return found
+
+
+def split_patterns(data_files, where: str, bad) -> dict[str, list[str]]:
+    """A config's data_files (a pattern, a list of them, {split: pattern(s)} or a list of {split, path}) as
+    {split: [patterns]}; bad(where, expected, value) is the error for any other shape."""
+    def patterns(value, at: str) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+            return value
+        raise bad(at, "a file pattern or a list of them", value)
+    if isinstance(data_files, str) or (isinstance(data_files, list) and data_files
+                                       and all(isinstance(entry, str) for entry in data_files)):
+        return {"train": patterns(data_files, where)}
+    if isinstance(data_files, dict) and data_files and all(isinstance(split, str) for split in data_files):
+        return {split: patterns(p, f"{where}.{split}") for split, p in data_files.items()}
+    if not isinstance(data_files, list) or not data_files:
+        raise bad(where, "file patterns: a pattern, a list, {split: patterns} or a list of {split, path}",
+                  data_files)
+    found = {}
+    for i, entry in enumerate(data_files):
+        if not isinstance(entry, dict) or not isinstance(entry.get("split"), str) or "path" not in entry:
+            raise bad(f"{where}[{i}]", "a mapping with a split name and a path", entry)
+        found[entry["split"]] = patterns(entry["path"], f"{where}[{i}].path")
+    return found
 
 
 def path_matches(parts: list[str], pattern: list[str]) -> bool:
@@ -750,7 +811,8 @@ def check_splits(result: dict, args) -> None:
                         f"and --text-field")
     if not any(s["split"] == "train" for s in result["shards"]):
         raise UserError(f"the input yielded only {result['total_tokens']} tokens, all taken for validation by "
-                        f"--val-tokens {args.val_tokens}; lower --val-tokens or add data")
+                        f"--val-tokens {args.val_tokens}; run again with a lower --val-tokens and --overwrite (which "
+                        f"replaces the unfinished shards this run wrote), or add data")
 
 
 main = main_entry(prepare_data)

@@ -1,4 +1,5 @@
 """data_prep.py: documents -> shards -> decoded documents, output directory handling and bad input."""
+import argparse
 import json
 import os
 import subprocess
@@ -371,3 +372,112 @@ def test_small_stream_shrinks_validation_at_its_end(tmp_path):
     manifest = prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "a.jsonl"), "--streaming",
                        cache=tmp_path / "cache")
     assert manifest["val_share"] == 0.1 and manifest["val_tokens"] == int(manifest["total_tokens"] * 0.1)
+
+
+# --- malformed dataset cards: one line naming the card, never a traceback ---------------------------------------
+
+def card_damages() -> dict[str, bytes]:
+    """{case: README.md bytes}, generated from FINEWEB_CARD: every node of its YAML header (the header itself, the
+    configs list, each config, each of their fields, down to each data_files entry's split and path) replaced by a
+    value of every other shape (a string, a number, a list, a mapping, null) or removed; plus a header that does not
+    parse and a card that is not UTF-8."""
+    import copy
+
+    import yaml
+    header = yaml.safe_load(FINEWEB_CARD.split("---\n")[1])
+    aliens = {"string": "sample-10BT", "number": 7, "list": ["x"], "mapping": {"x": 1}, "null": None, "removed": ...}
+
+    def nodes(value, path=()):
+        yield path
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+        for key, child in children:
+            yield from nodes(child, (*path, key))
+    cases = {"bad-yaml": b"---\nconfigs: [\n---\n# a card\n",
+             "not-utf8": FINEWEB_CARD.encode().replace(b"odc-by", b"odc\xff-by")}
+    for path in nodes(header):
+        for name, alien in aliens.items():
+            if alien is ... and not path:
+                continue
+            damaged = copy.deepcopy(header)
+            parent = damaged
+            for key in path[:-1]:
+                parent = parent[key]
+            if not path:
+                damaged = alien
+            elif alien is ...:
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = alien
+            text = "---\n" + yaml.safe_dump(damaged, sort_keys=False) + "---\n# a card\n"
+            cases[f"{'.'.join(map(str, path)) or 'header'}={name}"] = text.encode()
+    return cases
+
+
+CARD_DAMAGES = card_damages()
+# The five cards of issue 21, each one line naming the card (they were tracebacks): bad YAML, a list where a mapping
+# belongs, not UTF-8, a config without a split, a config given as a string
+FIVE_CARDS = ["bad-yaml", "header=list", "not-utf8", "configs.1.data_files.0.split=removed", "configs.1=string"]
+
+
+@pytest.mark.parametrize("case", CARD_DAMAGES)
+def test_a_malformed_dataset_card_is_one_line_naming_it(case, tmp_path):
+    """Reading the card's configs either works (the damage left a usable card) or is a UserError; one naming the
+    card for the five of issue 21."""
+    root = tmp_path / "dataset"
+    (root / "sample" / "10BT").mkdir(parents=True)
+    (root / "sample" / "10BT" / "000_00000.parquet").write_bytes(b"")
+    (root / "README.md").write_bytes(CARD_DAMAGES[case])
+    args = argparse.Namespace(dataset=str(root), name="sample-10BT", split="train")
+    try:
+        files = data_prep.config_data_files(data_prep.open_dataset_repo(args), args.name, args.split, "--dataset x")
+        assert files is None or isinstance(files, list)
+        assert case not in FIVE_CARDS
+    except UserError as e:
+        assert "\n" not in str(e)
+        if case in FIVE_CARDS:
+            assert str(e).startswith(f"dataset card {root / 'README.md'}"), e
+
+
+def test_malformed_cards_on_the_command_line_leave_the_dataset_untouched(tmp_path, capsys):
+    """The five cards through data_prep.py's non-streaming route: exit 2, one line naming the card, every file of
+    the dataset byte-identical, no output written."""
+    import hashlib
+    for case in FIVE_CARDS:
+        root = tmp_path / case / "dataset"
+        (root / "sample" / "10BT").mkdir(parents=True)
+        write_fineweb_table(root / "sample" / "10BT" / "000_00000.parquet", DOCS, 10)
+        (root / "README.md").write_bytes(CARD_DAMAGES[case])
+        before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+        with pytest.raises(SystemExit) as exit_info:
+            data_prep.main(["--source", "hf", "--dataset", str(root), "--name", "sample-10BT", "--out",
+                            str(tmp_path / case / "out"), "--workers", "1", "--cache-dir", str(tmp_path / "cache")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: dataset card {root / 'README.md'}"), err
+        assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()} == before
+        assert not list((tmp_path / case / "out").glob("*.bin"))
+
+
+def test_an_undecodable_file_of_a_local_dataset_copy_is_named_with_its_line(tmp_path, capsys):
+    """--source hf on a local copy whose text file is not UTF-8 names that file and line (it named neither)."""
+    root = tmp_path / "dataset"
+    (root / "data").mkdir(parents=True)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data/*.txt\n---\n")
+    (root / "data" / "a.txt").write_bytes(b"hello\nworld \xff\xfe bad\n")
+    with pytest.raises(SystemExit):
+        data_prep.main(["--source", "hf", "--dataset", str(root), "--name", "default", "--out", str(tmp_path / "out"),
+                        "--workers", "1", "--cache-dir", str(tmp_path / "cache")])
+    assert f"{root / 'data' / 'a.txt'} line 2 (byte 12): not UTF-8" in capsys.readouterr().err
+
+
+def test_the_remedy_for_a_val_split_that_takes_everything_works_when_followed(tmp_path, capsys):
+    """--val-tokens larger than the corpus: the error says to run again with a lower --val-tokens and --overwrite;
+    doing just that builds the data (without --overwrite the rerun was refused as an unfinished build)."""
+    argv = ["--source", "embedded", "--max-docs", "30", "--out", str(tmp_path / "out"), "--workers", "1"]
+    with pytest.raises(SystemExit):
+        data_prep.main([*argv, "--val-tokens", "1000000"])
+    err = capsys.readouterr().err
+    assert "run again with a lower --val-tokens and --overwrite" in err, err
+    data_prep.main([*argv, "--val-tokens", "100", "--overwrite"])
+    assert ShardDataset.open(tmp_path / "out").val_tokens == 100
