@@ -231,7 +231,8 @@ def add_data_prep_arguments(parser):
     parser.add_argument("--schemes", default="data_prep,pool,loop",
                         help="which to run, comma-separated (default: data_prep,pool,loop)")
     parser.add_argument("--work-dir", default=str(REPO_DIR / "temp_data" / "bench_data_prep"),
-                        help="corpus, caches and outputs, removed afterwards (default: %(default)s)")
+                        help="corpus, caches and outputs, removed afterwards: a new or empty folder, or one an "
+                             "earlier benchmark left (default: %(default)s)")
 
 
 def local_documents(roots: list[str]):
@@ -484,6 +485,24 @@ def best_of(runs: list[dict]) -> dict:
     return summary
 
 
+WORK_DIR_MARKER = ".bench-data-prep"  # in a --work-dir bench.py made: it may remove that folder
+
+
+def claim_work_dir(root: Path) -> Path:
+    """--work-dir, emptied and marked as bench.py's (the marker file) for this run, which removes it afterwards. A
+    non-empty folder without the marker holds someone else's files: refused, nothing removed. One with it is the
+    leftover of an earlier benchmark (killed before its cleanup): cleared."""
+    import shutil
+    if root.is_dir() and any(root.iterdir()) and not (root / WORK_DIR_MARKER).is_file():
+        raise UserError(f"--work-dir {root} holds files bench.py did not write, and the benchmark removes its work "
+                        "folder afterwards; give a new or empty folder")
+    if root.is_dir():
+        shutil.rmtree(root)
+    ensure_writable_dir(root, "--work-dir")
+    (root / WORK_DIR_MARKER).touch()
+    return root
+
+
 def run_data_prep(args) -> dict:
     import os
     import shutil
@@ -492,8 +511,7 @@ def run_data_prep(args) -> dict:
     schemes = args.schemes.split(",")
     if not set(schemes) <= {"data_prep", "pool", "loop"}:
         raise UserError(f"--schemes {args.schemes}: choose from data_prep, pool, loop")
-    root = Path(args.work_dir)
-    shutil.rmtree(root, ignore_errors=True)
+    root = claim_work_dir(Path(args.work_dir))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     runs = {scheme: [] for scheme in schemes}
     try:
