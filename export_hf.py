@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 import tokenizer
-from checkpoint import load_checkpoint, model_from_state, save_checkpoint
+from checkpoint import CheckpointDamaged, load_checkpoint, model_from_state, save_checkpoint
 from cli import UserError, atomic_write, ensure_writable_dir, main_entry, write_json
 from model import GPT, GPTConfig
 from plot_metrics import latest_values, read_metrics
@@ -344,6 +344,14 @@ def load_hf_dir(hf_dir) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return config, from_hf_state_dict(hf_state, config, weights_file)
 
 
+def written_by_import(path: Path) -> bool:
+    """Whether `path` is a checkpoint import_hf wrote (marked 'imported_from'): the only file --force replaces."""
+    try:
+        return "imported_from" in load_checkpoint(path)[0]
+    except CheckpointDamaged:
+        return False
+
+
 def import_hf(hf_dir, out_file, force: bool = False) -> Path:
     """Write a checkpoint of this repo (model config + weights, no optimizer) from a transformers directory. The
     weights are loaded into GPT first, so a file that GPT.from_checkpoint would refuse is never written."""
@@ -353,6 +361,9 @@ def import_hf(hf_dir, out_file, force: bool = False) -> Path:
                         f"RUN_DIR/checkpoints/step_000000.pt")
     if out_file.exists() and not force:
         raise UserError(f"--out {out_file} exists; pass --force to overwrite it, or choose a new path")
+    if out_file.exists() and not written_by_import(out_file):
+        raise UserError(f"--out {out_file} is not a checkpoint export_hf.py --from-hf wrote (a training checkpoint, "
+                        "say): --force replaces only those; choose a new path")
     ensure_writable_dir(out_file.parent, "--out's folder")
     config, state = load_hf_dir(hf_dir)
     with torch.device("meta"):
@@ -361,7 +372,8 @@ def import_hf(hf_dir, out_file, force: bool = False) -> Path:
         model.load_state_dict(state, assign=True)  # strict: every tensor present with the config's shape
     except RuntimeError as e:
         raise UserError(f"{hf_dir}: weights do not match its config.json ({str(e).splitlines()[-1].strip()})")
-    save_checkpoint({"model_config": dataclasses.asdict(config), "model": model.state_dict()}, out_file)
+    save_checkpoint({"model_config": dataclasses.asdict(config), "model": model.state_dict(),
+                     "imported_from": str(hf_dir)}, out_file)  # the mark that --force may replace this file
     return out_file
 
 
@@ -386,7 +398,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype",
                    help=f"export only: weight dtype, one of {', '.join(DTYPES)} (default: float32, exact)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing output (for an export directory: only an earlier export)")
+                   help="replace an existing output: only an earlier export directory, or a checkpoint an earlier "
+                        "--from-hf import wrote (never a training checkpoint)")
     return p.parse_args(argv)
 
 
