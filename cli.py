@@ -56,6 +56,9 @@ def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
                 detail, where = (str(e).splitlines() or [""])[0], repo_frame(e)
                 fail(f"out of GPU memory{f' ({detail})' if detail else ''}{f' in {where}' if where else ''}; "
                      f"{memory_hint}")
+            if is_host_out_of_memory(e):
+                fail(f"out of memory ({str(e).split('DefaultCPUAllocator: ')[-1].splitlines()[0]}) in "
+                     f"{repo_frame(e)}; {memory_hint}")
             os_error = os_error_in(e)
             if os_error is None:
                 raise
@@ -65,7 +68,10 @@ def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
 
 
 def fail(message: str, status: int = 2):
-    print(f"error: {message}", file=sys.stderr)
+    """`error: MESSAGE` on stderr and exit `status`. Under torchrun every process meets the same error (the checks
+    run on every rank, and ranks raise together): rank 0 says it once, the others exit with the same status quietly."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
 
 
@@ -124,6 +130,11 @@ def repo_frame(error: Exception) -> str:
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if Path(f.filename).parent == REPO_DIR and Path(f.filename).name != "cli.py"]  # not main_entry's own
     return f"{Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+
+
+def is_host_out_of_memory(error: Exception) -> bool:
+    """Whether torch failed to allocate a tensor in the machine's memory (its CPU allocator raises RuntimeError)."""
+    return isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 def is_device_out_of_memory(error: Exception) -> bool:
