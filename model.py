@@ -361,6 +361,9 @@ class GPT(nn.Module):
         return idx
 
 
+MIN_TEMPERATURE = 1e-4  # the lowest sampling temperature other than 0 (greedy): far below it, logits overflow
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How generate picks each new token: greedy at temperature 0, else softmax(logits / temperature) cut to the
@@ -373,8 +376,10 @@ class Sampling:
     def errors(self) -> dict[str, str]:
         """{setting: the rule its value breaks}; empty when every setting is in range."""
         rules = {"max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
-                 "temperature": (math.isfinite(self.temperature) and self.temperature >= 0,
-                                 "must be a finite number >= 0 (0 = greedy)"),
+                 # below MIN_TEMPERATURE, logits / temperature overflow float32: NaN probabilities
+                 "temperature": (math.isfinite(self.temperature) and (self.temperature == 0
+                                                                      or self.temperature >= MIN_TEMPERATURE),
+                                 f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}"),
                  "top_k": (self.top_k >= 0, "must be >= 0 (0 = no top-k cut)"),
                  "top_p": (0 < self.top_p <= 1, "must be in (0, 1] (1 = no nucleus cut)")}
         return {name: rule for name, (ok, rule) in rules.items() if not ok}
