@@ -32,11 +32,11 @@ from checkpoint import (checkpoint_dir, checkpoint_path, checkpoint_step, end_st
                         list_checkpoints, load_checkpoint, newest_valid_checkpoint, prune_checkpoints,
                         quarantine_checkpoints, remove_orphaned_temp_files, rng_state, save_checkpoint,
                         seed_everything, set_aside, set_rng_state, steps_left)
-from cli import UserError, atomic_write, ensure_writable_dir, main_entry, run_header, write_json
+from cli import UserError, atomic_write, ensure_writable_dir, fail, main_entry, positive_int, run_header, write_json
 from dataloader import ShardDataset, TrainLoader, val_batches
 from devices import (Dist, cuda_memory_probe, enable_tf32, init_distributed, largest_fitting, mfu,
-                     peak_flops)
-from generate import REFERENCE_PROMPTS, check_sampling, generate_samples
+                     peak_flops, pick_device)
+from generate import REFERENCE_PROMPTS, encode_prompt, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
 from model import GPT, PRESETS, GPTConfig, Sampling, evaluating
 from plot_metrics import read_metrics
@@ -46,6 +46,10 @@ from trackers import Trackers, check_installed, open_trackers, parse_trackers
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
+
+# The TrainConfig field of each Sampling setting (TrainConfig.sampling)
+SAMPLE_FIELDS = {"max_new_tokens": "sample_tokens", "temperature": "sample_temperature", "top_k": "sample_top_k"}
+
 
 @dataclass
 class TrainConfig:
@@ -118,34 +122,68 @@ class TrainConfig:
             raise UserError(f"unknown --config {name!r}; valid configs: {', '.join(TRAIN_PRESETS)}")
         return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
 
-    def validate(self) -> None:
-        """Refuse values that cannot work, naming the flag: one clear line now instead of a crash later."""
+    def problems(self) -> list[str]:
+        """Every value that cannot work, as '--flag VALUE: rule' (the first rule a field breaks), and every pair of
+        flags that exclude each other: all found at once, before any work starts."""
+        found = {}
+
         def need(ok: bool, name: str, rule: str):
-            if not ok:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {rule}")
+            if not ok and name not in found:
+                found[name] = f"--{name.replace('_', '-')} {getattr(self, name)!r}: {rule}"
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            need(not isinstance(value, float) or math.isfinite(value), field.name, "must be a finite number")
         for name in ("total_batch_tokens", "seq_len", "max_steps", "log_every"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("warmup_steps", "eval_every", "val_tokens", "final_val_tokens", "hellaswag_every",
                      "hellaswag_limit", "sample_every", "ckpt_every", "keep_checkpoints", "seed", "stop_at_step",
                      "min_lr", "weight_decay", "peak_flops"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
-        check_sampling(self.sampling(), {"max_new_tokens": "--sample-tokens", "temperature": "--sample-temperature",
-                                         "top_k": "--sample-top-k"})
         for name in ("max_lr", "grad_clip", "eps"):
             need(getattr(self, name) > 0, name, "must be > 0")
+        need(self.min_lr <= self.max_lr, "min_lr", f"above --max-lr {self.max_lr!r}; the schedule decays to it")
         for name in ("beta1", "beta2", "attn_dropout", "ffn_dropout"):
             need(getattr(self, name) is None or 0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         need(self.pad_vocab_to is None or self.pad_vocab_to >= 1, "pad_vocab_to", "must be >= 1 (1 = no padding)")
         need(self.micro_batch == "auto" or (self.micro_batch.isdigit() and int(self.micro_batch) >= 1), "micro_batch",
              "give a positive integer or 'auto'")
-        need(self.model in PRESETS, "model", f"valid model presets: {', '.join(PRESETS)}")
-        context = PRESETS[self.model].block_size
-        need(self.seq_len <= context, "seq_len", f"longer than model {self.model}'s context ({context}); lower it")
         need(self.seed < 2 ** 32, "seed", "must be < 2**32 (numpy's seed range)")
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            need(not isinstance(value, float) or math.isfinite(value), field.name, "must be a finite number")
-        check_installed(parse_trackers(self.tracker))  # a missing package stops every rank now, not rank 0 later
+        need(self.model in PRESETS, "model", f"valid model presets: {', '.join(PRESETS)}")
+        if self.model in PRESETS:
+            context = PRESETS[self.model].block_size
+            need(self.seq_len <= context, "seq_len", f"longer than model {self.model}'s context ({context}); lower it")
+            for prompt in self.sample_prompts:  # sampled at the last step: an unusable prompt is found now
+                try:
+                    encode_prompt(prompt, context)
+                except UserError as e:
+                    need(False, "sample_prompts", str(e))
+        need(not Path(self.out).exists() or Path(self.out).is_dir(), "out", "is a file; give a directory")
+        need(not self.init_from or Path(self.init_from).exists(), "init_from",
+             "no such file or folder; give a checkpoint file or a run directory")
+        need(not (self.resume and self.init_from), "init_from", "excludes --resume: resume continues this run, "
+             "init-from starts a new one; leave one out")
+        for name in ("allow_fresh_start", "allow_token_batch_change"):
+            need(self.resume or not getattr(self, name), name, "only applies with --resume; add it or leave this out")
+        # HellaSwag is evaluated at the last step, after the whole run: its file is read now
+        need(not self.hellaswag_data or Path(self.hellaswag_data).is_file(), "hellaswag_data",
+             f"no such file; give a HellaSwag jsonl file (e.g. {SAMPLE_FILE.relative_to(Path(__file__).parent)}), "
+             "or leave it out for the official validation split")
+        for setting, rule in self.sampling().errors().items():  # Sampling's rules, named by train.py's flags
+            need(False, SAMPLE_FIELDS[setting], rule)
+        checks = {"hellaswag_data": lambda: self.hellaswag_data and load_examples(self.hellaswag_data),
+                  "tracker": lambda: check_installed(parse_trackers(self.tracker))}  # every rank stops now
+        for name, check in checks.items():
+            try:
+                check()
+            except UserError as e:
+                found.setdefault(name, str(e))
+        return list(found.values())
+
+    def validate(self) -> None:
+        """Refuse values that cannot work: every problem in one clear line now instead of a crash later."""
+        problems = self.problems()
+        if problems:
+            raise UserError("; ".join(problems))
 
     def sampling(self) -> Sampling:
         return Sampling(self.sample_tokens, self.sample_temperature, self.sample_top_k)
@@ -252,11 +290,32 @@ def config_from_flags(args: dict) -> tuple[TrainConfig, str]:
     return TrainConfig.from_preset(preset, **overrides), preset
 
 
-def parse_config(argv=None) -> tuple[TrainConfig, str]:
-    """(config, preset name) from the command line."""
+def parse_command_line(argv=None) -> argparse.Namespace:
+    """Every TrainConfig flag, --config, and --check."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
-    return config_from_flags(vars(parser.parse_args(argv)))
+    parser.add_argument("--check", type=positive_int, nargs="?", const=1, metavar="PROCESSES",
+                        help="only check the configuration for a run on PROCESSES processes (default 1) and exit: "
+                             "0 when it would start, else the one-line error; writes nothing (a launcher runs it "
+                             "before torchrun, whose restarts cannot fix a configuration)")
+    return parser.parse_args(argv)
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, str]:
+    """(config, preset name) from the command line."""
+    return config_from_flags(vars(parse_command_line(argv)))
+
+
+def check_config(cfg: TrainConfig, processes: int) -> None:
+    """--check: what a run of `cfg` on `processes` processes refuses at its start, found without writing anything
+    or starting processes: every flag's rule, the device, the split of the token batch, the data directory."""
+    cfg.validate()
+    pick_device(cfg.device)
+    if cfg.micro_batch == "auto":
+        micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, processes)
+    else:
+        grad_accum_steps(cfg.total_batch_tokens, int(cfg.micro_batch), cfg.seq_len, processes)
+    ShardDataset.open(cfg.data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,8 +444,6 @@ class Trainer:
         """--out, or temp_data/runs/<preset>-<time> named by rank 0; its checkpoint folder is made writable now, not
         found unwritable after the first hours of training."""
         run_dir = Path(self.cfg.out or self.d.gather(f"temp_data/runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")[0])
-        if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"--out {run_dir} is a file; give a directory")
         if self.d.is_main:
             ensure_writable_dir(checkpoint_dir(run_dir), "--out")
         self.d.barrier()
@@ -420,9 +477,6 @@ class Trainer:
         cfg, folder = self.cfg, checkpoint_dir(self.run_dir)
         if not cfg.resume:
             return None
-        if cfg.init_from:
-            raise UserError("--resume and --init-from exclude each other: resume continues this run, "
-                            "init-from starts a new one")
         if not self.d.is_main:  # rank 0 decides and moves damaged files first: then every rank finds the same
             self.d.barrier()
         try:
@@ -535,14 +589,15 @@ class Trainer:
         if saved_layout == (self.d.world_size, self.micro_batch):
             set_rng_state(state["rng"][self.d.rank])
         else:
-            self._log_layout_change(*saved_layout)
+            self._log_layout_change(*saved_layout, saved_cfg)
         if self.d.is_main:
             drop_metrics_after(self.run_dir, self.step)
         self.log.info(f"resume: continuing after step {self.step} from {path}")
 
-    def _log_layout_change(self, world_size: int, micro_batch: int) -> None:
+    def _log_layout_change(self, world_size: int, micro_batch: int, saved_cfg: dict) -> None:
         seed_everything(hash((self.cfg.seed, self.d.rank, self.step)) % 2 ** 32)  # new streams, still reproducible
-        saved_accum = sequences_per_rank(self.cfg.total_batch_tokens, self.cfg.seq_len, world_size) // micro_batch
+        # the saved layout's own token batch and seq-len (--allow-token-batch-change may have changed them)
+        saved_accum = saved_cfg["total_batch_tokens"] // (saved_cfg["seq_len"] * world_size * micro_batch)
         self.log.info(f"resume: layout changed: {world_size} processes x micro-batch {micro_batch} x {saved_accum} "
                       f"accumulation steps -> {self.d.world_size} x {self.micro_batch} x {self.accum}. Weights, "
                       "optimizer state, step and data position continue exactly; not bit for bit: dropout masks "
@@ -795,14 +850,18 @@ class Trainer:
 @main_entry(memory_hint="try --micro-batch auto (the largest that fits), a lower --micro-batch (accumulation keeps the "
                         "token batch) or --activation-checkpointing")
 def main(argv=None) -> int:
-    cfg, preset = parse_config(argv)
+    args = parse_command_line(argv)
+    cfg, preset = config_from_flags(vars(args))
+    if args.check:
+        check_config(cfg, args.check)
+        print(f"train.py --check: the configuration holds for {args.check} process(es)")
+        return 0
     d, device = init_distributed(cfg.device)
     try:
         enable_tf32(device)
         return Trainer(cfg, preset, d, device).run()
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        fail(str(e), status=3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -441,3 +441,274 @@ def test_save_killed_mid_write_leaves_no_orphan_after_the_next_start(run_at_step
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         live.name, "step_000002.pt", "step_000004.pt", "step_000005.pt"]
     assert torch.load(out / "checkpoints" / "step_000005.pt", weights_only=True)["step"] == 5
+
+
+# --- every train.py flag fed a bad value: refused before the first optimizer step -------------------------------
+# The cases are generated from TrainConfig's fields: a value of the wrong type for each int and float field (and NaN
+# and inf for each float), plus the bad values of each field's own rules below. A field that is in neither table
+# fails test_every_train_flag_has_bad_values, so a new flag is covered when it is added.
+
+BAD_VALUES = {  # field: [(the flag's arguments, what the error line names when not the flag itself)]
+    "model": [("nope", None)],
+    "data": [("{missing}", "{missing}")],
+    "out": [("{file}", None)],
+    "total_batch_tokens": [("0", None), ("100", None)],  # 100: not a multiple of --seq-len 32
+    "micro_batch": [("0", None), ("x", None), ("3", None)],  # 3 does not divide the 8 sequences per step
+    "seq_len": [("0", None), ("100000", None)],
+    "max_steps": [("0", None)],
+    "max_lr": [("0", None)],
+    "min_lr": [("-1", None), ("1", None)],  # 1: above --max-lr
+    "warmup_steps": [("-1", None)],
+    "weight_decay": [("-0.1", None)],
+    "beta1": [("1", None)],
+    "beta2": [("-0.5", None)],
+    "eps": [("0", None)],
+    "grad_clip": [("0", None)],
+    "attn_dropout": [("1", None)],
+    "ffn_dropout": [("-0.1", None)],
+    "pad_vocab_to": [("0", None)],
+    "fsdp": [("", None)],  # needs torchrun
+    "peak_flops": [("-1", None)],
+    "log_every": [("0", None)],
+    "eval_every": [("-1", None)],
+    "val_tokens": [("-1", None)],
+    "final_val_tokens": [("-1", None)],
+    "hellaswag_every": [("-1", None)],
+    "hellaswag_data": [("{missing}", None), ("{not_hellaswag}", "{not_hellaswag}")],  # evaluated at the last step
+    "hellaswag_limit": [("-1", None)],
+    "sample_every": [("-1", None)],
+    "sample_prompts": [(["hello", ""], None)],  # an empty prompt, sampled at the last step
+    "sample_tokens": [("0", None)],
+    "sample_temperature": [("-1", None), ("1e-45", None)],  # 1e-45: logits / temperature overflow (NaN)
+    "sample_top_k": [("-1", None)],
+    "ckpt_every": [("-1", None)],
+    "keep_checkpoints": [("-1", None)],
+    "tracker": [("nope", None)],
+    "seed": [("-1", None), ("4294967296", None)],
+    "device": [("tpu", None)],
+    "stop_at_step": [("-1", None)],
+    "resume": [("", "--allow-fresh-start")],  # no checkpoint to resume
+    "allow_fresh_start": [("", None)],  # without --resume
+    "allow_token_batch_change": [("", None)],  # without --resume
+    "init_from": [("{missing}", "{missing}"), (["{file}", "--resume"], None)],
+}
+ANY_VALUE_WORKS = {  # field: why no value of it is wrong
+    "compile": "on or off, on every device", "autocast": "on or off (used on CUDA only)",
+    "activation_checkpointing": "on or off", "verify_data": "on or off",
+    "wandb_project": "any name", "wandb_run_name": "any name",
+}
+# Values that are right for a fresh run only: with --resume they are fine
+FRESH_RUN_ONLY = {"resume", "allow_fresh_start", "allow_token_batch_change", "init_from", "data"}
+
+
+def bad_flag_cases() -> list[tuple[str, list[str], str | None]]:
+    """(field, its flag and bad value as arguments, what the error names or None: the flag) for every field."""
+    import dataclasses
+    import typing
+
+    import train
+    hints = typing.get_type_hints(train.TrainConfig)
+    cases = []
+    for field in dataclasses.fields(train.TrainConfig):
+        flag, kind = "--" + field.name.replace("_", "-"), train._flag_type(hints[field.name])
+        wrong_type = {int: ["1.5"], float: ["nan", "inf", "x"]}.get(kind, [])
+        for value, needle in [(v, None) for v in wrong_type] + BAD_VALUES.get(field.name, []):
+            values = value if isinstance(value, list) else [value] if value else []
+            cases.append((field.name, [flag, *values], needle))
+    return cases
+
+
+def test_every_train_flag_has_bad_values():
+    import dataclasses
+
+    import train
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert not fields - set(BAD_VALUES) - set(ANY_VALUE_WORKS), "give these new fields bad values in BAD_VALUES"
+    assert not (set(BAD_VALUES) | set(ANY_VALUE_WORKS)) - fields, "fields that are gone"
+
+
+class ReachedStep1(Exception):
+    """Raised in place of the first optimizer step: the run accepted its flags."""
+
+
+def train_until_step_1(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
+    """train.main(argv) in this process, stopped at its first optimizer step: (exit status, stderr). A run that
+    gets there fails the test: its flags were accepted."""
+    import train
+
+    def first_step(self):
+        raise ReachedStep1(" ".join(argv))
+    monkeypatch.setattr(train.Trainer, "train_step", first_step)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """{placeholder: path} for the cases: a missing path, a plain file, a file that is not HellaSwag's jsonl."""
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    (folder / "a_file").write_text("not a folder, not a checkpoint\n")
+    (folder / "not_hellaswag.jsonl").write_text('{"ctx": "only a context"}\n')
+    return {"{missing}": str(folder / "missing"), "{file}": str(folder / "a_file"),
+            "{not_hellaswag}": str(folder / "not_hellaswag.jsonl")}
+
+
+def fill(args, paths: dict) -> list[str]:
+    return [paths.get(a, a) for a in args]
+
+
+@pytest.mark.parametrize("field, args, needle", bad_flag_cases(), ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_train_flag_fails_before_step_1_in_one_line(field, args, needle, bad_inputs, embedded_data, tmp_path,
+                                                         monkeypatch, capsys):
+    """Also: --check (what the e2e script runs before torchrun) refuses it, except what only the launch shows (no
+    checkpoint to resume, --fsdp outside torchrun)."""
+    out = tmp_path / "run"
+    argv = [*TINY, "--data", str(embedded_data), "--out", str(out), *fill(args, bad_inputs)]
+    status, err = train_until_step_1(monkeypatch, capsys, argv)
+    lines = err.strip().splitlines()
+    assert status == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("error: ") or ": error: " in lines[-1], err  # ours, or argparse's after its usage
+    assert (fill([needle], bad_inputs)[0] if needle else args[0]) in lines[-1], lines[-1]
+    assert not [p for p in (out / "checkpoints").glob("*")] if out.is_dir() else True
+    events = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else ""
+    assert '"loss"' not in events
+    if field not in ("resume", "fsdp"):
+        import train
+        with pytest.raises(SystemExit) as checked:
+            train.main([*argv, "--check", "2"])
+        assert checked.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_bad_flags_on_resume_leave_the_run_and_data_byte_identical(run_at_step_4, embedded_data, bad_inputs,
+                                                                   tmp_path, monkeypatch, capsys):
+    """Every bad value that is bad for a resume too, given to `--resume` of a run with checkpoints: refused, and
+    every file of the run and of the data set keeps its sha256."""
+    import hashlib
+    out = copy_run(run_at_step_4, tmp_path / "run")
+
+    def hashes():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for folder in (out, embedded_data)
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+    before = hashes()
+    for field, args, _ in bad_flag_cases():
+        if field in FRESH_RUN_ONLY:
+            continue
+        argv = [*TINY, "--data", str(embedded_data), "--out", str(out), "--resume", *fill(args, bad_inputs)]
+        status, err = train_until_step_1(monkeypatch, capsys, argv)
+        assert status == 2 and "Traceback" not in err, (args, err)
+    assert hashes() == before
+
+
+def test_flags_used_only_at_the_last_step_are_refused_before_anything_is_written(embedded_data, bad_inputs,
+                                                                                 tmp_path):
+    """A mistyped --hellaswag-data, an empty --sample-prompts entry and --sample-temperature 1e-45 used to fail after
+    the whole run had trained: as real runs, each is one line and the run directory is never made."""
+    cases = [(["--hellaswag-data", bad_inputs["{missing}"]], "--hellaswag-data"),
+             (["--sample-prompts", "hello", ""], "--sample-prompts"),
+             (["--sample-temperature", "1e-45"], "--sample-temperature 1e-45")]
+    outs = [tmp_path / f"run{i}" for i in range(len(cases))]
+    runs = run_scripts(*[("train.py", *TINY, "--data", embedded_data, "--out", out, *args)
+                         for out, (args, _) in zip(outs, cases)])
+    for out, proc, (_, needle) in zip(outs, runs, cases):
+        assert_one_line(proc, needle, status=2)
+        assert not out.exists()
+
+
+def test_a_user_error_under_torchrun_is_printed_once(embedded_data, tmp_path):
+    """Every rank meets the bad flag; rank 0 prints it, rank 1 exits with the same status quietly (no traceback of a
+    worker; torchrun's own report of the failed workers follows)."""
+    from test_e2e import free_port
+    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                      "train.py", *TINY, "--micro-batch", "2", "--device", "cpu", "--data", embedded_data,
+                      "--out", tmp_path / "run", "--sample-temperature", "1e-45")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --sample-temperature 1e-45: must be 0 (greedy) or a finite number >= 0.0001"], \
+        proc.stderr
+    assert 'train.py", line' not in proc.stderr and "exitcode  : 2" in proc.stderr, proc.stderr
+
+
+def test_check_mode_writes_nothing_and_names_the_layout_problem(embedded_data, tmp_path, capsys):
+    """train.py --check N: exit 0 for a configuration that starts on N processes, without making the run directory;
+    a token batch that N processes cannot split is the same line the run would print."""
+    import train
+    argv = [*TINY, "--data", str(embedded_data), "--out", str(tmp_path / "run")]
+    assert train.main([*argv, "--check"]) == 0
+    assert train.main([*argv, "--check", "2"]) == 0
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*argv, "--check", "3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --total-batch-tokens 256 is not a multiple of seq-len 32 x 3")
+
+
+def test_elastic_resume_logs_the_saved_layout_with_its_own_token_batch(run_at_step_4, embedded_data, tmp_path):
+    """The saved layout's accumulation steps come from the saved token batch, not the new one: 1 process x 4 x 2
+    (256 tokens) -> 1 x 1 x 1 at --total-batch-tokens 32 (it used to log '0 accumulation steps', and a saved layout
+    the new token batch does not divide was refused, blaming its process count)."""
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    proc = train(embedded_data, out, "--resume", "--total-batch-tokens", "32", "--micro-batch", "1",
+                 "--allow-token-batch-change", "--stop-at-step", "5")
+    assert "layout changed: 1 processes x micro-batch 4 x 2 accumulation steps -> 1 x 1 x 1." in proc.stdout
+
+
+# --- tools replace only what they wrote -------------------------------------------------------------------------
+
+def sha256_tree(folder) -> dict:
+    import hashlib
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_bench_data_prep_refuses_a_work_dir_it_did_not_make(run_at_step_4, tmp_path, capsys):
+    """--work-dir at a run directory: refused in one line, every file byte-identical (it used to be removed)."""
+    import bench
+    run = copy_run(run_at_step_4, tmp_path / "run")
+    before = sha256_tree(run)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["data-prep", "--corpus-mb", "0.1", "--work-dir", str(run)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --work-dir {run} holds files bench.py did not write")
+    assert sha256_tree(run) == before
+
+
+def test_export_force_never_replaces_a_training_checkpoint(run_at_step_4, tmp_path, capsys):
+    """`--from-hf EXPORT --out RUN/checkpoints/step_N.pt --force` is refused (it used to leave weights only, which
+    --resume then refused); a file an earlier import wrote is replaced."""
+    import export_hf
+    run = copy_run(run_at_step_4, tmp_path / "run")
+    export = export_hf.export_checkpoint(run, tmp_path / "export")
+    target = run / "checkpoints" / "step_000004.pt"
+    before = sha256_tree(run)
+    with pytest.raises(SystemExit) as exit_info:
+        export_hf.main(["--from-hf", str(export), "--out", str(target), "--force"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {target} is not a checkpoint export_hf.py --from-hf wrote")
+    assert sha256_tree(run) == before
+    imported = tmp_path / "imported.pt"
+    export_hf.main(["--from-hf", str(export), "--out", str(imported)])
+    export_hf.main(["--from-hf", str(export), "--out", str(imported), "--force"])
+    assert imported.is_file()
+
+
+# --- sampling values that are finite but extreme ------------------------------------------------------------------
+
+def test_extreme_sampling_values_work_or_are_refused_up_front(tiny_checkpoint, capsys):
+    """A top-k beyond the vocabulary and the lowest allowed temperature sample; a temperature below it (1e-45
+    overflowed the logits into NaN probabilities) is one line; so is --num-samples beyond the machine's memory."""
+    import generate
+    from model import MIN_TEMPERATURE
+    generate.main(["--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3", "--num-samples", "2",
+                   "--temperature", str(MIN_TEMPERATURE), "--top-k", str(10 ** 9), "--prompt", "Hello"])
+    assert capsys.readouterr().out.count("=== prompt 1/1") == 2
+    refused = [(["--temperature", "1e-45"], "error: --temperature 1e-45: must be 0 (greedy) or a finite number")]
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "0":  # else a huge allocation may succeed
+        refused.append((["--num-samples", str(10 ** 12)], "error: out of memory ("))
+    for args, start in refused:
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "3", "--prompt", "Hello", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(start), err
+        assert "lower --num-samples" in err[0] or "--temperature" in err[0]
