@@ -12,7 +12,8 @@
 #   MAX_RESTARTS=3            torchrun restarts of the worker group after a failure
 #   DATA_WORKERS=<all cores>  tokenizer processes for data preparation
 #   HELLASWAG_DATA=           jsonl file; empty = the official validation split, downloaded once
-#   TRAIN_ARGS="..."          extra train.py flags, e.g. "--micro-batch 8" for smaller GPUs
+#   TRAIN_ARGS="..."          extra train.py flags, e.g. "--micro-batch 8" for smaller GPUs; quotes group words
+#                             as on a command line: "--sample-prompts 'Once upon a time'"
 #   TRACKER=none              watch the run live: tensorboard, wandb or tensorboard,wandb (pip install the package;
 #                             W&B reads its own WANDB_* variables, e.g. WANDB_MODE=offline)
 #   SMOKE=1                   every stage on CPU in about a minute: embedded corpus, debug preset, 2 processes,
@@ -48,8 +49,7 @@ NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 TRACKER=${TRACKER:-none}
-# shellcheck disable=SC2206
-extra_args=(${TRAIN_ARGS:-})
+split_words extra_args TRAIN_ARGS
 # Arrays are expanded as ${a[@]+"${a[@]}"}: macOS's bash 3.2 calls an empty "${a[@]}" unbound under set -u.
 hellaswag_args=(); train_hellaswag_args=()
 if [ -n "$HELLASWAG_DATA" ]; then
@@ -66,12 +66,15 @@ fi
 # script) continues from the newest checkpoint in RUN_DIR (on several nodes RUN_DIR must be on a shared filesystem).
 # On SIGTERM (preemption) the workers checkpoint and exit 0, but torchrun itself then reports the signal as a failure:
 # re-run the script to continue.
+train_args=(train.py --config "$CONFIG" --data "$DATA_DIR" --out "$RUN_DIR" --resume --allow-fresh-start
+            --tracker "$TRACKER" ${device_args[@]+"${device_args[@]}"}
+            ${train_hellaswag_args[@]+"${train_hellaswag_args[@]}"} ${extra_args[@]+"${extra_args[@]}"})
+# One process checks the configuration first: torchrun's restarts retry failures, but not a wrong setting.
+stage "check the train.py configuration" python "${train_args[@]}" --check "$((NNODES * NPROC))"
 stage "train $CONFIG on $NNODES x $NPROC processes" python -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" --max_restarts "$MAX_RESTARTS" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "lf-llm-$(basename "$RUN_DIR")" \
-  train.py --config "$CONFIG" --data "$DATA_DIR" --out "$RUN_DIR" --resume --allow-fresh-start --tracker "$TRACKER" \
-  ${device_args[@]+"${device_args[@]}"} ${train_hellaswag_args[@]+"${train_hellaswag_args[@]}"} \
-  ${extra_args[@]+"${extra_args[@]}"}
+  "${train_args[@]}"
 if [ "$NODE_RANK" != 0 ]; then exit 0; fi  # evaluation, samples and plots once, on the first node
 stage "final HellaSwag" python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" hellaswag_eval.py \
   --checkpoint "$RUN_DIR" ${hellaswag_args[@]+"${hellaswag_args[@]}"} --out "$RUN_DIR/hellaswag.json" \

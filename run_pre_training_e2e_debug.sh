@@ -8,7 +8,8 @@
 #   RUN_DIR=path          run directory (default: a new temp_data/runs/debug-<time>)
 #   RESUME=1              continue the run in RUN_DIR (required then) from its newest checkpoint
 #   DATA_DIR=path         prepared data (default temp_data/data/embedded; reused when complete)
-#   TRAIN_ARGS="..."      extra train.py flags, e.g. "--max-steps 100"
+#   TRAIN_ARGS="..."      extra train.py flags, e.g. "--max-steps 100"; quotes group words as on a command line:
+#                         "--sample-prompts 'Once upon a time'"
 #   TRACKER=none          watch the run live: tensorboard, wandb or tensorboard,wandb (pip install the package;
 #                         W&B reads its own WANDB_* variables, e.g. WANDB_MODE=offline)
 set -euo pipefail
@@ -24,8 +25,7 @@ DATA_DIR=${DATA_DIR:-temp_data/data/embedded}
 RUN_DIR=${RUN_DIR:-temp_data/runs/debug-$(date +%Y%m%d-%H%M%S)}
 device_args=(); [ -n "${DEVICE:-}" ] && device_args=(--device "$DEVICE")
 resume_args=(); [ "${RESUME:-0}" = 1 ] && resume_args=(--resume)
-# shellcheck disable=SC2206
-extra_args=(${TRAIN_ARGS:-})
+split_words extra_args TRAIN_ARGS
 # Arrays are expanded as ${a[@]+"${a[@]}"}: macOS's bash 3.2 calls an empty "${a[@]}" unbound under set -u.
 
 # shellcheck disable=SC2046
@@ -49,11 +49,12 @@ from checkpoint import list_checkpoints
 from plot_metrics import latest_values, read_metrics
 run, seconds = sys.argv[1], int(sys.argv[2])
 latest = latest_values(read_metrics(run))
-first_val = next(e["val_loss"] for e in read_metrics(run) if "val_loss" in e)
+first = next(e for e in read_metrics(run) if "val_loss" in e)  # step 0's, unless this run never evaluated it
 print(f"run directory : {run}")
 print(f"plots         : {run}/plots/ (training.png, loss.png, hellaswag.png)")
 print(f"checkpoint    : {list_checkpoints(run)[-1]}")
-print(f"val loss      : {first_val:.4f} at step 0 -> {latest['val_loss'][1]:.4f} at step {latest['val_loss'][0]}")
+print(f"val loss      : {first['val_loss']:.4f} at step {first['step']} -> {latest['val_loss'][1]:.4f} at step "
+      f"{latest['val_loss'][0]}")
 print(f"wall time     : {seconds // 60} min {seconds % 60} s")
 PY
 }

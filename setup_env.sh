@@ -24,6 +24,17 @@ stage() {  # stage NAME COMMAND...: announce, run, and stop the script with the 
   echo; echo "=== $name"
   "$@" || { echo "error: stage '$name' failed (exit $?)" >&2; exit 1; }
 }
+split_words() {  # split_words ARRAY VARIABLE: ARRAY = the words of $VARIABLE as a shell splits a command line
+  # (quotes group words: TRAIN_ARGS="--sample-prompts 'Once upon a time'"), nothing in it expanded or run; a quote
+  # left open stops the script with one line naming VARIABLE
+  local _word
+  python -c 'import shlex, sys; shlex.split(sys.argv[1])' "${!2:-}" 2>/dev/null \
+    || { echo "error: $2 has a quote that is not closed: ${!2}" >&2; exit 2; }
+  eval "$1=()"
+  while IFS= read -r -d '' _word; do
+    eval "$1+=(\"\$_word\")"
+  done < <(python -c 'import shlex, sys; sys.stdout.write("".join(w + "\0" for w in shlex.split(sys.argv[1])))' "${!2:-}")
+}
 replace_unfinished_data() {  # replace_unfinished_data DIR: --overwrite when DIR holds an interrupted data_prep.py
   # build (files but no manifest.json, which is written last), so a re-run of a run script starts the preparation
   # again instead of stopping at data_prep.py's refusal; a finished build, or one of other settings, is left to it

@@ -46,19 +46,38 @@ def test_full_script_smoke_mode_runs_every_stage_and_resumes(tmp_path):
     again = run_bash("run_pre_training_e2e.sh", env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do" in again.stdout.split("=== train")[0]
-    assert "resume: continuing after step 8" in again.stdout
+    assert "is at step 8, this run's last step: nothing to train" in again.stdout
+    # A wrong setting stops at the one-process check, before torchrun (whose restarts would retry it): one line.
+    bad = run_bash("run_pre_training_e2e.sh", {**env, "TRAIN_ARGS": "--sample-temperature 1e-45"})
+    assert bad.returncode != 0 and "=== check the train.py configuration" in bad.stdout
+    assert "=== train" not in bad.stdout and "Traceback" not in bad.stderr
+    assert [line for line in bad.stderr.splitlines() if "1e-45" in line] == [
+        "error: --sample-temperature 1e-45: must be 0 (greedy) or a finite number >= 0.0001"]
 
 
 def test_debug_script_runs_and_summarizes(tmp_path):
+    """TRAIN_ARGS is split as a command line (a quoted prompt stays one argument); with --eval-every 0 the only
+    validation loss is the last step's, and the summary says so (it claimed one at step 0)."""
     env = {"DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu",
-           "TRAIN_ARGS": "--max-steps 6 --micro-batch 2 --seq-len 32 --total-batch-tokens 64 --eval-every 3 "
+           "TRAIN_ARGS": "--max-steps 6 --micro-batch 2 --seq-len 32 --total-batch-tokens 64 --eval-every 0 "
                          "--val-tokens 256 --final-val-tokens 512 --ckpt-every 3 --hellaswag-every 0 --sample-every 0 "
-                         "--hellaswag-limit 2 --sample-tokens 4"}  # the last step still evaluates and samples
-    proc = run_bash("run_pre_training_e2e_debug.sh", env)
+                         "--hellaswag-limit 2 --sample-tokens 4 --sample-prompts 'Once upon a time' \"it's\""}
+    proc = run_bash("run_pre_training_e2e_debug.sh", env)  # the last step still evaluates and samples
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = proc.stdout.split("=== summary")[1]
     assert f"run directory : {tmp_path / 'run'}" in summary and "step_000006.pt" in summary
-    assert "val loss      : " in summary and "at step 6" in summary
+    assert "val loss      : " in summary and " at step 6 -> " in summary and "step 0" not in summary
+    samples = [e for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+               if "samples" in e]
+    assert [s["prompt"] for s in samples[0]["samples"]] == ["Once upon a time", "it's"]
+
+
+def test_train_args_with_an_open_quote_is_one_line(tmp_path):
+    proc = run_bash("run_pre_training_e2e_debug.sh", {"DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path),
+                                                       "TRAIN_ARGS": "--sample-prompts 'Once upon"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: TRAIN_ARGS has a quote that is not closed")
+    assert not (tmp_path / "data").exists()
 
 
 def test_resume_needs_run_dir():
