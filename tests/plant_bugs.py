@@ -16,6 +16,7 @@ unmutated (they must pass, or "caught" means nothing). Exit status: 1 when a bug
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,10 +96,13 @@ BUGS = [
     bug("dataloader-settings-not-checked", "dataloader.py",
         "            if state.get(key) != value:", "            if key != \"seed\" and state.get(key) != value:", DL,
         "a resume under another seed is accepted (the stream silently changes)"),
-    bug("dataloader-locate-boundary", "dataloader.py",
-        'slot = int(np.searchsorted(ends, offset, side="right"))',
-        'slot = int(np.searchsorted(ends, offset, side="left"))', DL,
-        "the first window of each shard after the first is looked up in the previous shard"),
+    bug("dataloader-epoch-seen-not-restored", "dataloader.py",
+        "        self._epoch_seen = self._locate(window - stride + (self.rank + 1) * self.batch_size - 1)[0] \\\n"
+        "            if window >= stride else 0\n", "        self._epoch_seen = 0\n", DL,
+        "a loader resumed in a later epoch logs the crossings it had already logged"),
+    bug("dataloader-v1-position", "dataloader.py",
+        'state["micro_batch"] * state["world_size"] * state["batch_size"]', 'state["micro_batch"] * state["batch_size"]',
+        DL, "a v1 (per-rank) loader state of a multi-process run resumes at the wrong window"),
     bug("dataloader-val-from-start", "dataloader.py",
         "chosen = np.arange(used, dtype=np.int64) * total // used",
         "chosen = np.arange(used, dtype=np.int64)", DL,
@@ -111,12 +115,12 @@ BUGS = [
         "    with atomic_write(path) as f:\n", "    with open(path, \"wb\") as f:\n", SH,
         "a shard written under its final name (no temporary file, no rename) (issue #24)"),
     bug("shards-size-check-one-sided", "shards.py", "    if size != expected:", "    if size < expected:",
-        DL, "a shard longer than its header promises (trailing bytes) is accepted"),
+        DL + " " + SH, "a shard longer than its header promises (trailing bytes) is accepted"),
     bug("shards-manifest-count-unchecked", "shards.py", '        if count != entry["tokens"]:',
         '        if count > entry["tokens"]:', DL, "a shard with fewer tokens than the manifest lists is accepted"),
     bug("shards-tokenizer-unchecked", "shards.py",
         'if manifest.get("tokenizer_sha256") != tokenizer.RANKS_SHA256:',
-        'if manifest.get("tokenizer_sha256") not in (tokenizer.RANKS_SHA256, None):', DL,
+        'if manifest.get("tokenizer_sha256") not in (tokenizer.RANKS_SHA256, None):', DL + " " + SH,
         "a manifest without a tokenizer hash is accepted"),
     bug("shards-path-escape", "shards.py",
         """entry["split"] not in splits or Path(entry["file"]).name != entry["file"]""",
@@ -284,7 +288,7 @@ BUGS = [
     bug("cli-temp-file-kept", "cli.py", "            tmp.unlink(missing_ok=True)\n", "            pass\n",
         FA_ATOMIC + " " + SH, "a failed atomic write leaves its temporary file"),
     bug("cli-rename-before-flush", "cli.py", "            yield f\n            f.flush()\n", "            yield f\n",
-        SH + " " + FA_ATOMIC, "atomic_write fsyncs before flushing Python's buffer (a crash can lose the tail)"),
+        "tests/test_cli.py", "atomic_write fsyncs before flushing Python's buffer (a crash can lose the tail)"),
     bug("cli-positive-int-zero", "cli.py", "    if value < 1:\n", "    if value < 0:\n", "tests/test_cli.py",
         "a positive-integer flag accepts 0"),
     bug("cli-finite-float-inf", "cli.py", "    if not math.isfinite(value):", "    if math.isnan(value):",
@@ -379,17 +383,24 @@ def scratch_copy(base: Path, into: Path) -> Path:
 
 
 def run_tests(root: Path, tests, timeout: float) -> tuple[str, float, str]:
-    """('pass' | 'fail' | 'timeout', seconds, the output's tail)."""
+    """('pass' | 'fail' | 'timeout', seconds, the output's tail). A run past `timeout` (a planted bug can make a
+    loop endless) is killed with every process it started."""
     start = time.monotonic()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                              cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
         return "timeout", time.monotonic() - start, out[-2000:]
-    status = "pass" if proc.returncode == 0 else "fail"
-    return status, time.monotonic() - start, (proc.stdout + proc.stderr)[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return ("pass" if proc.returncode == 0 else "fail"), time.monotonic() - start, out[-2000:]
 
 
 def plant(root: Path, b: Bug) -> str:
@@ -407,7 +418,7 @@ def main(argv=None) -> int:
     parser.add_argument("modules", nargs="*", help="module names (dataloader, checkpoint, ...); default: all")
     parser.add_argument("--bug", action="append", default=[], help="one bug by name (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, help="bugs run side by side, each in its own scratch copy")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds per bug's test run (a timeout is "
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per bug's test run (a timeout is "
                                                                     "reported, and counted as caught)")
     parser.add_argument("--list", action="store_true", help="print the table and stop")
     parser.add_argument("--check", action="store_true", help="only check that every snippet is found")

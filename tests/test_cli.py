@@ -1,5 +1,7 @@
-"""cli.py's shared pieces, in-process: the flag types and the writable-folder probe."""
+"""cli.py's shared pieces, in-process: the flag types, the writable-folder probe, atomic_write's sync before the rename."""
 import argparse
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -27,3 +29,21 @@ def test_a_folder_that_takes_no_file_is_refused_before_work(tmp_path):
         cli.ensure_writable_dir(Path("/proc/self"), "--out")
     assert cli.ensure_writable_dir(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
     assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []  # the probe is gone
+
+
+def test_atomic_write_syncs_every_byte_before_the_rename(tmp_path, monkeypatch):
+    """The file is fsynced whole (Python's buffer flushed first), then renamed: after a crash the name holds the old
+    file or all of the new one."""
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            synced.append((os.fstat(fd).st_size, (tmp_path / "out.bin").exists()))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    data = b"x" * 10_000 + b"tail"
+    with cli.atomic_write(tmp_path / "out.bin") as f:
+        for start in range(0, len(data), 1000):  # small writes: Python's buffer holds the last of them
+            f.write(data[start:start + 1000])
+    assert synced == [(len(data), False)]  # all bytes on disk, under the temporary name
+    assert (tmp_path / "out.bin").read_bytes() == data and os.listdir(tmp_path) == ["out.bin"]

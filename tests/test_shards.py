@@ -1,6 +1,10 @@
 """shards.py's writer: a shard appears under its final name whole or not at all. A write that fails or is killed
 mid-way (here: a file-size limit hit after the header, in a child process) leaves no file under that name, and an
-older shard already there stays as it was."""
+older shard already there stays as it was. And what the readers refuse: a shard of the wrong size, a manifest of
+another (or no) tokenizer, entries outside the data directory, a split without shards."""
+import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +13,7 @@ import numpy as np
 import pytest
 
 import shards
+from cli import UserError
 from conftest import REPO, script_env
 
 TOKENS = 50_000  # 100 kB of tokens: the 16 kB limit stops the write well after its start
@@ -50,3 +55,62 @@ def test_interrupted_rewrite_leaves_the_previous_shard_whole(tmp_path, how):
     sha = shards.write_shard(path, old)
     assert write_in_child(path, how).returncode != 0
     assert shards.read_shard_header(path) == len(old) and shards.file_sha256(path) == sha
+
+
+# --- what validate_shards / read_manifest refuse (each a one-line UserError naming the remedy) --------------------
+
+@pytest.fixture
+def data_dir(tmp_path):
+    from test_dataloader import make_dataset
+    return make_dataset(tmp_path / "data", train_sizes=[50, 60], val_sizes=[40])
+
+
+def manifest_of(data_dir) -> dict:
+    return json.loads((data_dir / shards.MANIFEST_NAME).read_text())
+
+
+def open_with(data_dir, manifest: dict):
+    (data_dir / shards.MANIFEST_NAME).write_text(json.dumps(manifest))
+    manifest = shards.read_manifest(data_dir)
+    return shards.validate_shards(data_dir, manifest)
+
+
+def test_a_shard_longer_than_its_header_promises_is_refused(data_dir):
+    shard = data_dir / "train_000001.bin"
+    shard.write_bytes(shard.read_bytes() + b"\0\0")  # one token too many on disk (a write that appended)
+    with pytest.raises(UserError, match=r"train_000001.bin is truncated or corrupt: 154 bytes.*60 tokens \(152"):
+        shards.read_shard_header(shard)
+    with pytest.raises(UserError, match="--overwrite"):
+        open_with(data_dir, manifest_of(data_dir))
+
+
+def test_a_manifest_without_the_tokenizer_hash_is_refused(data_dir):
+    manifest = manifest_of(data_dir)
+    del manifest["tokenizer_sha256"]
+    with pytest.raises(UserError, match="another tokenizer"):
+        open_with(data_dir, manifest)
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "sub/train_000000.bin", "/tmp/train_000000.bin"])
+def test_a_shard_entry_outside_the_data_directory_is_refused(data_dir, name):
+    """A manifest names files in its own folder only: a path elsewhere (a hand edit, a copied manifest) is refused
+    even when a valid shard lies there."""
+    manifest = manifest_of(data_dir)
+    target = (data_dir / name) if not name.startswith("/") else None
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data_dir / "train_000000.bin", target)
+    manifest["shards"][-1]["file"] = name
+    with pytest.raises(UserError, match=f"lists a bad shard entry '{re.escape(name)}'"):
+        open_with(data_dir, manifest)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_manifest_without_train_or_val_shards_is_refused(data_dir, split):
+    manifest = manifest_of(data_dir)
+    manifest["shards"] = [s for s in manifest["shards"] if s["split"] != split]
+    with pytest.raises(UserError, match=f"has no {split} shards"):
+        open_with(data_dir, manifest)
+    manifest["shards"] = []
+    with pytest.raises(UserError, match="has no (train|val) shards"):
+        open_with(data_dir, manifest)
