@@ -134,19 +134,25 @@ BUGS = [
         DL + " " + SH, "a manifest with no val (or no train) shard is accepted"),
     # checkpoint.py ---------------------------------------------------------------------------------------------------
     bug("checkpoint-set-aside-overwrites", "checkpoint.py", "        while new.exists():", "        if new.exists():",
-        FA_DAMAGED + " " + FSDP_LISTING, "a third checkpoint set aside under one name overwrites an earlier copy "
+        FA_DAMAGED + " tests/test_checkpoint.py::test_setting_aside_the_same_name_three_times_keeps_every_copy",
+        "a third checkpoint set aside under one name overwrites an earlier copy "
         "(issue #24)"),
-    bug("checkpoint-prune-wrong-end", "checkpoint.py", "list_checkpoints(run_dir)[:-keep]",
-        "list_checkpoints(run_dir)[:keep]", FSDP_LISTING, "pruning deletes the oldest `keep` instead of keeping "
-        "the newest `keep`"),
+    bug("checkpoint-prune-off-by-one", "checkpoint.py", "older[:max(0, len(older) - (keep - 1))]",
+        "older[:max(0, len(older) - keep)]", FSDP_LISTING + " tests/test_checkpoint.py::"
+        "test_pruning_keeps_the_checkpoint_just_saved_and_newer_ones", "pruning keeps one checkpoint too many"),
+    bug("checkpoint-prune-newer-too", "checkpoint.py",
+        "older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < checkpoint_step(saved)]",
+        "older = [p for p in list_checkpoints(run_dir) if p != saved]", FSDP_LISTING + " tests/test_checkpoint.py::"
+        "test_pruning_keeps_the_checkpoint_just_saved_and_newer_ones",
+        "pruning counts checkpoints newer than the one just saved (it can delete the one just saved's elders wrongly "
+        "or keep newer damaged ones)"),
     bug("checkpoint-newest-is-oldest", "checkpoint.py", "for candidate in reversed(list_checkpoints(run_dir)):",
         "for candidate in list_checkpoints(run_dir):", FA_DAMAGED, "a resume picks the oldest valid checkpoint"),
     bug("checkpoint-oom-is-damage", "checkpoint.py",
         '        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)', "        return True",
         FA_DAMAGED, "running out of memory while loading counts as a damaged file (a resume falls back)"),
     bug("checkpoint-shard-size-wrong-end", "checkpoint.py",
-        "max(needed.get(entry.relative_path, 0), entry.offset + entry.length)",
-        "max(needed.get(entry.relative_path, 0), entry.offset)", FSDP_DAMAGED,
+        "max(entry.offset + entry.length for entry in items)", "max(entry.offset for entry in items)", FSDP_DAMAGED,
         "a sharded checkpoint's size check uses where its last entry starts, not where it ends"),
     bug("checkpoint-rope-not-reset", "checkpoint.py", "    model.reset_rope_tables()\n    return model.eval()",
         "    return model.eval()", "tests/test_generate.py::test_cli_greedy_text_equals_plain_argmax_decoding",
@@ -201,7 +207,8 @@ BUGS = [
     bug("trackers-fresh-run-continues-wandb", "trackers.py",
         "run_id = id_file.read_text().strip() if resumed and id_file.exists() else secrets.token_hex(6)",
         "run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)",
-        "tests/test_tracking.py", "a fresh run in an old run directory continues the old W&B run (issue #24)"),
+        "tests/test_tracking.py::test_a_fresh_start_in_an_old_run_directory_is_a_new_wandb_run",
+        "a fresh run in an old run directory continues the old W&B run (issue #24)"),
     bug("trackers-no-purge", "trackers.py", "SummaryWriter(str(run_dir), purge_step=start_step, flush_secs=30)",
         "SummaryWriter(str(run_dir), flush_secs=30)", TRACKED,
         "a resumed run's TensorBoard shows the steps it ran again twice"),
@@ -212,7 +219,8 @@ BUGS = [
         "tests/test_tracking.py::test_a_failing_tracker_warns_once_and_training_goes_on",
         "a failing tracker stays active and warns on every event"),
     bug("trackers-failure-exit-code", "trackers.py", "self.close(exit_code=0 if exc_type is None else 1)",
-        "self.close(exit_code=0)", "tests/test_tracking.py",
+        "self.close(exit_code=0)", "tests/test_tracking.py::test_a_tracker_that_cannot_start_stops_every_rank "
+        "tests/test_tracking.py::test_a_failing_tracker_warns_once_and_training_goes_on",
         "a run ended by an exception is marked finished (exit code 0) in W&B"),
     bug("trackers-duplicates-kept", "trackers.py", "    return list(dict.fromkeys(names))", "    return names",
         "tests/test_tracking.py::test_unknown_tracker_refused", "--tracker tensorboard,tensorboard opens two writers"),
@@ -289,6 +297,8 @@ BUGS = [
         FA_ATOMIC + " " + SH, "a failed atomic write leaves its temporary file"),
     bug("cli-rename-before-flush", "cli.py", "            yield f\n            f.flush()\n", "            yield f\n",
         "tests/test_cli.py", "atomic_write fsyncs before flushing Python's buffer (a crash can lose the tail)"),
+    bug("cli-error-on-every-rank", "cli.py", '    if os.environ.get("RANK", "0") == "0":', "    if True:",
+        "tests/test_cli.py", "under torchrun every process prints the same error line"),
     bug("cli-positive-int-zero", "cli.py", "    if value < 1:\n", "    if value < 0:\n", "tests/test_cli.py",
         "a positive-integer flag accepts 0"),
     bug("cli-finite-float-inf", "cli.py", "    if not math.isfinite(value):", "    if math.isnan(value):",

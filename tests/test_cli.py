@@ -1,4 +1,4 @@
-"""cli.py's shared pieces, in-process: the flag types, the writable-folder probe, atomic_write's sync before the rename."""
+"""cli.py's shared pieces, in-process: the flag types, one error line from rank 0 only, the writable-folder probe, atomic_write's sync before the rename."""
 import argparse
 import os
 import stat
@@ -20,6 +20,23 @@ def test_positive_int_and_finite_float_refuse_their_edges():
     for text in ("nan", "inf", "-inf", "1e999"):
         with pytest.raises(argparse.ArgumentTypeError, match="finite number"):
             cli.finite_float(text)
+
+
+@pytest.mark.parametrize("rank, printed", [(None, True), ("0", True), ("1", False), ("3", False)])
+def test_user_error_is_one_line_from_rank_0_only(monkeypatch, capsys, rank, printed):
+    """Under torchrun every process meets the same error: rank 0 says it, the others exit with the same status."""
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+
+    @cli.main_entry
+    def main():
+        raise UserError("the flag is wrong")
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: the flag is wrong\n" if printed else "")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")

@@ -192,6 +192,32 @@ def test_resume_under_another_layout_continues_at_the_next_window(data_dir, save
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rank,world,batch", [(0, 1, 4), (1, 2, 3)])
+def test_resumed_loader_logs_each_epoch_crossing_once(data_dir, rank, world, batch):
+    """Interrupted after any batch and resumed, a loader logs the epoch crossings the uninterrupted one logs, at the
+    same batches: none again after a resume past a crossing, none missed before one."""
+    ds = ShardDataset.open(data_dir)
+    steps = -(-2 * 44 // (world * batch)) + 1  # into the third epoch
+
+    def run(batches, state=None):
+        logs = []
+        loader = TrainLoader(ds, batch_size=batch, seq_len=T, rank=rank, world_size=world, seed=2,
+                             log=lambda m: logs.append((len(got), m)))
+        if state is not None:
+            loader.load_state_dict(state)
+        got = []
+        for _ in range(batches):
+            loader.next_batch()
+            got.append(None)
+        return loader.state_dict(), logs
+    _, whole = run(steps)
+    assert len(whole) == 2  # epochs 1 and 2 started
+    for split in range(1, steps):
+        state, first = run(split)
+        _, second = run(steps - split, state)
+        assert first + [(i + split, m) for i, m in second] == whole, split
+
+
 def test_loader_state_of_the_per_rank_format_still_loads(data_dir):
     """Checkpoints before the stream-position state saved v1 states: micro-batch count k of W ranks x B windows."""
     ds = ShardDataset.open(data_dir)
