@@ -4,6 +4,7 @@
   python bench.py data-prep ...   data_prep.py whole runs vs fineweb.py's Pool scheme and a 1-process loop
   python bench.py generate ...    generation with the KV cache vs recomputing the context
   python bench.py memory ...      memory per GPU (weights, gradients, AdamW, activations), DDP vs FSDP
+  python bench.py gpu ...         every GPU row (training levers, generation, transformers peers) under one deadline
 
 Every mode prints a table and, with --out FILE, writes its figures as JSON. `python bench.py MODE --help` lists a
 mode's flags.
@@ -32,6 +33,13 @@ def add_train_arguments(parser):
     add_config_flags(parser, default_preset="debug")
     parser.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    parser.add_argument("--peer", action="store_true",
+                        help="then time transformers' LlamaForCausalLM with the same initial weights (export_hf's "
+                             "conversion), batches, optimizer settings, autocast and compile setting, and report the "
+                             "ratio. Dropout is set to 0 on ours (Llama has none where ours has it)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step (torch.profiler): the top kernels by GPU time (on CPU operators "
+                             "by CPU time) and the attention kernels that ran, in the JSON and printed")
 
 
 def timed(fn, sync) -> float:
@@ -53,6 +61,8 @@ def run_train(args) -> dict:
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     cfg, preset = config_from_flags(vars(args))
+    if args.peer:
+        cfg.attn_dropout = cfg.ffn_dropout = 0.0
     device = pick_device(cfg.device)
     on_cuda = device.type == "cuda"
     enable_tf32(device)
@@ -62,6 +72,7 @@ def run_train(args) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg.out = run_dir  # bench's --out is the JSON file; the run directory is a temporary one
         trainer = Trainer(cfg, preset, Dist(), device)
+        initial_weights = peer_weights(trainer.model) if args.peer else None
         losses = []
 
         def step():
@@ -77,34 +88,140 @@ def run_train(args) -> dict:
             for _ in range(trainer.accum):
                 trainer.loader.next_batch()
         loader_s = [timed(read_batches, sync) for _ in range(args.steps)]
-    median = statistics.median(step_s)
-    tokens_per_s = cfg.total_batch_tokens / median
-    result = {
-        "mode": "train", "config": preset, "device": hardware_name(device), "torch": torch.__version__,
-        "micro_batch": trainer.micro_batch, "seq_len": cfg.seq_len, "accum": trainer.accum,
-        "tokens_per_step": cfg.total_batch_tokens, "compile": cfg.compile, "autocast": cfg.autocast and on_cuda,
-        "pad_vocab_to": trainer.model_config.pad_vocab_to, "activation_checkpointing": cfg.activation_checkpointing,
-        "steps": args.steps, "step_ms": 1000 * median, "step_ms_min": 1000 * min(step_s),
-        "step_ms_max": 1000 * max(step_s), "tokens_per_s": tokens_per_s,
-        "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak,
-        "mfu": mfu(trainer.flops_per_token, tokens_per_s, trainer.peak),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if on_cuda else None,
-        "loader_fraction": statistics.median(loader_s) / median,
-        "losses": [loss.item() for loss in losses],
-    }
-    print_table([("device", result["device"]), ("batch", f"{result['micro_batch']} x {cfg.seq_len} x {trainer.accum} "
+        median = statistics.median(step_s)
+        tokens_per_s = cfg.total_batch_tokens / median
+        result = {
+            "mode": "train", "config": preset, "device": hardware_name(device), "torch": torch.__version__,
+            "micro_batch": trainer.micro_batch, "seq_len": cfg.seq_len, "accum": trainer.accum,
+            "tokens_per_step": cfg.total_batch_tokens, "compile": cfg.compile, "autocast": cfg.autocast and on_cuda,
+            "pad_vocab_to": trainer.model_config.pad_vocab_to,
+            "activation_checkpointing": cfg.activation_checkpointing, "attn_backend": cfg.attn_backend,
+            "loss_chunk_rows": cfg.loss_chunk_rows, "fp8": cfg.fp8,
+            "dropout": [trainer.model_config.attn_dropout, trainer.model_config.ffn_dropout],
+            "steps": args.steps, "step_ms": 1000 * median, "step_ms_min": 1000 * min(step_s),
+            "step_ms_max": 1000 * max(step_s), "tokens_per_s": tokens_per_s,
+            "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak,
+            "mfu": mfu(trainer.flops_per_token, tokens_per_s, trainer.peak),
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if on_cuda else None,
+            "loader_fraction": statistics.median(loader_s) / median,
+            "losses": [loss.item() for loss in losses],
+        }
+        profile = profile_step(step, sync, on_cuda) if args.profile else None
+        peer = None
+        if args.peer:
+            dataset, model_config, micro_batch, accum = trainer.dataset, trainer.model_config, trainer.micro_batch, \
+                trainer.accum
+            del trainer, step  # our model and optimizer leave the device before the peer's arrive
+            peer = run_hf_peer(initial_weights, model_config, dataset, cfg, micro_batch, accum, device, sync, args)
+    if profile:
+        result["profile"] = profile
+    if peer:
+        result["peer"] = peer
+        result["peer_speedup"] = tokens_per_s / peer["tokens_per_s"]
+    print_table([("device", result["device"]), ("batch", f"{result['micro_batch']} x {cfg.seq_len} x {result['accum']} "
                                                          f"micro-steps = {cfg.total_batch_tokens:,} tokens/step"),
                  ("compile / autocast / pad vocab", f"{cfg.compile} / {result['autocast']} / {result['pad_vocab_to']}"),
                  ("step time (median, min-max)", f"{result['step_ms']:.1f} ms ({result['step_ms_min']:.1f}-"
                                                  f"{result['step_ms_max']:.1f})"),
                  ("tokens/s", f"{tokens_per_s:,.0f}"),
-                 ("MFU", f"{result['mfu']:.1%} of {trainer.peak:.3g} FLOP/s" if result["mfu"] is not None
+                 ("MFU", f"{result['mfu']:.1%} of {result['peak_flops']:.3g} FLOP/s" if result["mfu"] is not None
                   else "n/a (no peak known for this device; pass --peak-flops)"),
                  ("peak memory", f"{result['peak_memory_bytes'] / 2**30:.2f} GiB" if on_cuda else "n/a (CPU)"),
                  ("data loader share of step", f"{100 * result['loader_fraction']:.3g}%")])
+    if profile:
+        print_profile(profile)
+    if peer:
+        print_table([("transformers LlamaForCausalLM", f"{peer['tokens_per_s']:,.0f} tokens/s, step "
+                                                        f"{peer['step_ms']:.1f} ms, peak memory "
+                                                        + (f"{peer['peak_memory_bytes'] / 2**30:.2f} GiB" if on_cuda
+                                                           else "n/a (CPU)")),
+                     ("ours / transformers", f"{result['peer_speedup']:.2f}x (first losses {result['losses'][0]:.4f} vs "
+                                             f"{peer['losses'][0]:.4f})")])
     result["benchmarks_md_row"] = benchmarks_md_row(result, args.command)
     print(f"BENCHMARKS.md row:\n{result['benchmarks_md_row']}")
     return result
+
+
+def peer_weights(model) -> dict:
+    """Our initial weights under transformers' names (export_hf's own conversion), float32, on the CPU."""
+    from export_hf import to_hf_state_dict
+    return {name: t.cpu() for name, t in to_hf_state_dict(model, model.wte.weight.dtype).items()}
+
+
+def run_hf_peer(weights: dict, model_config, dataset, cfg, micro_batch: int, accum: int, device, sync, args) -> dict:
+    """The same timed steps with transformers' LlamaForCausalLM (built from export_hf's config, locally, with our
+    initial weights): a fresh loader with the run's seed (so the same batches, in the same order), the same
+    micro-batch and accumulation, LR, AdamW settings (fused on CUDA), clipping, bf16 autocast on CUDA and
+    torch.compile setting. Its loss is transformers' own, told the targets are already shifted (shift_labels)."""
+    import contextlib
+
+    import torch
+
+    from dataloader import TrainLoader
+    from train import lr_at
+    hf = hf_llama(model_config, weights).to(device).train()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    forward = torch.compile(hf) if cfg.compile else hf
+    loader = TrainLoader(dataset, micro_batch, cfg.seq_len, seed=cfg.seed, device=device, log=lambda _: None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.autocast \
+        else contextlib.nullcontext()
+    losses = []
+
+    def step():
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accum):
+            x, y = loader.next_batch()
+            with autocast:
+                loss = forward(input_ids=x, labels=y, shift_labels=y).loss
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum / accum)
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = [timed(step, sync) for _ in range(args.steps)]
+    median = statistics.median(step_s)
+    return {"model": "transformers LlamaForCausalLM (sdpa)", "step_ms": 1000 * median, "step_ms_min": 1000 * min(step_s),
+            "step_ms_max": 1000 * max(step_s), "tokens_per_s": cfg.total_batch_tokens / median,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "losses": [loss.item() for loss in losses]}
+
+
+def profile_step(step, sync, on_cuda: bool, top: int = 20) -> dict:
+    """One step under torch.profiler: the `top` kernels by GPU self time (on CPU: operators by CPU self time) with
+    their share of the total, and the names of the attention operators and kernels that ran."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    events = prof.key_averages()
+    if on_cuda:
+        timed_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        time_of = lambda e: e.self_device_time_total  # noqa: E731
+    else:
+        timed_events = list(events)
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    total = sum(time_of(e) for e in timed_events) or 1
+    ranked = sorted(timed_events, key=time_of, reverse=True)[:top]
+    words = ("scaled_dot_product", "flash", "fmha", "cudnn", "attention", "sdpa")
+    return {"unit": "GPU kernel self time" if on_cuda else "CPU operator self time", "total_ms": total / 1000,
+            "top": [{"name": e.key, "ms": time_of(e) / 1000, "share": time_of(e) / total, "calls": e.count}
+                    for e in ranked],
+            "attention": sorted({e.key for e in events if any(w in e.key.lower() for w in words)})}
+
+
+def print_profile(profile: dict) -> None:
+    print(f"profile of one step ({profile['unit']}, {profile['total_ms']:.1f} ms in all), top {len(profile['top'])}:")
+    for e in profile["top"]:
+        print(f"{100 * e['share']:6.2f}% {e['ms']:9.2f} ms {e['calls']:6d}x  {e['name'][:120]}")
+    print("attention operators and kernels that ran: " + ("; ".join(profile["attention"]) or "none found"))
 
 
 def benchmarks_md_row(result: dict, command: str) -> str:
@@ -733,6 +850,202 @@ def run_memory(args) -> dict:
 
 
 MODES["memory"] = (add_memory_arguments, run_memory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gpu: every GPU row in one command under one deadline. Each row is this script's own train or generate mode in a
+# subprocess (fresh device memory and statistics; a crash, OOM or hang ends that row only), most important first;
+# when the time left is under what the row is expected to take (the wall time of the last row of its kind), it is
+# skipped, and a running row is killed at the deadline. The JSON (--out) is rewritten after every row.
+
+GPU_ROWS = [  # (name, mode, kind (for the time estimate), the row's own flags), most important first
+    ("train_compiled", "train", "compiled", ["--compile", "--profile"]),
+    ("generate", "generate", "generate", []),
+    ("attn_cudnn", "train", "compiled", ["--compile", "--attn-backend", "cudnn", "--profile"]),
+    ("attn_flash", "train", "compiled", ["--compile", "--attn-backend", "flash", "--profile"]),
+    ("chunked_loss", "train", "compiled", ["--compile", "--loss-chunk-rows", "CHUNK"]),
+    ("fp8", "train", "compiled", ["--compile", "--fp8"]),
+    ("pad_vocab_64", "train", "compiled", ["--compile", "--pad-vocab-to", "64"]),
+    ("peer_train_compiled", "train", "peer", ["--compile", "--peer"]),
+    ("peer_generate", "generate", "generate", ["--peer"]),
+    ("train_eager", "train", "eager", ["--no-compile", "--profile"]),
+]
+
+
+def add_gpu_arguments(parser):
+    from model import PRESETS
+    parser.add_argument("--config", choices=sorted(PRESETS), default="lf_llm_269m",
+                        help="model preset (default: lf_llm_269m)")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu for a dry run (default: cuda)")
+    parser.add_argument("--data", help="a data_prep.py output directory (build it on a CPU machine first); default: "
+                                       "random tokens, written as a small dataset next to --out")
+    parser.add_argument("--deadline-s", type=finite_float, default=480,
+                        help="seconds for everything, compilation included; rows that would not fit are skipped "
+                             "and a row still running at the deadline is killed (default: 480)")
+    # defaults: (on CUDA, on a CPU dry run)
+    parser.add_argument("--micro-batch", type=positive_int, help="sequences per step (default: 16; CPU 2)")
+    parser.add_argument("--seq-len", type=positive_int,
+                        help="tokens per sequence (default: the preset's training seq-len, 2048; CPU 32)")
+    parser.add_argument("--steps", type=positive_int, help="timed steps per training row (default: 10; CPU 2)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first per row (default: 3; CPU 1)")
+    parser.add_argument("--new-tokens", type=positive_int, help="tokens per timed generation run (default: 256; CPU 8)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the rows marked compiled (default: on CUDA yes; on a CPU dry run no: "
+                             "there compilation takes minutes)")
+    parser.add_argument("--rows", default=",".join(name for name, *_ in GPU_ROWS),
+                        help="which rows, comma-separated, run in the listed order (default: all: %(default)s)")
+
+
+def random_token_data(folder: Path, micro_batch: int, seq_len: int) -> Path:
+    """A dataset of uniformly random GPT-2 token ids (seed 0): a train shard of 8 micro-batches of windows and a
+    val shard of one, in data_prep.py's format. Speed does not depend on the tokens' values."""
+    import numpy as np
+
+    import shards
+    import tokenizer
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, entries = np.random.default_rng(0), []
+    for split, windows in (("train", 8 * micro_batch), ("val", micro_batch)):
+        tokens = rng.integers(0, tokenizer.EOT_ID + 1, windows * seq_len + 1, dtype=np.uint16)
+        name = f"{split}_000000.bin"
+        entries.append({"file": name, "split": split, "tokens": len(tokens),
+                        "sha256": shards.write_shard(folder / name, tokens)})
+    shards.write_manifest(folder, {"format": shards.MANIFEST_FORMAT, "tokenizer_sha256": tokenizer.RANKS_SHA256,
+                                   "header_bytes": shards.HEADER_BYTES, "dtype": "uint16", "shards": entries})
+    return folder
+
+
+def gpu_row_command(name: str, mode: str, flags: list[str], args, data: str, seq_len: int, out: Path) -> list[str]:
+    if mode == "generate":
+        common = ["--config", args.config, "--device", args.device, "--new-tokens", str(args.new_tokens)]
+    else:
+        chunk = str(max(1, args.micro_batch * seq_len // 8))  # 8 chunks of rows: 4,096 rows at 16 x 2048
+        compile_flag = "--compile" if args.compile else "--no-compile"
+        flags = [chunk if f == "CHUNK" else compile_flag if f == "--compile" else f for f in flags]
+        common = ["--config", args.config, "--data", data, "--device", args.device, "--micro-batch",
+                  str(args.micro_batch), "--seq-len", str(seq_len), "--total-batch-tokens",
+                  str(args.micro_batch * seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    return [sys.executable, str(REPO_DIR / "bench.py"), mode, *common, *flags, "--out", str(out)]
+
+
+def run_gpu_row(command: list[str], log: Path, timeout: float) -> dict:
+    """Run one row's process (its own session, so a timeout kills everything it started), output to `log`."""
+    import os
+    import signal
+    import subprocess
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_DIR, start_new_session=True)
+        try:
+            rc = process.wait(timeout=max(timeout, 0.01))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            rc = None
+    row = {"wall_s": time.perf_counter() - start, "returncode": rc}
+    if rc is None:
+        row.update(status="timeout", error=f"killed at the deadline after {row['wall_s']:.0f} s")
+    elif rc != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        row.update(status="error", error=lines[-1].removeprefix("error: ") if lines else f"exit status {rc}, no output")
+    return row
+
+
+def gpu_report_lines(rows: list[dict]) -> list[str]:
+    """What the rows measured, one line each: BENCHMARKS.md training rows as they are, then the other figures."""
+    lines = []
+    for row in rows:
+        r = row.get("result")
+        if row["status"] != "ok":
+            lines.append(f"{row['name']}: {row['status']}: {row.get('error') or row.get('reason')}")
+        elif "benchmarks_md_row" in r:
+            lines.append(f"{row['name']}: {r['benchmarks_md_row']}")
+            if "profile" in r:
+                lines.append(f"{row['name']}: attention ran as: {'; '.join(r['profile']['attention'])}")
+            if "peer" in r:
+                lines.append(f"{row['name']}: transformers {r['peer']['tokens_per_s']:,.0f} tokens/s, ours "
+                             f"{r['tokens_per_s']:,.0f}: {r['peer_speedup']:.2f}x")
+        else:
+            figures = {k: v for k, v in r.items() if "tokens_per_s" in k or k in ("speedup", "same_tokens")}
+            lines.append(f"{row['name']}: " + ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in figures.items()))
+    return lines
+
+
+def run_gpu(args) -> dict:
+    import importlib.util
+    import json
+
+    from cli import git_commit
+    from train import TRAIN_PRESETS
+    start = time.perf_counter()
+    names = args.rows.split(",")
+    known = {name: (mode, kind, flags) for name, mode, kind, flags in GPU_ROWS}
+    if not names or not set(names) <= set(known):
+        raise UserError(f"--rows {args.rows}: choose from {', '.join(known)}")
+    if not args.out:
+        raise UserError("bench.py gpu writes its figures after every row: give --out FILE.json")
+    out = Path(args.out)
+    folder = out.parent / (out.stem + "_rows")  # each row's JSON and log
+    folder.mkdir(parents=True, exist_ok=True)
+    on_cuda = args.device.startswith("cuda")
+    defaults = dict(micro_batch=16, steps=10, warmup=3, new_tokens=256, compile=True) if on_cuda else \
+        dict(micro_batch=2, seq_len=32, steps=2, warmup=1, new_tokens=8, compile=False)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    seq_len = args.seq_len or TRAIN_PRESETS.get(args.config, TRAIN_PRESETS["lf_llm_269m"]).seq_len
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.data:
+        from dataloader import ShardDataset
+        ShardDataset.open(args.data, verify_sha256=False)  # a missing or unfinished dataset is refused now
+        data = args.data
+    else:
+        data = str(random_token_data(folder / "random_tokens", args.micro_batch, seq_len))
+    result = {"mode": "gpu", "config": args.config, "device": args.device, "commit": git_commit(),
+              "data": args.data or "random tokens", "micro_batch": args.micro_batch, "seq_len": seq_len,
+              "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "new_tokens": args.new_tokens,
+              "deadline_s": args.deadline_s, "command": args.command, "rows": []}
+    seconds_of_kind = {}  # wall time of the last finished row of each kind: the estimate for the next
+    auto_attention = []  # the attention operators the default (auto) training row ran
+    for name in names:
+        mode, kind, flags = known[name]
+        left = args.deadline_s - (time.perf_counter() - start)
+        expected = seconds_of_kind.get(kind, 2 * seconds_of_kind.get("compiled", 0) if kind == "peer"
+                                       else min(seconds_of_kind.values(), default=0))
+        command = gpu_row_command(name, mode, flags, args, data, seq_len, folder / f"{name}.json")
+        row = {"name": name, "command": shlex.join(command[1:])}
+        pinned = flags[flags.index("--attn-backend") + 1] if "--attn-backend" in flags else None
+        if pinned and any(f"_scaled_dot_product_{pinned}_attention" in op for op in auto_attention):
+            row.update(status="skipped", reason=f"train_compiled (--attn-backend auto) already ran {pinned} "
+                                                f"attention: its figures are this row's")
+        elif name == "fp8" and importlib.util.find_spec("torchao") is None:
+            row.update(status="skipped", reason="torchao is not installed (pip install torchao)")
+        elif left <= 0:
+            row.update(status="skipped", reason="deadline reached")
+        elif left < expected:
+            row.update(status="skipped", reason=f"deadline: {left:.0f} s left, the last row of its kind took "
+                                                f"{expected:.0f} s")
+        else:
+            print(f"[{time.perf_counter() - start:5.0f} s] {name}: {row['command']}", flush=True)
+            row.update(run_gpu_row(command, folder / f"{name}.log", timeout=left))
+            if row["returncode"] == 0:
+                row.update(status="ok", result=json.loads((folder / f"{name}.json").read_text()))
+                seconds_of_kind[kind] = row["wall_s"]
+                if name == "train_compiled":
+                    auto_attention = row["result"]["profile"]["attention"]
+            print(f"[{time.perf_counter() - start:5.0f} s] {name}: {row['status']} in {row['wall_s']:.0f} s"
+                  + (f": {row['error']}" if "error" in row else ""), flush=True)
+        result["rows"].append(row)
+        result["elapsed_s"] = time.perf_counter() - start
+        write_json(out, result)  # after every row: a killed run still leaves what it measured
+    result["report"] = gpu_report_lines(result["rows"])
+    print("\n".join(result["report"]))
+    return result
+
+
+MODES["gpu"] = (add_gpu_arguments, run_gpu)
 
 
 def command_without_out(argv: list[str]) -> str:

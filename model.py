@@ -13,9 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets equal to this (padding) are left out of the loss
+# Training attention kernels that --attn-backend can pin (auto: SDPA's own choice for the device and shapes)
+ATTENTION_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,6 +136,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim, self.layer_idx = config.n_head, config.head_dim, layer_idx
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=True)  # fused q, k, v (in that order)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=True)
+        self.backend = "auto"  # the SDPA kernel of the whole-sequence path (GPT.set_attention_backend)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None):
         B, T, C = x.shape
@@ -144,7 +149,9 @@ class CausalSelfAttention(nn.Module):
             mask, causal = self._offset_causal_mask(T, cache.pos, x.device), False
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, pos + T, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
+        pinned = cache is None and self.backend != "auto"
+        with sdpa_kernel(ATTENTION_BACKENDS[self.backend]) if pinned else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
     @staticmethod
@@ -200,6 +207,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # see enable_activation_checkpointing
+        self.loss_chunk_rows = 0  # see enable_chunked_loss
         self.init_weights(seed)
 
     @torch.no_grad()
@@ -258,6 +266,12 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
+        if targets is not None and self.loss_chunk_rows:  # the loss without the (B*T, V) logits: none returned
+            head = self.wte.weight[:self.config.vocab_size]  # real rows only (padded ones get no gradient)
+            need_grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
+            loss = ChunkedLinearCrossEntropy.apply(x.reshape(B * T, -1), head, targets.reshape(-1),
+                                                   self.loss_chunk_rows, need_grad)
+            return None, loss
         logits = F.linear(x, self.wte.weight)  # (B, T, padded V): the tied head
         logits = logits[..., :self.config.vocab_size]  # drop padded rows (a no-op view when unpadded)
         loss = None
@@ -270,6 +284,17 @@ class GPT(nn.Module):
         """Keep only each block's input during training and recompute the block in backward: activation memory
         drops from O(layers x block internals) to O(layers x C) per token, for about one more forward pass."""
         self.activation_checkpointing = True
+
+    def enable_chunked_loss(self, rows: int) -> None:
+        """With targets, compute the head and the loss `rows` rows at a time (ChunkedLinearCrossEntropy): the
+        (B*T, V) float32 logits and their gradient are never held, only one chunk's. forward returns no logits."""
+        self.loss_chunk_rows = rows
+
+    def set_attention_backend(self, name: str) -> None:
+        """Pin the SDPA kernel of training and evaluation attention (a key of ATTENTION_BACKENDS, or "auto")."""
+        assert name == "auto" or name in ATTENTION_BACKENDS, name
+        for block in self.blocks:
+            block.attn.backend = name
 
     # ------------------------------------------------------------------------------------------------------------
     # Counting
@@ -362,6 +387,43 @@ class GPT(nn.Module):
 
 
 MIN_TEMPERATURE = 1e-4  # the lowest sampling temperature other than 0 (greedy): far below it, logits overflow
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits x @ weight.T (x (N, C), weight (V, C)) over targets != IGNORE_INDEX, computed
+    `chunk` rows at a time: each chunk's float32 logits give its loss terms and, in the same pass, its gradients
+    (softmax - one-hot, over the count of counted targets) with respect to x and weight, and are freed. Backward
+    only scales those by the incoming gradient. Under autocast the matmuls run in its dtype, as in the plain head.
+    Memory: one chunk's logits instead of all N, plus the gradients of x and weight that backward needs anyway."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk: int, need_grad: bool):
+        counted = targets != IGNORE_INDEX
+        scale = 1.0 / counted.sum()  # inf when nothing counts: the loss is then nan, like F.cross_entropy's mean
+        safe = torch.where(counted, targets, 0)  # an index to gather; its terms are zeroed below
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, x.size(0), chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(x[rows], weight).float()  # (chunk, V)
+            lse = logits.logsumexp(dim=-1)
+            picked = logits.gather(1, safe[rows, None]).squeeze(1)
+            loss = loss + torch.where(counted[rows], lse - picked, 0.0).sum()
+            if need_grad:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad.scatter_add_(1, safe[rows, None], -torch.ones_like(grad[:, :1]))  # minus the one-hot target
+                grad.mul_((counted[rows] * scale)[:, None])
+                grad_x[rows] = F.linear(grad, weight.t())  # (chunk, C)
+                grad_w += F.linear(grad.t(), x[rows].t())  # (V, C)
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from devices import (Dist, cuda_memory_probe, enable_tf32, init_distributed, lar
                      peak_flops, pick_device)
 from generate import REFERENCE_PROMPTS, encode_prompt, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
-from model import GPT, PRESETS, GPTConfig, Sampling, evaluating
+from model import ATTENTION_BACKENDS, GPT, PRESETS, GPTConfig, Sampling, evaluating
 from plot_metrics import read_metrics
 from sharding import (clip_grad_norm, load_training_state, load_weights, require_fsdp, save_sharded_checkpoint,
                       shard_model, training_state_bytes, whole_model)
@@ -79,6 +79,9 @@ class TrainConfig:
     compile: bool = True  # torch.compile the model (off in the debug preset: on CPU it costs more than it saves)
     autocast: bool = True  # bf16 autocast on CUDA
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    attn_backend: str = "auto"  # SDPA kernel of attention: auto (SDPA's pick), flash, cudnn, efficient (CUDA), math
+    loss_chunk_rows: int = 0  # > 0: head + loss this many rows at a time, never all (B*T, V) float32 logits
+    fp8: bool = False  # fp8 matmuls in the Linear layers: torchao's float8 training (CUDA sm89+, pip install torchao)
     # Under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) instead of replicating
     # them (DDP): each holds about 1/N of them; checkpoints become sharded folders (sharding.py).
     fsdp: bool = False
@@ -145,6 +148,9 @@ class TrainConfig:
         for name in ("beta1", "beta2", "attn_dropout", "ffn_dropout"):
             need(getattr(self, name) is None or 0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         need(self.pad_vocab_to is None or self.pad_vocab_to >= 1, "pad_vocab_to", "must be >= 1 (1 = no padding)")
+        need(self.attn_backend in ("auto", *ATTENTION_BACKENDS), "attn_backend",
+             f"choose auto, {', '.join(ATTENTION_BACKENDS)}")
+        need(self.loss_chunk_rows >= 0, "loss_chunk_rows", "must be >= 0 (0 = the plain loss)")
         need(self.micro_batch == "auto" or (self.micro_batch.isdigit() and int(self.micro_batch) >= 1), "micro_batch",
              "give a positive integer or 'auto'")
         need(self.seed < 2 ** 32, "seed", "must be < 2**32 (numpy's seed range)")
@@ -250,6 +256,31 @@ def micro_batch_candidates(total_batch_tokens: int, seq_len: int, world_size: in
     """Micro-batches that keep the token batch exact through accumulation, largest first."""
     per_rank = sequences_per_rank(total_batch_tokens, seq_len, world_size)
     return [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+
+
+def check_device_levers(cfg: TrainConfig, device: torch.device) -> None:
+    """Speed flags this device (or this environment) cannot run, refused before any work."""
+    if cfg.attn_backend in ("cudnn", "efficient") and device.type != "cuda":
+        raise UserError(f"--attn-backend {cfg.attn_backend} is a CUDA kernel; on {device.type} use auto, flash or math")
+    if cfg.fp8:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise UserError(f"--fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+                            f"this run is on {device.type}"
+                            + (f" (capability {torch.cuda.get_device_capability(device)})" if device.type == "cuda"
+                               else ""))
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"--fp8 needs torchao (pip install torchao, a version built for torch "
+                            f"{torch.__version__.split('+')[0]}): {e}") from None
+
+
+def convert_to_fp8(model: GPT) -> None:
+    """torchao's float8 training (tensorwise scaling) for every Linear whose sides are multiples of 16; the tied
+    head (F.linear on the embedding) and everything else stay in autocast's bf16."""
+    from torchao.float8 import convert_to_float8_training
+    convert_to_float8_training(model, module_filter_fn=lambda module, name: isinstance(module, torch.nn.Linear)
+                               and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,6 +428,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, preset: str, d: Dist, device: torch.device):
         cfg.validate()
+        check_device_levers(cfg, device)
         if cfg.fsdp:
             require_fsdp()
             if not dist.is_initialized():
@@ -414,6 +446,11 @@ class Trainer:
         self.model = GPT(self.model_config, seed=cfg.seed).to(device)
         if cfg.activation_checkpointing:
             self.model.enable_activation_checkpointing()
+        self.model.set_attention_backend(cfg.attn_backend)
+        if cfg.loss_chunk_rows:
+            self.model.enable_chunked_loss(cfg.loss_chunk_rows)
+        if cfg.fp8:
+            convert_to_fp8(self.model)
         resume = self._checkpoint_to_resume()
         self.micro_batch = self._choose_micro_batch(resume and resume[0])
         self.accum = grad_accum_steps(cfg.total_batch_tokens, self.micro_batch, cfg.seq_len, d.world_size)

@@ -230,3 +230,107 @@ def test_memory_mode_figures_against_hand_counts(tmp_path):
     assert fsdp_ac["activations"] < fsdp["activations"] and ddp_ac["activations"] < ddp["activations"]
     for row in r["per_gpu"].values():
         assert row["total"] == row["weights"] + row["gradients"] + row["adamw"] + row["activations"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training levers, the transformers peer and `bench.py gpu`
+
+@pytest.mark.parametrize("pad_vocab_to", [1, 64])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(pad_vocab_to):
+    """The chunked head + loss: the same loss and parameter gradients as the plain (B*T, V) logits (float32, CPU),
+    with ignored targets, chunks that do not divide the rows (the last one short), padded vocab rows; no logits are
+    returned and no-grad evaluation gives the same loss; compiled it stays one graph."""
+    from model import GPT, IGNORE_INDEX, GPTConfig
+    model = GPT(GPTConfig.from_preset("debug", pad_vocab_to=pad_vocab_to, attn_dropout=0.0, ffn_dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    idx, targets = (torch.randint(0, 50257, (3, 20), generator=gen) for _ in range(2))
+    targets[0, :5] = IGNORE_INDEX
+    grads = {}
+    for chunk in (0, 7, 60):  # 0: plain; 7: 9 chunks, the last of 4 rows; 60: one chunk
+        model.zero_grad()
+        model.enable_chunked_loss(chunk)
+        logits, loss = model(idx, targets)
+        loss.backward()
+        grads[chunk] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        if chunk:
+            assert logits is None
+            with torch.no_grad():
+                torch.testing.assert_close(model(idx, targets)[1], loss.detach())
+    for chunk in (7, 60):
+        torch.testing.assert_close(grads[chunk][0], grads[0][0], rtol=1e-6, atol=1e-6)
+        for name, grad in grads[0][1].items():
+            torch.testing.assert_close(grads[chunk][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert grads[7][1]["wte.weight"][50257:].abs().sum() == 0  # padded rows get no gradient
+    if pad_vocab_to > 1:
+        return
+    explanation = torch._dynamo.explain(model)(idx, targets)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+def attention_ops(model, idx) -> set:
+    with torch.profiler.profile() as prof:
+        model(idx, idx)
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+
+
+def test_attention_backend_pins_the_sdpa_kernel_and_device_only_ones_are_refused(embedded_data, tmp_path):
+    from cli import UserError
+    from devices import Dist
+    from model import GPT, GPTConfig
+    from train import TrainConfig, Trainer
+    model, idx = GPT(GPTConfig.from_preset("debug")).eval(), torch.zeros((1, 16), dtype=torch.long)
+    model.set_attention_backend("math")
+    assert "aten::_scaled_dot_product_attention_math" in attention_ops(model, idx)
+    model.set_attention_backend("flash")
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in attention_ops(model, idx)
+    for flags, message in ((dict(attn_backend="cudnn"), "--attn-backend cudnn is a CUDA kernel"),
+                           (dict(fp8=True), "--fp8 needs a CUDA GPU of compute capability 8.9"),
+                           (dict(attn_backend="fast"), "--attn-backend 'fast': choose auto, flash"),
+                           (dict(loss_chunk_rows=-1), "--loss-chunk-rows -1: must be >= 0")):
+        cfg = TrainConfig.from_preset("debug", data=str(embedded_data), out=str(tmp_path / "run"), **flags)
+        with pytest.raises(UserError, match=message):
+            Trainer(cfg, "debug", Dist(), torch.device("cpu"))
+
+
+def test_train_mode_peer_and_profile(embedded_data, tmp_path):
+    """--peer: transformers' Llama from the same weights sees the same batches: the same first loss; --profile:
+    the top operators and the attention that ran; the levers are recorded."""
+    out = tmp_path / "peer.json"
+    run_script("bench.py", *TINY_TRAIN, "--total-batch-tokens", "64", "--data", embedded_data, "--no-compile",
+               "--peer", "--profile", "--loss-chunk-rows", "16", "--attn-backend", "math", "--out", out, check=True)
+    result = json.loads(out.read_text())
+    peer = result["peer"]
+    assert result["dropout"] == [0.0, 0.0] and result["loss_chunk_rows"] == 16 and result["attn_backend"] == "math"
+    assert len(peer["losses"]) == len(result["losses"]) == 3 and peer["tokens_per_s"] > 0
+    assert peer["losses"][0] == pytest.approx(result["losses"][0], abs=1e-4)  # same weights, same first batch
+    assert result["peer_speedup"] == pytest.approx(result["tokens_per_s"] / peer["tokens_per_s"])
+    profile = result["profile"]
+    assert "aten::_scaled_dot_product_attention_math" in profile["attention"]
+    assert 0 < len(profile["top"]) <= 20 and all(0 < e["share"] <= 1 for e in profile["top"])
+    assert [e["ms"] for e in profile["top"]] == sorted((e["ms"] for e in profile["top"]), reverse=True)
+
+
+def test_gpu_mode_rows_errors_skips_and_deadline(embedded_data, tmp_path):
+    """bench.py gpu on the CPU (its dry run): rows run in order as subprocesses, a failing row is recorded with its
+    one-line error and the rest go on, a row whose kernel the default row already ran is skipped; under a deadline
+    a running row is killed at it and the others are recorded as skipped, and the JSON holds every row."""
+    import time
+    out = tmp_path / "gpu.json"
+    proc = run_script("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--data", embedded_data,
+                      "--rows", "train_compiled,attn_cudnn,attn_flash", "--steps", "1", "--warmup", "0",
+                      "--deadline-s", "240", "--out", out, check=True)
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["train_compiled", "attn_cudnn", "attn_flash"]
+    assert rows["train_compiled"]["status"] == "ok" and rows["train_compiled"]["result"]["tokens_per_s"] > 0
+    assert rows["attn_cudnn"]["status"] == "error" and "is a CUDA kernel" in rows["attn_cudnn"]["error"]
+    assert rows["attn_flash"]["status"] == "skipped" and "already ran flash" in rows["attn_flash"]["reason"]
+    assert "train_compiled: | " in proc.stdout and "attn_cudnn: error: --attn-backend cudnn" in proc.stdout
+
+    start = time.perf_counter()
+    run_script("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--rows", "train_eager,generate,fp8",
+               "--deadline-s", "1", "--out", out, check=True)
+    wall = time.perf_counter() - start
+    result = json.loads(out.read_text())
+    assert [row["status"] for row in result["rows"]] == ["timeout", "skipped", "skipped"]
+    assert result["rows"][0]["wall_s"] < 5 and result["elapsed_s"] < 10 and wall < 30
+    assert result["data"] == "random tokens"
