@@ -189,9 +189,9 @@ def _torch_load(source, path: Path, map_location):
         if not is_damaged_file_error(e):
             raise  # the disk or the machine failed, not the file: never a reason to fall back to an older checkpoint
         if "Unsupported global" in str(e):  # (torch's message advises weights_only=False: unsafe, never repeated)
-            raise CheckpointDamaged(f"checkpoint {path} holds objects a checkpoint of this repo never holds (not "
-                                    f"one of ours, or written by other code than this torch {torch.__version__} "
-                                    "reads); use an earlier checkpoint") from None
+            raise UserError(f"checkpoint {path} holds objects this torch {torch.__version__} will not load "
+                            "(weights_only); the file is not damaged: load it with the code and torch version that "
+                            "wrote it") from None
         raise CheckpointDamaged(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use an earlier "
                                 "checkpoint") from None
 

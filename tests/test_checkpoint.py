@@ -85,13 +85,9 @@ def missing(file: Path) -> None:
 
 
 def foreign_pickle(file: Path) -> None:
-    """Another program's pickle under the name, an object of a class no checkpoint holds: torch.save's format, or
-    for DCP's index its own (a plain pickle)."""
-    foreign = Namespace(weights=torch.ones(3))
-    if file.name == checkpoint.METADATA_FILE:
-        file.write_bytes(pickle.dumps(foreign))
-    else:
-        torch.save(foreign, file)
+    """Another program's pickle under the name: a plain pickle of an object no checkpoint holds. (A torch.save file
+    whose objects this torch refuses is not damage: test_faults pins that a resume stops at it.)"""
+    file.write_bytes(pickle.dumps(Namespace(weights=[1.0, 2.0])))
 
 
 DAMAGES = [truncated, zero_bytes, garbled, missing, foreign_pickle]
@@ -112,7 +108,7 @@ def damaged_copy(runs, kind: str, name: str, damage, tmp_path: Path) -> tuple[Pa
 def assert_names_file(message: str, file: Path) -> None:
     """One line naming the damaged file (by its path, or by its name next to its folder's path), without torch's
     advice to load unsafely."""
-    assert "\n" not in message and "weights_only" not in message, message
+    assert "\n" not in message and "weights_only=False" not in message, message
     assert str(file) in message or (str(file.parent) in message and file.name in message), message
 
 
