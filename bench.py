@@ -318,6 +318,17 @@ def run_generate(args) -> dict:
     return result
 
 
+def hf_llama(model_config, weights: dict):
+    """transformers' LlamaForCausalLM (sdpa attention) built locally from export_hf's config (no hub), holding
+    `weights` (our tensors under its names: export_hf.to_hf_state_dict), float32 on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export_hf import hf_config
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model_config, "float32"), attn_implementation="sdpa"))
+    hf.load_state_dict(weights, strict=False)  # lm_head is tied to the embedding: not in the exported tensors
+    return hf
+
+
 MODES["generate"] = (add_generate_arguments, run_generate)
 
 
