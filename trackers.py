@@ -166,4 +166,6 @@ class WandbTracker:
         self.run.log(row)
 
     def close(self, exit_code: int = 0) -> None:
+        # finish() returns before wandb's service process has written and closed the offline .wandb file: it is
+        # complete once that process ends (at this process's exit, or after wandb.teardown())
         self.run.finish(exit_code=exit_code)

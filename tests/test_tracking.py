@@ -1,6 +1,7 @@
 """trackers.py: TensorBoard and W&B (offline) hold what metrics.jsonl holds, continue on resume, stay optional."""
 import json
 import shutil
+import signal
 import struct
 
 import numpy as np
@@ -18,12 +19,25 @@ RUN = ["--config", "debug", "--micro-batch", "4", "--seq-len", "32", "--total-ba
 
 @pytest.fixture(scope="module")
 def wandb_env(tmp_path_factory):
-    """W&B offline, quiet, and with its settings and caches in a temporary folder, not in the home directory."""
+    """W&B offline, quiet, and with its settings and caches in a temporary folder, not in the home directory.
+    WANDB_SERVICE empty: a script starts its own wandb service process and waits for it at exit (so its files are
+    complete when it returns) instead of attaching to one that a test started in this process."""
     home = tmp_path_factory.mktemp("wandb_home")
     return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_CODE": "true",
             "WANDB_DISABLE_GIT": "true", "WANDB_CONFIG_DIR": str(home / "config"),
             "WANDB_CACHE_DIR": str(home / "cache"), "WANDB_DATA_DIR": str(home / "data"),
-            "WANDB_ARTIFACT_DIR": str(home / "artifacts")}
+            "WANDB_ARTIFACT_DIR": str(home / "artifacts"), "WANDB_SERVICE": ""}
+
+
+@pytest.fixture
+def wandb_here(wandb_env, monkeypatch):
+    """W&B in this process: wandb_env set for the test, and wandb torn down after it (its service process stopped,
+    its settings forgotten), so no test inherits another's."""
+    wandb = pytest.importorskip("wandb")
+    for name, value in wandb_env.items():
+        monkeypatch.setenv(name, value)
+    yield wandb
+    wandb.teardown()
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +128,12 @@ def test_resumed_run_continues_tensorboard_without_repeating_steps(tracked_run):
 def wandb_records(path):
     """The records of an offline run's .wandb file, parsed with wandb's own protobuf schema. The file is a log of
     32 KiB blocks after a 7-byte header; each chunk has a 7-byte header (crc32, length, kind: 1 whole record, 2 first,
-    3 middle, 4 last part). wandb ships its reader only inside its Go binary, so the framing is read here."""
+    3 middle, 4 last part). wandb's reader is in its Go binary only (`wandb leet inspect`, a process per file), so the
+    framing is read here; requirements-dev.txt keeps wandb to the versions it was checked with. A file is complete
+    only once wandb's service process has closed it (wandb.teardown() in this process, or the script's exit)."""
     from wandb.proto import wandb_internal_pb2
     raw, block, header = path.read_bytes(), 32768, 7
-    assert raw[:4] == b":W&B"
+    assert raw[:7] == b":W&B\xe1\xbe\x00", f"{path}: not a version-0 W&B transaction log (see requirements-dev.txt)"
     pos, parts = header, []
     while pos + header <= len(raw):
         if block - pos % block < header:  # a block's tail too short for a chunk header is padding
@@ -156,6 +172,7 @@ def wandb_run(path):
                 row["samples"] = [{"prompt": p, "text": t} for p, t in table["data"]]
                 assert table["columns"] == ["prompt", "text"]
             rows.append(row)
+    assert run is not None, f"{path}: no run record ({path.stat().st_size} bytes): read before wandb finished it?"
     return run, config, summary, rows
 
 
@@ -194,23 +211,60 @@ def train_in_process(embedded_data, out, **overrides):
     still evaluates HellaSwag and samples, on 2 examples and 4 tokens."""
     from devices import Dist
     from train import TrainConfig, Trainer
-    cfg = TrainConfig.from_preset("debug", data=str(embedded_data), out=str(out), micro_batch="2", seq_len=32,
-                                  total_batch_tokens=128, max_steps=4, log_every=1, eval_every=2, val_tokens=256,
-                                  final_val_tokens=256, hellaswag_every=0, hellaswag_limit=2, sample_every=0,
-                                  sample_tokens=4, ckpt_every=0, **overrides)
-    return Trainer(cfg, "debug", Dist(), torch.device("cpu")).run()
+    settings = dict(data=str(embedded_data), out=str(out), micro_batch="2", seq_len=32, total_batch_tokens=128,
+                    max_steps=4, log_every=1, eval_every=2, val_tokens=256, final_val_tokens=256, hellaswag_every=0,
+                    hellaswag_limit=2, sample_every=0, sample_tokens=4, ckpt_every=0)
+    cfg = TrainConfig.from_preset("debug", **{**settings, **overrides})
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return Trainer(cfg, "debug", Dist(), torch.device("cpu")).run()
+    finally:  # the run's stop-on-signal handlers would outlive it in this process (Ctrl-C would not stop pytest)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
-def test_wandb_respects_its_environment(embedded_data, wandb_env, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def test_wandb_respects_its_environment(embedded_data, wandb_here, tmp_path, monkeypatch):
     out, wandb_dir = tmp_path / "run", tmp_path / "wandb_files"
-    for name, value in {**wandb_env, "WANDB_DIR": str(wandb_dir), "WANDB_NAME": "named"}.items():
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_NAME", "named")
     assert train_in_process(embedded_data, out, tracker="wandb", wandb_project="proj") == 0
+    # run.finish() returns before wandb's service process has written the .wandb file (it does when it closes the
+    # run's stream, after finish); teardown waits for the service to exit
+    wandb_here.teardown()
     runs = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and not (out / "wandb").exists()
     run = wandb_run(runs[0])[0]
     assert (run.project, run.display_name) == ("proj", "named")
+
+
+def test_a_fresh_start_in_an_old_run_directory_is_a_new_wandb_run(embedded_data, wandb_here, tmp_path):
+    """W&B keeps what it is sent: a start from step 0 that continued the directory's old W&B run would show steps
+    0.. twice there. A resume continues the run; a fresh start (here --resume --allow-fresh-start with no checkpoint
+    left, as a torchrun restart of a run that never checkpointed does) begins a new one."""
+    out, seen = tmp_path / "run", []
+
+    def new_wandb_run():
+        """(the id kept in the run directory, the run record of the offline run that the last start added)"""
+        wandb_here.teardown()  # the .wandb files are complete once wandb's service process has exited
+        added = [path for path in offline_runs(out) if path not in seen]
+        seen.extend(added)
+        assert len(added) == 1
+        return (out / "wandb_run_id.txt").read_text().strip(), wandb_run(added[0])
+
+    assert train_in_process(embedded_data, out, tracker="wandb", stop_at_step=2) == 0
+    first_id, (first, _, _, first_rows) = new_wandb_run()
+    assert first.run_id == first_id and [row["step"] for row in first_rows if "loss" in row] == [0, 1]
+
+    assert train_in_process(embedded_data, out, tracker="wandb", resume=True) == 0
+    resumed_id, (resumed, _, _, resumed_rows) = new_wandb_run()
+    assert resumed_id == resumed.run_id == first_id  # the same W&B run, continued at step 2
+    assert [row["step"] for row in resumed_rows if "loss" in row] == [2, 3]
+
+    shutil.rmtree(out / "checkpoints")  # as if the run had never checkpointed
+    assert train_in_process(embedded_data, out, tracker="wandb", resume=True, allow_fresh_start=True) == 0
+    fresh_id, (fresh, _, _, fresh_rows) = new_wandb_run()
+    assert fresh_id == fresh.run_id and fresh_id != first_id  # steps 0.. again, in a new W&B run
+    assert [row["step"] for row in fresh_rows if "loss" in row] == [0, 1, 2, 3]
 
 
 # --- optional, and never in the way ---------------------------------------------------------------------------------
@@ -229,7 +283,8 @@ def test_missing_tracker_package_is_one_line(embedded_data, tmp_path, package):
 
 
 TRACKER_CANNOT_START = """
-import sys
+import os, sys, time
+from pathlib import Path
 sys.path.insert(0, {repo!r})
 import train
 from cli import UserError
@@ -237,20 +292,34 @@ from cli import UserError
 def cannot_start(*args, **kwargs):
     raise UserError("--tracker wandb could not start: not logged in")
 train.open_trackers = cannot_start
-sys.exit(train.main(sys.argv[1:]))
+rank, done = os.environ["RANK"], Path({done!r})
+try:
+    status = train.main(sys.argv[1:])
+except SystemExit as e:
+    status = e.code
+(done / f"rank{{rank}}").write_text(str(status))
+if rank == "0":  # torchrun stops the other ranks once one has ended: rank 0 waits (a minute at most) for rank 1
+    for _ in range(600):
+        if (done / "rank1").exists():
+            break
+        time.sleep(0.1)
+sys.exit(status)
 """
 
 
 def test_a_tracker_that_cannot_start_stops_every_rank(embedded_data, tmp_path):
     """Only rank 0 opens the trackers: when that fails, the other ranks must stop too instead of waiting for rank 0
-    in the first collective (under torchrun --max-restarts each restart would hang until the group is torn down)."""
+    in the first collective (under torchrun --max-restarts each restart would hang until the group is torn down).
+    Each rank records how its main() ended; rank 0 ends after rank 1, so torchrun cannot stop rank 1 first."""
     from conftest import REPO
-    script = tmp_path / "train_untracked.py"
-    script.write_text(TRACKER_CANNOT_START.format(repo=str(REPO)))
+    script, done = tmp_path / "train_untracked.py", tmp_path / "done"
+    done.mkdir()
+    script.write_text(TRACKER_CANNOT_START.format(repo=str(REPO), done=str(done)))
     proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *RUN,
                       "--data", embedded_data, "--out", tmp_path / "run", timeout=180)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: --tracker wandb could not start: not logged in") == 2, proc.stderr[-2000:]
+    assert {path.name: path.read_text() for path in done.iterdir()} == {"rank0": "2", "rank1": "2"}, proc.stderr[-2000:]
+    assert proc.stderr.count("error: --tracker wandb could not start: not logged in") == 1, proc.stderr[-2000:]
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 
@@ -279,14 +348,11 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(embedded_data, tmp_pa
     assert [e["step"] for e in read_events(tmp_path / "run") if "loss" in e] == [0, 1, 2, 3]
 
 
-def test_trackers_add_no_host_sync_to_the_training_steps(embedded_data, wandb_env, tmp_path, monkeypatch):
+def test_trackers_add_no_host_sync_to_the_training_steps(embedded_data, wandb_here, tmp_path):
     """The sync test of test_bench with both trackers on: the same count as without them, and no more for 6 steps
     than for 2 (the trackers get the Python numbers the log step already read)."""
     pytest.importorskip("tensorboard")
-    pytest.importorskip("wandb")
     from test_bench import host_syncs_in_run
-    for name, value in wandb_env.items():
-        monkeypatch.setenv(name, value)
     plain = host_syncs_in_run(embedded_data, tmp_path / "plain", steps=2)
     short = host_syncs_in_run(embedded_data, tmp_path / "short", steps=2, tracker="tensorboard,wandb")
     long = host_syncs_in_run(embedded_data, tmp_path / "long", steps=6, tracker="tensorboard,wandb")
