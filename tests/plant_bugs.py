@@ -5,12 +5,13 @@ run the tests that should catch it. Not part of the suite (it is slow, and not n
     python tests/plant_bugs.py --list                  # the table, nothing run
     python tests/plant_bugs.py --check                 # only that every snippet is still found exactly once
     python tests/plant_bugs.py dataloader shards       # the bugs of these modules
-    python tests/plant_bugs.py --bug dataloader-epoch-order --jobs 2 --baseline
+    python tests/plant_bugs.py --bug dataloader-window-order-fixed --jobs 2 --baseline   # modules and --bug add up
 
 A bug is (module, original snippet, mutated snippet, test files, description). The original snippet must occur
 exactly once in the module as it is now: otherwise the script stops and names it, so the table stays honest as the
 code changes (update the snippet, do not delete the bug). A bug is "caught" when `python -m pytest -x -q` over its
-test files fails with it planted, "survived" when they pass. --baseline first runs each distinct set of test files
+test files fails with it planted (or runs past --timeout), "survived" when they pass, "error" when pytest could not
+run them (a test named in the table no longer exists). --baseline first runs each distinct set of test files
 unmutated (they must pass, or "caught" means nothing). Exit status: 1 when a bug survived or a baseline failed.
 """
 import argparse
@@ -365,8 +366,11 @@ def check_snippets(bugs, root: Path) -> list[str]:
         if b.original == b.mutated:
             problems.append(f"{b.name}: the mutation changes nothing")
         for t in b.tests:
-            if not (root / t.split("::")[0]).is_file():
-                problems.append(f"{b.name}: test file {t} does not exist")
+            file, _, test = t.partition("::")
+            if not (root / file).is_file():
+                problems.append(f"{b.name}: test file {file} does not exist")
+            elif test and f"def {test.split('[')[0]}(" not in (root / file).read_text():
+                problems.append(f"{b.name}: {file} has no test {test}")  # pytest would error out: a false "caught"
     return problems
 
 
@@ -410,7 +414,10 @@ def run_tests(root: Path, tests, timeout: float) -> tuple[str, float, str]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return ("pass" if proc.returncode == 0 else "fail"), time.monotonic() - start, out[-2000:]
+    # pytest: 0 passed, 1 a test failed, 2 an error while collecting (the bug breaks an import); 3-5 (internal error,
+    # bad usage, no test collected) say nothing about the bug
+    status = {0: "pass", 1: "fail", 2: "fail"}.get(proc.returncode, f"error (pytest exit {proc.returncode})")
+    return status, time.monotonic() - start, out[-2000:]
 
 
 def plant(root: Path, b: Bug) -> str:
@@ -454,8 +461,8 @@ def run(args, parser, scratch: Path) -> int:
     unknown = [m for m in args.modules if m not in known] + [n for n in args.bug if n not in {b.name for b in BUGS}]
     if unknown:
         parser.error(f"unknown module or bug {unknown}; modules: {sorted(known)}")
-    bugs = [b for b in BUGS if (not args.modules or Path(b.module).stem in args.modules)
-            and (not args.bug or b.name in args.bug)]
+    everything = not args.modules and not args.bug
+    bugs = [b for b in BUGS if everything or Path(b.module).stem in args.modules or b.name in args.bug]
     if args.list:
         for b in bugs:
             print(f"{b.name:42} {b.module:18} {' '.join(b.tests)}\n    {b.description}")
@@ -504,11 +511,12 @@ def run(args, parser, scratch: Path) -> int:
                 (root / b.module).write_text(text)
         finally:
             copies.put(root)
-        verdict = "survived" if status == "pass" else "caught" + (" (timeout)" if status == "timeout" else "")
+        verdict = ("survived" if status == "pass" else "caught" if status == "fail" else
+                   "caught (timeout)" if status == "timeout" else status)
         caught_by = next((line.split(" ", 1)[1].split(" - ")[0] for line in out.splitlines()
                           if line.startswith(("FAILED ", "ERROR "))), "")
         print(f"{verdict:17} {seconds:6.0f}s  {b.name:42} {caught_by}", flush=True)
-        if verdict == "survived" and args.verbose:
+        if verdict.startswith("error") or (verdict == "survived" and args.verbose):
             print(out, flush=True)
         return b, verdict, seconds, caught_by
 
@@ -519,9 +527,11 @@ def run(args, parser, scratch: Path) -> int:
     for b, verdict, seconds, caught_by in results:
         print(f"{verdict.split()[0]:10} {b.name:42} {b.module:18} {caught_by or b.description}")
     survivors = [b for b, verdict, *_ in results if verdict == "survived"]
-    print(f"\n{len(results) - len(survivors)} of {len(results)} caught; survivors: "
-          f"{', '.join(b.name for b in survivors) or 'none'}")
-    return 1 if survivors else 0
+    errors = [b for b, verdict, *_ in results if verdict.startswith("error")]
+    caught = len(results) - len(survivors) - len(errors)
+    print(f"\n{caught} of {len(results)} caught; survivors: {', '.join(b.name for b in survivors) or 'none'}"
+          + (f"; errors (fix the table): {', '.join(b.name for b in errors)}" if errors else ""))
+    return 1 if survivors or errors else 0
 
 
 if __name__ == "__main__":
