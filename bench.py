@@ -1036,8 +1036,8 @@ def run_gpu(args) -> dict:
         elif left <= 0:
             row.update(status="skipped", reason="deadline reached")
         elif left < expected:
-            row.update(status="skipped", reason=f"deadline: {left:.0f} s left, the last row of its kind took "
-                                                f"{expected:.0f} s")
+            row.update(status="skipped", reason=f"deadline: {left:.0f} s left, the row is expected to take "
+                                                f"{expected:.0f} s (the last row of its kind, else the shortest)")
         else:
             print(f"[{time.perf_counter() - start:5.0f} s] {name}: {row['command']}", flush=True)
             row.update(run_gpu_row(command, folder / f"{name}.log", timeout=left))
