@@ -4,6 +4,7 @@ Unit checks: one torchrun launch of tests/fsdp_worker.py (2 processes) trains, s
 the tests read what it left, the single-process readers among them with no process group at all. Acceptance: a few
 short train.py runs (the `runs` fixture) compared with one process accumulating the same token batch."""
 import json
+import random
 import re
 import shutil
 
@@ -97,8 +98,17 @@ def damaged_run(worker, tmp_path):
     return run, checkpoint.checkpoint_path(run, 5, sharded=True)
 
 
+def garble(file) -> None:
+    """Overwrite the middle half of `file` with random bytes, keeping its size."""
+    data = bytearray(file.read_bytes())
+    middle = slice(len(data) // 4, 3 * len(data) // 4)
+    data[middle] = random.Random(0).randbytes(len(data[middle]))
+    file.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, needle", [("missing", "missing its shard file __1_0.distcp"),
                                             ("truncated", "__0_0.distcp is truncated"),
+                                            ("garbled", "__1_0.distcp is corrupt or truncated"),
                                             ("no_state", "has no train_state.pt"),
                                             ("bad_index", ".metadata is corrupt or truncated")])
 def test_damaged_sharded_checkpoint_is_one_line_and_a_resume_falls_back(damaged_run, damage, needle):
@@ -108,6 +118,8 @@ def test_damaged_sharded_checkpoint_is_one_line_and_a_resume_falls_back(damaged_
     elif damage == "truncated":
         shard = newer / "__0_0.distcp"
         shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "garbled":
+        garble(newer / "__1_0.distcp")
     elif damage == "no_state":
         (newer / "train_state.pt").unlink()
     else:
@@ -161,7 +173,7 @@ def runs(embedded_data, tmp_path_factory):
     single: one process, micro-batch 4 x 2 accumulation steps, checkpoints at steps 6 and 8: the reference;
     chain: 2 DDP processes (micro-batch 4) to step 2 (.pt), continued by 2 processes under --fsdp at micro-batch 2
         (2 accumulation steps), saving steps 4 and 6 (sharded), rank 0 SIGKILLed while it saves step 8; then, with
-        a damaged step 7 added, resumed by one process without --fsdp (micro-batch 4) to step 8 (.pt).
+        a garbled step 7 added, resumed by one process without --fsdp (micro-batch 4) to step 8 (.pt).
         `after_kill` lists the checkpoint folder as the kill left it."""
     root = tmp_path_factory.mktemp("fsdp_runs")
     single, chain, data = root / "single", root / "chain", ["--data", embedded_data]
@@ -176,7 +188,7 @@ def runs(embedded_data, tmp_path_factory):
     fsdp_events = train_events(chain)
     step_6, step_7 = (checkpoint.checkpoint_path(chain, s, sharded=True) for s in (6, 7))
     shutil.copytree(step_6, step_7)
-    (step_7 / "__1_0.distcp").unlink()
+    garble(step_7 / "__1_0.distcp")
     run_script("train.py", *RUN, *data, "--out", chain, "--resume", env=ONE_THREAD, check=True)
     return {"single": single, "chain": chain, "killed": killed, "after_kill": after_kill, "ddp_log": ddp_log,
             "fsdp_log": fsdp_log, "fsdp_events": fsdp_events,
@@ -225,13 +237,14 @@ def test_ddp_checkpoint_continues_under_fsdp_like_one_process_accumulating(runs)
 
 def test_fsdp_checkpoint_continues_on_one_process_without_fsdp(runs):
     """Saved by 2 FSDP processes at step 6, resumed by one plain process (2 accumulation steps) to step 8: it
-    matches the single run. A newer step 7 missing a shard file was set aside loudly, naming the file."""
+    matches the single run. A newer step 7 with a garbled shard file (its size kept) was set aside loudly, naming
+    the file."""
     assert_steps_match(train_events(runs["single"]), train_events(runs["chain"]), range(6, 8), FSDP_NORM_REL)
     assert_same_state(runs["single"], checkpoint.checkpoint_path(runs["chain"], 8))
     log = runs["one_log"]
     assert "layout changed: 2 processes x micro-batch 2 x 2 accumulation steps -> 1 x 4 x 2" in log
-    assert re.search(r"moved a damaged checkpoint aside to \S*step_000007\.damaged: sharded checkpoint \S* is "
-                     r"missing its shard file __1_0\.distcp", log), log
+    assert re.search(r"moved a damaged checkpoint aside to \S*step_000007\.damaged: checkpoint \S*step_000007/"
+                     r"__1_0\.distcp is corrupt or truncated", log), log
     assert "steps 7-7 are lost" in log
 
 
