@@ -199,7 +199,7 @@ def _torch_load(source, path: Path, map_location):
 def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = True) -> dict:
     """A sharded checkpoint's dict: train_state.pt's content plus, unless weights=False, the model as one plain
     state_dict of full tensors (what a .pt file holds). Needs no process group. Every shard file the index names must
-    be there at its full length: else CheckpointDamaged naming the file."""
+    be there at its full length, with every entry loadable: else CheckpointDamaged naming the file."""
     metadata = _sharded_metadata(folder)
     state = _torch_load(folder / STATE_FILE, folder / STATE_FILE, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model_config" not in state:
