@@ -4,8 +4,10 @@
   python generate.py --checkpoint runs/full/checkpoints/step_019072.pt --prompts-file prompts.txt --num-samples 3
 
 Without --prompt or --prompts-file the three prompts of the reference run are used. Decoding uses the model's KV
-cache; a single sample (one prompt, --num-samples 1) is streamed to the terminal token by token, several samples are
-printed one after the other under a header each. One random generator, seeded with --seed, drives all the sampling,
+cache (model.GPT.generate); on CUDA the weights are cast to bfloat16 and the one-token decode step is compiled into a
+CUDA graph (--no-compile: eager; compiling takes a while, once per process). A single sample (one prompt,
+--num-samples 1) is streamed to the terminal token by token, several samples are printed one after the other under a
+header each. One random generator, seeded with --seed, drives all the sampling,
 so the same command gives the same text (on the same device and library versions); temperature 0 is greedy.
 
 Prompts: `<|endoftext|>` in a prompt is the end-of-text token, so `--prompt "<|endoftext|>"` samples
@@ -89,11 +91,14 @@ class TokenPrinter:
 
 @torch.no_grad()
 def sample_continuations(model: GPT, prompt_ids: list[int], num_samples: int, sampling: Sampling,
-                         generator: torch.Generator, stop_at_eot: bool = True, on_token=None) -> list[str]:
-    """num_samples continuations of one prompt, sampled together as the rows of one batch."""
+                         generator: torch.Generator, stop_at_eot: bool = True, on_token=None,
+                         compile: bool | None = None) -> list[str]:
+    """num_samples continuations of one prompt, sampled together as the rows of one batch (compile: see
+    GPT.generate)."""
     device = model.wte.weight.device
     idx = torch.tensor(prompt_ids, dtype=torch.long, device=device).repeat(num_samples, 1)  # (S, T)
-    out = model.generate(idx, sampling, generator, stop_token=EOT_ID if stop_at_eot else None, on_token=on_token)
+    out = model.generate(idx, sampling, generator, stop_token=EOT_ID if stop_at_eot else None, on_token=on_token,
+                         compile=compile)
     return [continuation_text(row[len(prompt_ids):].tolist(), stop_at_eot) for row in out]
 
 
@@ -103,12 +108,16 @@ def generate_samples(model: GPT, prompts: list[str], sampling: Sampling, seed: i
     (check_sampling).
 
     Uses its own generator seeded with `seed` (the global RNG streams are untouched, so training is unaffected),
-    puts the model in eval mode and restores its mode afterwards. Runs in the model's dtype, without autocast.
+    puts the model in eval mode and restores its mode afterwards. Eager (a compiled decode step would be compiled
+    and its CUDA graph recorded for the few tokens of each call); on CUDA under bf16 autocast, so the training
+    model keeps its float32 weights and no copy of them is made.
     """
     prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(seed)
-    with evaluating(model):
-        return [sample_continuations(model, ids, 1, sampling, generator, stop_at_eot)[0] for ids in prompt_ids]
+    on_cuda = torch.device(device).type == "cuda"
+    with evaluating(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        return [sample_continuations(model, ids, 1, sampling, generator, stop_at_eot, compile=False)[0]
+                for ids in prompt_ids]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,6 +144,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     parser.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
                         help="keep sampling past <|endoftext|> (default: a sample ends at its first <|endoftext|>)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the decode step (on CUDA into a CUDA graph); default: on CUDA only")
     return parser.parse_args(argv)
 
 
@@ -163,6 +174,8 @@ def main(argv=None):
     prompts = read_prompts(args)
     device = pick_device(args.device)
     model = GPT.from_checkpoint(args.checkpoint, device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)  # inference only: half the bytes to read per token
     prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stream = len(prompts) == 1 and args.num_samples == 1
@@ -172,10 +185,12 @@ def main(argv=None):
         if stream:
             print(f"{header(1)}\n{prompt}", end="", flush=True)
             printer = TokenPrinter(args.stop_at_eot)
-            sample_continuations(model, ids, 1, sampling, generator, args.stop_at_eot, on_token=printer)
+            sample_continuations(model, ids, 1, sampling, generator, args.stop_at_eot, on_token=printer,
+                                 compile=args.compile)
             printer.finish()
         else:
-            texts = sample_continuations(model, ids, args.num_samples, sampling, generator, args.stop_at_eot)
+            texts = sample_continuations(model, ids, args.num_samples, sampling, generator, args.stop_at_eot,
+                                         compile=args.compile)
             for s, text in enumerate(texts, start=1):
                 print(f"{header(s)}\n{prompt}{text}")
 

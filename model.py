@@ -7,6 +7,7 @@ Shapes: B batch, T sequence length, C = d_model, H heads, D = C / H head dim, V 
 """
 import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -114,20 +115,34 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: (B, H, max_len, D) per layer, filled up to `pos`."""
+    """A static cache of every layer's keys and values: (B, H, max_len, D) per layer, allocated once and written in
+    place at the positions of a tensor, so that its shapes never change while decoding (a compiled decode step and
+    its CUDA graph stay valid). Attention always reads all max_len slots and masks out the ones past the query."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, config.n_head, max_len, config.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0  # positions [0, pos) hold valid keys/values
+        # zeros, not empty: masked slots still enter the attention matmul (0 x NaN garbage would be NaN)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.positions = torch.arange(max_len, device=device)  # (max_len,): slot i holds position i
+        for t in (*self.k, *self.v):  # fixed addresses: CUDA graphs may write into them in place
+            torch._dynamo.mark_static_address(t)
 
-    def update(self, layer: int, k, v):
-        """Store the new k, v (B, H, T, D) after the cached ones; return all keys/values so far."""
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def matches(self, batch_size: int, max_len: int, device, dtype) -> bool:
+        k = self.k[0]
+        return (k.size(0), k.size(2), k.device, k.dtype) == (batch_size, max_len, torch.device(device), dtype)
+
+    def update(self, layer: int, input_pos, k, v):
+        """Write k, v (B, H, T, D) at positions input_pos (T,); return the whole cache of the layer, 2 x (B, H,
+        max_len, D)."""
+        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def mask(self, input_pos):
+        """(T, max_len) boolean: the query at input_pos[t] sees the slots at or before its own position (later slots
+        hold stale keys of an earlier sequence, or zeros)."""
+        return self.positions[None, :] <= input_pos[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,28 +153,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=True)
         self.backend = "auto"  # the SDPA kernel of the whole-sequence path (GPT.set_attention_backend)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, input_pos=None):
+        """x (B, T, C); with a cache, input_pos (T,) are the tokens' positions, where their keys/values are written."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None or cache.pos == 0:
-            mask, causal = None, True  # whole sequence (or a prefill): plain causal attention, flash-eligible
-        else:
-            mask, causal = self._offset_causal_mask(T, cache.pos, x.device), False
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, H, pos + T, D)
+        if cache is None:
+            mask, causal = None, True  # the whole sequence: plain causal attention, flash-eligible
+        else:  # over all max_len slots (fixed shapes), the ones past each query masked out
+            k, v = cache.update(self.layer_idx, input_pos, k, v)  # 2 x (B, H, max_len, D)
+            mask, causal = cache.mask(input_pos), False  # (T, max_len)
         pinned = cache is None and self.backend != "auto"
         with sdpa_kernel(ATTENTION_BACKENDS[self.backend]) if pinned else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-    @staticmethod
-    def _offset_causal_mask(T: int, offset: int, device):
-        """(T, offset + T) boolean mask: query t (at position offset + t) sees keys up to its own position."""
-        q_pos = torch.arange(offset, offset + T, device=device)[:, None]
-        k_pos = torch.arange(offset + T, device=device)[None, :]
-        return k_pos <= q_pos
 
 
 class SwiGLU(nn.Module):
@@ -187,8 +195,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(config.n_embd, config.norm_eps)
         self.ffn = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
-        x = x + self.attn_drop(self.attn(self.norm1(x), cos, sin, cache))
+    def forward(self, x, cos, sin, cache: KVCache | None = None, input_pos=None):
+        x = x + self.attn_drop(self.attn(self.norm1(x), cos, sin, cache, input_pos))
         return x + self.ffn(self.norm2(x))
 
 
@@ -247,24 +255,26 @@ class GPT(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, input_pos=None):
         """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy over targets != IGNORE_INDEX, or None).
 
-        With a KV cache, idx holds the tokens after the cached ones and positions continue from cache.pos.
+        With a KV cache, input_pos (T,) holds the positions of idx's tokens (a tensor, so a compiled decode step
+        takes a new position without recompiling): their keys/values are written there and each token attends to
+        the cached positions up to its own. Without one, idx is a whole sequence from position 0.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size})")
+        if cache is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D), looked up on the device
         x = self.wte(idx)  # (B, T, C)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)  # recomputed (same dropout) in backward
             else:
-                x = block(x, cos, sin, cache)
-        if cache is not None:
-            cache.pos += T
+                x = block(x, cos, sin, cache, input_pos)
         x = self.norm_f(x)
         if targets is not None and self.loss_chunk_rows:  # the loss without the (B*T, V) logits: none returned
             head = self.wte.weight[:self.config.vocab_size]  # real rows only (padded ones get no gradient)
@@ -353,40 +363,90 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, sampling: "Sampling", generator: torch.Generator | None = None,
-                 stop_token: int | None = None, on_token=None):
+                 stop_token: int | None = None, on_token=None, compile: bool | None = None):
         """Append up to sampling.max_new_tokens sampled tokens to idx (B, T) and return prompt + new ids.
 
-        A KV cache makes each new token one forward pass over one position. The context is cropped to the model's
-        window: a prompt longer than block_size keeps its last block_size tokens in view, and once the window is
-        full each step re-reads the last block_size tokens (exactly what recomputing the cropped context gives).
-        With a stop_token (<|endoftext|>), rows that emitted it keep emitting it, and generation ends when every row
-        has. on_token, if given, is called with each step's new ids (B, 1), for streaming.
+        A prefill runs the context through the model once, writing every layer's keys/values into a static KVCache
+        of block_size slots; then each new token is one decode step over one position (decode_step), compiled
+        when `compile` (default: on CUDA; there with CUDA graphs). The context is cropped to the model's window: a
+        prompt longer than block_size keeps its last block_size tokens in view, and once the window is full each
+        step re-reads the last block_size tokens (exactly what recomputing the cropped context gives).
+        Nothing waits for the device per token (sampling stays on it) except every STOP_CHECK_EVERY tokens, where
+        generation ends if every row has emitted stop_token (<|endoftext|>): a row that emitted it keeps emitting
+        it while the others go on, and the result is cut after the step where the last row stopped. on_token, if
+        given, is called with each step's new ids (B, 1), for streaming (after every row stopped, it may get up to
+        STOP_CHECK_EVERY - 1 more steps of stop tokens).
         """
         assert not sampling.errors(), sampling  # checked where the user gives it (generate.check_sampling)
         if idx.dim() == 1:
             idx = idx[None]
-        window = self.config.block_size
-        cache = None
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(sampling.max_new_tokens):
-            if cache is None or cache.pos >= window:  # (re)fill the cache from the cropped context
-                cache = KVCache(self.config, idx.size(0), window, idx.device, self.wte.weight.dtype)
-                logits, _ = self(idx[:, -window:], cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            next_id = sample_next(logits[:, -1, :], sampling, generator)  # (B, 1)
+        (B, prompt_len), window, device = idx.shape, self.config.block_size, idx.device
+        compile = device.type == "cuda" if compile is None else compile
+        step = compiled_decode_step(device.type) if compile else decode_step
+        cache = self._decode_cache(B, compile)
+        out = torch.cat([idx, idx.new_zeros(B, sampling.max_new_tokens)], dim=1)  # (B, T + new), filled in place
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        input_pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,): the position of the next decode token
+        filled = window  # cache slots in use, counted on the host; a full cache means a (re)fill first
+        for t in range(prompt_len, out.size(1)):  # t: the column the step writes
+            if filled == window:  # prefill from the cropped context (its positions start at 0)
+                context = out[:, max(0, t - window):t]
+                filled = context.size(1)
+                logits = self(context, cache=cache, input_pos=cache.positions[:filled])[0][:, -1]  # (B, V)
+                input_pos.fill_(filled)
+            else:  # the previous token at position input_pos; its logits are used before the next step runs
+                if compile and device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the graph's previous outputs may be overwritten
+                logits = step(self, cache, next_id, input_pos)  # (B, V)
+                input_pos += 1
+                filled += 1
+            next_id = sample_next(logits, sampling, generator)  # (B, 1)
             if stop_token is not None:
-                next_id = torch.where(done[:, None], torch.full_like(next_id, stop_token), next_id)
+                next_id = torch.where(done[:, None], stop_token, next_id)
                 done |= next_id[:, 0] == stop_token
-            idx = torch.cat([idx, next_id], dim=1)
+            out[:, t] = next_id[:, 0]
             if on_token is not None:
                 on_token(next_id)
-            if stop_token is not None and bool(done.all()):
+            if stop_token is not None and (t - prompt_len) % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 \
+                    and bool(done.all()):
                 break
-        return idx
+        new = out[:, prompt_len:t + 1]  # (B, steps run)
+        if stop_token is not None:  # cut after the step where the last row stopped (all of it if one never did)
+            stops = new == stop_token
+            lengths = torch.where(stops.any(dim=1), stops.int().argmax(dim=1) + 1, new.size(1))
+            new = new[:, :int(lengths.max())]
+        return torch.cat([idx, new], dim=1)
+
+    def _decode_cache(self, batch_size: int, keep: bool) -> KVCache:
+        """A KVCache of block_size slots in the dtype the activations have (autocast's, if on). With keep, the
+        model holds on to it for later calls of the same shape: a CUDA graph recorded on its addresses replays
+        only as long as they stay the same."""
+        device = self.wte.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.wte.weight.dtype
+        kept = getattr(self, "kept_decode_cache", None)
+        if keep and kept is not None and kept.matches(batch_size, self.config.block_size, device, dtype):
+            return kept
+        cache = KVCache(self.config, batch_size, self.config.block_size, device, dtype)
+        if keep:
+            self.kept_decode_cache = cache
+        return cache
 
 
-MIN_TEMPERATURE = 1e-4  # the lowest sampling temperature other than 0 (greedy): far below it, logits overflow
+STOP_CHECK_EVERY = 16  # generate waits for the device to check for stop tokens once per this many tokens
+
+
+def decode_step(model: GPT, cache: KVCache, idx, input_pos):
+    """The logits (B, V) of one new token per row, idx (B, 1) at position input_pos (1,); its keys and values are
+    written into the cache. Fixed shapes throughout, so one compiled graph serves every position."""
+    return model(idx, cache=cache, input_pos=input_pos)[0][:, -1]
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """decode_step compiled once per process and device type: on CUDA into a CUDA graph (reduce-overhead), which
+    replaces the step's hundreds of kernel launches from Python by one graph launch; elsewhere inductor's default."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None, fullgraph=True)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -426,6 +486,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
+MIN_TEMPERATURE = 1e-4  # the lowest sampling temperature other than 0 (greedy): far below it, logits overflow
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How generate picks each new token: greedy at temperature 0, else softmax(logits / temperature) cut to the
@@ -462,8 +525,11 @@ def sample_next(logits, sampling: Sampling, generator: torch.Generator | None = 
         drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # tokens past the nucleus (the top one always stays)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    # The draw of torch.multinomial(probs, 1, generator=generator), which is argmax(probs / E) for noise E ~ Exp(1)
+    # from the generator, made here directly: multinomial first checks probs on the host, a sync per token.
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
 @contextlib.contextmanager

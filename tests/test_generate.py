@@ -107,8 +107,8 @@ def test_sampling_settings_are_refused_naming_the_callers_flag():
 class EotLovingGPT(GPT):
     """A GPT whose most likely next token is always <|endoftext|>."""
 
-    def forward(self, idx, targets=None, cache=None):
-        logits, loss = super().forward(idx, targets, cache)
+    def forward(self, idx, targets=None, cache=None, input_pos=None):
+        logits, loss = super().forward(idx, targets, cache, input_pos)
         logits[..., EOT_ID] += 1e4
         return logits, loss
 
@@ -189,3 +189,76 @@ def test_cli_missing_or_corrupt_checkpoint_is_one_line(repo_dir, tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     assert_one_line_error(run_script(repo_dir, "generate.py", "--checkpoint", corrupt), "corrupt")
+
+
+class SecondRowStopsGPT(GPT):
+    """A GPT whose batch row 1 always emits <|endoftext|> (greedy); the other rows are the plain model's."""
+
+    def forward(self, idx, targets=None, cache=None, input_pos=None):
+        logits, loss = super().forward(idx, targets, cache, input_pos)
+        logits[1, :, EOT_ID] += 1e4
+        return logits, loss
+
+
+def test_a_row_that_stops_leaves_the_others_generating():
+    """Row 1 stops at its first token; row 0 must still get all its tokens (the check for stop tokens runs every
+    STOP_CHECK_EVERY steps, so 40 tokens pass two checks), and the streamed row 0 is its whole text."""
+    from generate import sample_continuations
+    model = SecondRowStopsGPT(tiny_config(block_size=24), seed=6).eval()
+    prompt, n = get_tokenizer().encode("HTML stands for"), 40  # 40 tokens also slide past the 24-token window
+    expected = greedy_without_cache(GPT(tiny_config(block_size=24), seed=6).eval(), prompt, n)
+    assert EOT_ID not in expected
+    out = io.StringIO()
+    printer = TokenPrinter(stop_at_eot=True, out=out)
+    texts = sample_continuations(model, prompt, 2, Sampling(n, temperature=0), torch.Generator(), on_token=printer)
+    printer.finish()
+    assert texts == [get_tokenizer().decode(expected), ""]
+    assert out.getvalue() == texts[0] + "\n"
+
+
+def tiny_decoder(**overrides) -> GPT:
+    """A 97-token vocabulary: the compiled step stays small (compiling takes most of a test's time)."""
+    return GPT(tiny_config(vocab_size=97, block_size=16, **overrides), seed=8).eval()
+
+
+def test_compiled_decode_step_equals_eager():
+    """torch.compile's decode step (inductor on the CPU; on CUDA the same graph runs as a CUDA graph) against the
+    eager one: the same ids greedy and sampled, over two calls with other prompts and batch sizes (the compiled
+    graph and the kept cache are reused, so stale positions or cache state would show) and past the 16-token window
+    (refills)."""
+    model = tiny_decoder()
+    gen = torch.Generator().manual_seed(0)
+    for batch, prompt_len, sampling in ((2, 3, Sampling(20, temperature=0)),
+                                        (1, 6, Sampling(14, temperature=0.8, top_k=20))):
+        idx = torch.randint(0, 97, (batch, prompt_len), generator=gen)
+        eager, compiled = (model.generate(idx, sampling, torch.Generator().manual_seed(prompt_len), compile=c)
+                           for c in (False, True))
+        assert torch.equal(eager, compiled), prompt_len
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1, temperature=1.0), Sampling(1, temperature=0.7, top_k=10),
+                                      Sampling(1, temperature=1.3, top_p=0.8)])
+def test_sampling_draws_what_multinomial_draws_from_the_seed(sampling):
+    """The seed rule: each token is torch.multinomial's draw from the cut, tempered softmax with the one seeded
+    generator, as before decoding stopped syncing with the host (so a seed gives the text it gave before)."""
+    from model import sample_next
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    ours, reference = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(20):
+        drawn = sample_next(logits, sampling, ours)
+        probs = sample_next_probs(logits, sampling)
+        assert torch.equal(drawn, torch.multinomial(probs, 1, generator=reference))
+
+
+def sample_next_probs(logits, sampling: Sampling):
+    """The probabilities the rule draws from: softmax(logits / T) cut to the top_k, then to the top_p nucleus."""
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        logits = logits.masked_fill(logits < logits.topk(sampling.top_k).values[:, -1:], float("-inf"))
+    probs = logits.softmax(-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+        probs = probs.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs

@@ -91,8 +91,8 @@ def test_kv_cache_matches_full_recompute():
     idx = torch.randint(0, 97, (2, 20))
     full, _ = model(idx)
     cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
-    prefill, _ = model(idx[:, :12], cache=cache)
-    steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+    prefill, _ = model(idx[:, :12], cache=cache, input_pos=torch.arange(12))
+    steps = [model(idx[:, t:t + 1], cache=cache, input_pos=torch.tensor([t]))[0] for t in range(12, 20)]
     cached = torch.cat([prefill, *steps], dim=1)
     assert torch.allclose(full, cached, atol=1e-5)
 
