@@ -135,7 +135,8 @@ def run_train(args) -> dict:
                                                         f"{peer['step_ms']:.1f} ms, peak memory "
                                                         + (f"{peer['peak_memory_bytes'] / 2**30:.2f} GiB" if on_cuda
                                                            else "n/a (CPU)")),
-                     ("ours / transformers", f"{result['peer_speedup']:.2f}x (first losses {result['losses'][0]:.4f} vs "
+                     ("ours / transformers", f"{result['peer_speedup']:.2f}x (first losses "
+                                             f"{result['losses'][0]:.4f} vs "
                                              f"{peer['losses'][0]:.4f})")])
     result["benchmarks_md_row"] = benchmarks_md_row(result, args.command)
     print(f"BENCHMARKS.md row:\n{result['benchmarks_md_row']}")
@@ -186,8 +187,8 @@ def run_hf_peer(weights: dict, model_config, dataset, cfg, micro_batch: int, acc
         torch.cuda.reset_peak_memory_stats(device)
     step_s = [timed(step, sync) for _ in range(args.steps)]
     median = statistics.median(step_s)
-    return {"model": "transformers LlamaForCausalLM (sdpa)", "step_ms": 1000 * median, "step_ms_min": 1000 * min(step_s),
-            "step_ms_max": 1000 * max(step_s), "tokens_per_s": cfg.total_batch_tokens / median,
+    return {"model": "transformers LlamaForCausalLM (sdpa)", "step_ms": 1000 * median,
+            "step_ms_min": 1000 * min(step_s), "step_ms_max": 1000 * max(step_s), "tokens_per_s": cfg.total_batch_tokens / median,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "losses": [loss.item() for loss in losses]}
 
