@@ -246,8 +246,10 @@ MODES["train"] = (add_train_arguments, run_train)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# generate: greedy decoding with the KV cache (model.generate, what generate.py runs) vs rerunning the model over the
-# whole context for every new token. Imports are local so that other modes do not pay for torch.
+# generate: greedy decoding with the KV cache (model.generate, what generate.py runs: a prefill, then a decode step
+# per token over the static cache, compiled into a CUDA graph on CUDA) vs rerunning the model over the whole context
+# for every new token; with --peer also transformers' LlamaForCausalLM.generate with the same weights. On CUDA all of
+# them run bf16 weights. Imports are local so that other modes do not pay for torch.
 
 def add_generate_arguments(parser):
     from model import PRESETS
@@ -261,6 +263,12 @@ def add_generate_arguments(parser):
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="timed runs per path, median reported (default: 3)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the KV-cache path's decode step (CUDA graphs on CUDA); default: on CUDA only. "
+                             "Compilation happens in the untimed warm-up (warmup_s)")
+    parser.add_argument("--peer", action="store_true",
+                        help="also time transformers' LlamaForCausalLM.generate (greedy, its default dynamic cache) "
+                             "with the same weights (export_hf's conversion), built locally, on the same device")
 
 
 def generate_without_cache(model, idx, new_tokens: int):
@@ -285,18 +293,23 @@ def run_generate(args) -> dict:
     from tokenizer import get_tokenizer
 
     device = pick_device(args.device)
-    model = GPT(GPTConfig.from_preset(args.config, block_size=args.block_size)).to(device).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # generate.py's inference dtype
+    model = GPT(GPTConfig.from_preset(args.config, block_size=args.block_size)).to(device, dtype).eval()
     prompt = torch.tensor([get_tokenizer().encode(REFERENCE_PROMPTS[1])], device=device)  # "HTML stands for"
-    paths = {"kv_cache": lambda n: model.generate(prompt, Sampling(n, temperature=0)),
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    paths = {"kv_cache": lambda n: model.generate(prompt, Sampling(n, temperature=0), compile=compile),
              "recompute": lambda n: generate_without_cache(model, prompt, n)}
+    if args.peer:
+        paths["transformers"] = hf_greedy(model, prompt)
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def decode(path):
         outputs[path] = paths[path](args.new_tokens)
 
-    for path in paths:  # warm-up: first-call allocations and kernel selection stay out of the timings
-        paths[path](8)
+    # warm-up: compilation, CUDA-graph recording, first-call allocations and kernel selection stay out of the
+    # timings (8 tokens reach the decode step's compilation and recording; it is the same graph for any length)
+    warmup_s = {path: timed(lambda: paths[path](8), sync) for path in paths}
     seconds, outputs = {path: [] for path in paths}, {}
     for _ in range(args.repeats):  # alternate the paths so that a burst of load on a shared machine hits both
         for path in paths:
@@ -308,15 +321,52 @@ def run_generate(args) -> dict:
         "machine": platform.processor() or platform.machine(), "load_average_1min": os.getloadavg()[0],
         "kv_cache_tokens_per_s": tokens_per_s["kv_cache"], "recompute_tokens_per_s": tokens_per_s["recompute"],
         "speedup": tokens_per_s["kv_cache"] / tokens_per_s["recompute"],
-        "same_tokens": torch.equal(outputs["kv_cache"], outputs["recompute"]),  # greedy: both must agree
+        # greedy: the paths must agree (in fp32; in bf16 a near tie can flip and the texts part from there)
+        "same_tokens": torch.equal(outputs["kv_cache"], outputs["recompute"]),
+        "same_prefix_tokens": same_prefix(outputs["kv_cache"], outputs["recompute"], prompt.size(1)),
+        "dtype": str(dtype).removeprefix("torch."), "compiled": compile,
+        "warmup_s": warmup_s, "ms_per_token": {path: 1000 / rate for path, rate in tokens_per_s.items()},
     }
+    if args.peer:
+        result.update(peer_tokens_per_s=tokens_per_s["transformers"],
+                      peer_speedup=tokens_per_s["kv_cache"] / tokens_per_s["transformers"],
+                      peer_same_prefix_tokens=same_prefix(outputs["kv_cache"], outputs["transformers"],
+                                                          prompt.size(1)))
     print(f"generate, {args.config} preset (block_size {args.block_size}), {args.new_tokens} new tokens, greedy, "
-          f"{device}, {result['torch_threads']} threads, median of {args.repeats}")
-    print(f"{'path':<12}{'tokens/s':>12}")
+          f"{device} {result['dtype']}, {result['torch_threads']} threads, median of {args.repeats}, KV-cache decode "
+          f"step {'compiled' if compile else 'eager'}")
+    print(f"{'path':<14}{'tokens/s':>12}{'ms/token':>10}{'warm-up s':>11}")
     for path, rate in tokens_per_s.items():
-        print(f"{path:<12}{rate:>12.1f}")
-    print(f"speedup {result['speedup']:.2f}x, same tokens: {result['same_tokens']}")
+        print(f"{path:<14}{rate:>12.1f}{1000 / rate:>10.2f}{warmup_s[path]:>11.1f}")
+    print(f"KV cache / recompute {result['speedup']:.2f}x, same tokens: {result['same_tokens']} "
+          f"({result['same_prefix_tokens']} of {args.new_tokens} equal before the first difference)")
+    if args.peer:
+        print(f"ours / transformers {result['peer_speedup']:.2f}x ({result['peer_same_prefix_tokens']} tokens equal "
+              f"before the first difference)")
     return result
+
+
+def same_prefix(a, b, prompt_len: int) -> int:
+    """How many new tokens two (1, T) outputs share before they first differ."""
+    a, b = a[0, prompt_len:].tolist(), b[0, prompt_len:].tolist()
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def hf_greedy(model, prompt):
+    """n -> transformers' greedy generate of n tokens after prompt (1, T), LlamaForCausalLM holding our model's
+    weights in its dtype on its device (sdpa attention, transformers' default dynamic KV cache)."""
+    import torch
+
+    from export_hf import to_hf_state_dict
+    from tokenizer import EOT_ID
+    weights = to_hf_state_dict(model, model.wte.weight.dtype)
+    hf = hf_llama(model.config, weights).to(model.wte.weight.device, model.wte.weight.dtype).eval()
+
+    def generate(n):
+        with torch.no_grad():  # min_new_tokens: all n tokens, as ours (no stop at <|endoftext|>)
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=EOT_ID)
+    return generate
 
 
 def hf_llama(model_config, weights: dict):
