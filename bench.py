@@ -51,6 +51,7 @@ def timed(fn, sync) -> float:
 
 
 def run_train(args) -> dict:
+    import gc
     import tempfile
 
     import torch
@@ -112,6 +113,10 @@ def run_train(args) -> dict:
             dataset, model_config, micro_batch, accum = trainer.dataset, trainer.model_config, trainer.micro_batch, \
                 trainer.accum
             del trainer, step  # our model and optimizer leave the device before the peer's arrive
+            torch._dynamo.reset()  # compiled code holds on to our parameters
+            gc.collect()
+            if on_cuda:
+                torch.cuda.empty_cache()
             peer = run_hf_peer(initial_weights, model_config, dataset, cfg, micro_batch, accum, device, sync, args)
     if profile:
         result["profile"] = profile
