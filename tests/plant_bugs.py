@@ -78,7 +78,7 @@ EHF_UNITS = ("tests/test_export_hf.py::test_debug_preset_matches_transformers_an
              "tests/test_export_hf.py::test_model_card_without_metrics_says_not_available "
              "tests/test_export_hf.py::test_failed_export_leaves_no_output "
              "tests/test_export_hf.py::test_force_replaces_an_earlier_export")
-PM = "tests/test_plot_metrics.py"
+PM = "tests/test_plot_metrics.py tests/test_metrics_jsonl.py"
 
 BUGS = [
     # dataloader.py ------------------------------------------------------------------------------------------------
@@ -164,9 +164,10 @@ BUGS = [
     bug("sharding-root-only", "sharding.py",
         "    for block in model.blocks:\n        fully_shard(block, mp_policy=policy)\n", "",
         "tests/test_sharding.py", "FSDP wraps only the root: every forward gathers the whole model (issue #24)"),
-    bug("sharding-local-grad-norm", "sharding.py", "return norm.full_tensor() if isinstance(norm, DTensor) else norm",
-        "return norm.to_local() if isinstance(norm, DTensor) else norm", FSDP_UNITS,
-        "the clipped grad norm reported is this process's shard's, not the global one"),
+    bug("sharding-bytes-of-whole-params", "sharding.py",
+        "return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)",
+        "return sum(t.nbytes for t in tensors)", FSDP_UNITS,
+        "the bytes a process holds are counted from the whole (unsharded) parameters"),
     bug("sharding-pt-moments-dropped", "sharding.py",
         'return {name: saved["state"][i] for name, i in zip(flat_names, positions) if i in saved["state"]}',
         "return {}", FSDP_UNITS, "a .pt checkpoint's AdamW moments are not loaded under FSDP"),
@@ -178,10 +179,10 @@ BUGS = [
         "tmp = path; _rank0_value(os.getpid(), group)",
         "tests/test_fsdp.py::test_kill_during_a_sharded_save_leaves_the_previous_checkpoint_for_resume",
         "a sharded checkpoint is written under its final name (a kill leaves a damaged step folder)"),
-    bug("sharding-settings-from-checkpoint", "sharding.py",
-        '    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": group_names}',
-        '    groups = [{"params": group_names}', FSDP_UNITS,
-        "the loaded optimizer's param groups lose this run's settings (betas, eps, weight decay)"),
+    bug("sharding-pt-not-full", "sharding.py",
+        "        options = StateDictOptions(full_state_dict=True)  # full tensors: each process keeps its slice",
+        "        options = StateDictOptions()", FSDP_UNITS,
+        "a .pt checkpoint's full tensors are loaded into FSDP as if they were this process's shards"),
     # data_prep.py ----------------------------------------------------------------------------------------------------
     bug("data_prep-max-tokens-off-by-one", "data_prep.py", "piece = piece[:args.max_tokens - tokens]",
         "piece = piece[:args.max_tokens - tokens - 1]", "tests/test_data_prep.py::test_max_docs_and_max_tokens_slice_the_stream",
@@ -202,8 +203,10 @@ BUGS = [
     bug("data_prep-all-val-accepted", "data_prep.py", '    if not any(s["split"] == "train" for s in result["shards"]):',
         '    if not result["shards"]:', "tests/test_data_prep.py::test_bad_inputs_are_one_clear_error",
         "a build whose tokens all went to validation is written"),
-    bug("data_prep-val-not-counted", "data_prep.py", "            self.val_left -= self.fill\n",
-        "            self.val_left -= self.fill - 1\n", DP, "the val split takes one shard more than --val-tokens"),
+    bug("data_prep-shrunk-val-wrong-share", "data_prep.py", "max(1, int(tokens.size * self.val_share))",
+        "max(1, int(tokens.size * (1 - self.val_share)))",
+        "tests/test_data_prep.py::test_small_stream_shrinks_validation_at_its_end",
+        "a corpus smaller than --val-tokens gives validation the complement of --val-share"),
     # trackers.py -----------------------------------------------------------------------------------------------------
     bug("trackers-fresh-run-continues-wandb", "trackers.py",
         "run_id = id_file.read_text().strip() if resumed and id_file.exists() else secrets.token_hex(6)",
@@ -319,7 +322,8 @@ BUGS = [
         '    state["wte.weight"] = state["wte.weight"][:model.config.vocab_size]  # (V, C)\n', "", EHF_UNITS,
         "the padded vocabulary rows are exported"),
     bug("export_hf-force-wipes-any-folder", "export_hf.py", "    if not is_export_dir(out_dir):\n",
-        "    if False:\n", EHF_UNITS, "--force replaces a folder that is not an earlier export"),
+        "    if False:\n", "tests/test_export_hf.py::test_bad_input_is_one_line_without_traceback",
+        "--force replaces a folder that is not an earlier export"),
     bug("export_hf-temp-left", "export_hf.py", "        shutil.rmtree(tmp, ignore_errors=True)\n        raise\n",
         "        raise\n", EHF_UNITS, "a failed export leaves its temporary folder"),
     bug("export_hf-old-export-left", "export_hf.py", "    shutil.rmtree(old, ignore_errors=True)\n", "", EHF_UNITS,
