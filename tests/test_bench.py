@@ -314,7 +314,6 @@ def test_gpu_mode_rows_errors_skips_and_deadline(embedded_data, tmp_path):
     """bench.py gpu on the CPU (its dry run): rows run in order as subprocesses, a failing row is recorded with its
     one-line error and the rest go on, a row whose kernel the default row already ran is skipped; under a deadline
     a running row is killed at it and the others are recorded as skipped, and the JSON holds every row."""
-    import time
     out = tmp_path / "gpu.json"
     proc = run_script("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--data", embedded_data,
                       "--rows", "train_compiled,attn_cudnn,attn_flash", "--steps", "1", "--warmup", "0",
@@ -326,11 +325,10 @@ def test_gpu_mode_rows_errors_skips_and_deadline(embedded_data, tmp_path):
     assert rows["attn_flash"]["status"] == "skipped" and "already ran flash" in rows["attn_flash"]["reason"]
     assert "train_compiled: | " in proc.stdout and "attn_cudnn: error: --attn-backend cudnn" in proc.stdout
 
-    start = time.perf_counter()
+    # a row still running at the deadline is killed ("timeout"; a deadline not honoured lets it finish "ok"); no
+    # wall-clock bound is asserted: a busy machine may take any time to start the processes
     run_script("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--rows", "train_eager,generate,fp8",
                "--deadline-s", "1", "--out", out, check=True)
-    wall = time.perf_counter() - start
     result = json.loads(out.read_text())
     assert [row["status"] for row in result["rows"]] == ["timeout", "skipped", "skipped"]
-    assert result["rows"][0]["wall_s"] < 5 and result["elapsed_s"] < 10 and wall < 30
     assert result["data"] == "random tokens"
