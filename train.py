@@ -341,7 +341,7 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
     """--check: what a run of `cfg` on `processes` processes refuses at its start, found without writing anything
     or starting processes: every flag's rule, the device, the split of the token batch, the data directory."""
     cfg.validate()
-    pick_device(cfg.device)
+    check_device_levers(cfg, pick_device(cfg.device))
     if cfg.micro_batch == "auto":
         micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, processes)
     else:

@@ -467,6 +467,9 @@ BAD_VALUES = {  # field: [(the flag's arguments, what the error line names when 
     "attn_dropout": [("1", None)],
     "ffn_dropout": [("-0.1", None)],
     "pad_vocab_to": [("0", None)],
+    "attn_backend": [("nope", None), ("cudnn", None)],  # cudnn: a CUDA kernel, and these runs are on the CPU
+    "loss_chunk_rows": [("-1", None)],
+    "fp8": [("", None)],  # needs a CUDA GPU
     "fsdp": [("", None)],  # needs torchrun
     "peak_flops": [("-1", None)],
     "log_every": [("0", None)],
