@@ -1,6 +1,7 @@
 """The shard format and the loaders, on small synthetic shards whose token values are their global positions, so
 every window is identified by its first token and y must equal x + 1."""
 import io
+import itertools
 import json
 
 import numpy as np
@@ -322,3 +323,20 @@ def test_open_refuses_a_manifest_that_disagrees_with_a_shard(data_dir):
     (data_dir / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="corrupt or not a data_prep.py manifest"):
         ShardDataset.open(data_dir)
+
+
+def test_shard_order_is_redrawn_every_epoch(data_dir):
+    """Each epoch visits the train shards in its own order (4 shards: one order repeated over 6 epochs would mean
+    the draw ignores the epoch)."""
+    ds = ShardDataset.open(data_dir)
+    loader = TrainLoader(ds, batch_size=1, seq_len=T, seed=0, log=lambda _: None)
+    shard_of = {int(ds.tokens(s)[j * T]): i for i, s in enumerate(ds.train_shards) for j in range((s.tokens - 1) // T)}
+    starts = read(loader, 6 * loader.epoch_windows)[0][:, 0].tolist()
+    orders = set()
+    for e in range(6):
+        visited = [shard_of[s] for s in starts[e * loader.epoch_windows:(e + 1) * loader.epoch_windows]]
+        order = tuple(dict.fromkeys(visited))
+        assert sorted(order) == [0, 1, 2, 3] and len(visited) == loader.epoch_windows
+        assert [shard for shard, _ in itertools.groupby(visited)] == list(order)  # one shard after the other
+        orders.add(order)
+    assert len(orders) > 1

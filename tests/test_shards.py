@@ -114,3 +114,23 @@ def test_a_manifest_without_train_or_val_shards_is_refused(data_dir, split):
     manifest["shards"] = []
     with pytest.raises(UserError, match="has no (train|val) shards"):
         open_with(data_dir, manifest)
+
+
+@pytest.mark.parametrize("field, value", [("version", shards.SHARD_VERSION + 1), ("dtype", 2), ("magic", b"LFLLMTOX")])
+def test_a_shard_of_another_version_dtype_or_magic_is_refused(tmp_path, field, value):
+    tokens = np.arange(10, dtype=np.uint16)
+    header = {"magic": shards.SHARD_MAGIC, "version": shards.SHARD_VERSION, "dtype": shards.DTYPE_CODE, field: value}
+    path = tmp_path / "train_000000.bin"
+    path.write_bytes(shards._HEADER.pack(header["magic"], header["version"], header["dtype"], len(tokens))
+                     + tokens.tobytes())
+    with pytest.raises(UserError, match="is not a version-1 token shard"):
+        shards.read_shard_header(path)
+
+
+@pytest.mark.parametrize("change", [{"tokens": -1}, {"tokens": True}, {"tokens": 1.0}, {"split": "test"},
+                                    {"sha256": None}, {"file": 3}])
+def test_a_damaged_manifest_entry_is_refused(data_dir, change):
+    manifest = manifest_of(data_dir)
+    manifest["shards"][0].update(change)
+    with pytest.raises(UserError, match="lists a damaged shard entry"):
+        open_with(data_dir, manifest)
