@@ -285,6 +285,8 @@ BUGS = [
     # devices.py ------------------------------------------------------------------------------------------------------
     bug("devices-mean-is-sum", "devices.py", "        return value / self.world_size\n", "        return value\n",
         "tests/test_devices.py", "Dist.mean returns the sum over ranks"),
+    bug("devices-mean-in-place", "devices.py", "        value = value.clone()\n", "", "tests/test_devices.py",
+        "Dist.mean sums into the caller's tensor (a logged loss changes under it)"),
     bug("devices-any-is-all", "devices.py", "dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)",
         "dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.control)", "tests/test_devices.py",
         "Dist.any is true only when every rank's flag is"),
@@ -325,6 +327,9 @@ BUGS = [
         "a bug raised while an OSError was handled is reported as that OSError (traceback lost)"),
     bug("cli-writable-not-probed", "cli.py", "        with tempfile.TemporaryFile(dir=folder):\n            pass\n", "",
         "tests/test_cli.py", "an unwritable output folder is accepted (found only after the work)"),
+    bug("cli-writable-no-parents", "cli.py", "        folder.mkdir(parents=True, exist_ok=True)\n        with tempfile",
+        "        folder.mkdir(exist_ok=True)\n        with tempfile", "tests/test_cli.py",
+        "an output folder whose parent does not exist yet is refused instead of created"),
     # export_hf.py ----------------------------------------------------------------------------------------------------
     bug("export_hf-gate-up-swapped", "export_hf.py",
         '(f"{ours}ffn.fc.{kind}", (f"{hf}mlp.up_proj.{kind}", f"{hf}mlp.gate_proj.{kind}")),',

@@ -30,7 +30,8 @@ def collectives_worker(rank: int, world: int, port: int, out: str) -> None:
             "dist": [d.rank, d.local_rank, d.world_size, d.is_main], "device": str(device),
             "gather": d.gather({"rank": rank}),
             "any_one": d.any(rank == world - 1), "any_none": d.any(False), "any_all": d.any(True),
-            "mean": d.mean(torch.tensor([rank + 1.0, 10.0])).tolist(),
+            "mean": d.mean(local := torch.tensor([rank + 1.0, 10.0])).tolist(),
+            "mean_input_after": local.tolist(),  # the caller's tensor is left as it was
         }
         d.barrier()
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -47,6 +48,7 @@ def test_dist_collectives_on_two_processes(tmp_path):
         assert result["gather"] == [{"rank": 0}, {"rank": 1}]
         assert (result["any_one"], result["any_none"], result["any_all"]) == (True, False, True)
         assert result["mean"] == [1.5, 10.0]  # the mean over ranks, not the sum
+        assert result["mean_input_after"] == [rank + 1.0, 10.0]
 
 
 def test_one_process_collectives_are_the_identity():
