@@ -519,6 +519,8 @@ class Trainer:
         try:
             # a sharded checkpoint's weights stay on disk: load_state_dict reads them straight into this run's layout
             state, path, damaged = newest_valid_checkpoint(self.run_dir, map_location="cpu", weights=False)
+            if state is not None:
+                self._require_training_state(state, path)
             if state is not None and steps_left(state["step"], path, cfg.max_steps, cfg.stop_at_step) == 0:
                 if self.d.is_main:  # (steps_left refuses a checkpoint past the last step)
                     print(f"resume: {path} is at step {state['step']}, this run's last step: nothing to train, "
@@ -545,12 +547,16 @@ class Trainer:
             self.log.info(f"resume: WARNING: no valid checkpoint in {folder}, training starts from step 0"
                           + (" (every checkpoint was damaged)" if damaged else ""))
             return None
+        return state, path
+
+    def _require_training_state(self, state: dict, path: Path) -> None:
+        """A checkpoint to resume holds every STATE_KEYS entry (a sharded one keeps model and optimizer in its shard
+        files); a weights-only file (export_hf --from-hf) is refused before anything is touched."""
         in_shard_files = ("model", "optimizer") if is_sharded_checkpoint(path) else ()
         missing = [key for key in self.STATE_KEYS if key not in state and key not in in_shard_files]
         if missing:
             raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)} missing); start a new "
                             f"run from its weights with --init-from {path}")
-        return state, path
 
     def _start_fresh(self) -> None:
         if self.cfg.init_from:
