@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +164,28 @@ def test_damaged_finished_output_is_refused_until_overwrite(tmp_path, damage):
         prepare(out, *args)
     prepare(out, *args, "--overwrite")
     ShardDataset.open(out, verify_sha256=True)
+
+
+def test_overwrite_deletes_the_manifest_first(tmp_path, monkeypatch):
+    # A crash part way through --overwrite's deletions must leave a build without manifest.json (refused as
+    # unfinished), never one whose manifest lists shards already deleted. Path.unlink fails after its first call.
+    out = tmp_path / "d"
+    prepare(out, "--source", "embedded", "--max-docs", "300", "--val-tokens", "1000")
+    assert len(list(out.glob("*.bin"))) >= 2  # a shard besides the manifest: the second unlink has one to fail on
+    removed, real_unlink = [], Path.unlink
+
+    def unlink_then_crash(self, *args, **kwargs):
+        if removed:
+            raise OSError(5, "Input/output error", str(self))
+        removed.append(self.name)
+        real_unlink(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", unlink_then_crash)
+    with pytest.raises(OSError, match="Input/output error"):
+        prepare(out, "--source", "embedded", "--max-docs", "200", "--val-tokens", "1000", "--overwrite")
+    assert removed == ["manifest.json"] and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"unfinished build \(no manifest.json\)"):
+        prepare(out, "--source", "embedded", "--max-docs", "300", "--val-tokens", "1000")
 
 
 def test_directory_holding_other_files_is_refused(tmp_path):

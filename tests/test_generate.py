@@ -8,7 +8,8 @@ import torch
 
 from checkpoint import save_checkpoint
 from cli import UserError
-from generate import REFERENCE_PROMPTS, TokenPrinter, check_sampling, continuation_text, generate_samples
+from generate import (REFERENCE_PROMPTS, TokenPrinter, check_sampling, continuation_text, encode_prompt,
+                      generate_samples, sample_continuations)
 from model import GPT, GPTConfig, Sampling, evaluating
 from tokenizer import EOT_ID, get_tokenizer
 
@@ -102,6 +103,25 @@ def test_sampling_settings_are_refused_naming_the_callers_flag():
         check_sampling(Sampling(5, top_k=-1))
     with pytest.raises(UserError, match=r"^--sample-tokens 0: must be >= 1"):
         check_sampling(Sampling(0), {"max_new_tokens": "--sample-tokens"})
+
+
+def test_a_prompt_of_exactly_the_context_is_accepted_one_more_token_is_not():
+    ids = encode_prompt(" a" * 16, block_size=16)
+    assert ids == get_tokenizer().encode(" a" * 16) and len(ids) == 16  # " a" is one token
+    with pytest.raises(UserError, match="16 tokens, longer than the model's context of 15"):
+        encode_prompt(" a" * 16, block_size=15)
+
+
+def test_prompts_share_one_generator_drawing_on_from_the_previous_prompt():
+    # One generator for the whole call: the same prompt twice gives two different samples, exactly the draws of two
+    # successive sample_continuations calls on one generator seeded with `seed` (not one fresh generator per prompt).
+    model = GPT(GPTConfig.from_preset("debug", n_layer=1), seed=0).eval()
+    sampling = Sampling(8, temperature=1.0, top_k=0, top_p=1.0)
+    texts = generate_samples(model, ["Hello", "Hello"], sampling, seed=7, device="cpu")
+    generator = torch.Generator().manual_seed(7)
+    ids = get_tokenizer().encode("Hello")
+    expected = [sample_continuations(model, ids, 1, sampling, generator, compile=False)[0] for _ in range(2)]
+    assert texts == expected and texts[0] != texts[1]
 
 
 class EotLovingGPT(GPT):

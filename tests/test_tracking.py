@@ -331,6 +331,34 @@ def test_unknown_tracker_refused():
         parse_trackers("tensorboard,mlflow")
 
 
+class FakeTracker:
+    """The interface Trackers drives (name, log, close(exit_code)), recording each close's exit code."""
+    name = "fake"
+
+    def __init__(self):
+        self.logged, self.closed = [], []
+
+    def log(self, event):
+        self.logged.append(event)
+
+    def close(self, exit_code):
+        self.closed.append(exit_code)
+
+
+def test_trackers_close_with_exit_code_1_when_an_exception_ends_the_run():
+    # W&B marks a run closed with exit code 0 as finished: a crashed run must close with 1 so it shows as failed.
+    from trackers import Trackers
+    ok, failed = FakeTracker(), FakeTracker()
+    with Trackers([ok]) as trackers:
+        trackers.log({"step": 0})
+    with pytest.raises(RuntimeError, match="boom"):
+        with Trackers([failed]) as trackers:
+            trackers.log({"step": 0})
+            raise RuntimeError("boom")
+    assert ok.logged == failed.logged == [{"step": 0}]
+    assert ok.closed == [0] and failed.closed == [1]
+
+
 def test_a_failing_tracker_warns_once_and_training_goes_on(embedded_data, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     import trackers
