@@ -68,9 +68,11 @@ def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
 
 
 def fail(message: str, status: int = 2):
-    """`error: MESSAGE` on stderr and exit `status`. Under torchrun every process meets the same error (the checks
-    run on every rank, and ranks raise together): rank 0 says it once, the others exit with the same status quietly."""
-    if os.environ.get("RANK", "0") == "0":
+    """`error: MESSAGE` on stderr and exit `status`. Under torchrun every process of a node meets the same error (the
+    checks run on every rank, and ranks raise together): each node's local rank 0 says it once, the others exit with
+    the same status quietly. Per node, not per job: a node's own files (its data copy, its output folder) can fail
+    there alone, and its local rank 0 is the process that checks them (the shards' sha256, say)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
 

@@ -318,7 +318,7 @@ BUGS = [
         FA_ATOMIC + " " + SH, "a failed atomic write leaves its temporary file"),
     bug("cli-rename-before-flush", "cli.py", "            yield f\n            f.flush()\n", "            yield f\n",
         "tests/test_cli.py", "atomic_write fsyncs before flushing Python's buffer (a crash can lose the tail)"),
-    bug("cli-error-on-every-rank", "cli.py", '    if os.environ.get("RANK", "0") == "0":', "    if True:",
+    bug("cli-error-on-every-rank", "cli.py", '    if os.environ.get("LOCAL_RANK", "0") == "0":', "    if True:",
         "tests/test_cli.py", "under torchrun every process prints the same error line"),
     bug("cli-positive-int-zero", "cli.py", "    if value < 1:\n", "    if value < 0:\n", "tests/test_cli.py",
         "a positive-integer flag accepts 0"),

@@ -22,13 +22,15 @@ def test_positive_int_and_finite_float_refuse_their_edges():
             cli.finite_float(text)
 
 
-@pytest.mark.parametrize("rank, printed", [(None, True), ("0", True), ("1", False), ("3", False)])
-def test_user_error_is_one_line_from_rank_0_only(monkeypatch, capsys, rank, printed):
-    """Under torchrun every process meets the same error: rank 0 says it, the others exit with the same status."""
-    if rank is None:
-        monkeypatch.delenv("RANK", raising=False)
+@pytest.mark.parametrize("local_rank, printed", [(None, True), ("0", True), ("1", False), ("3", False)])
+def test_user_error_is_one_line_from_each_nodes_local_rank_0_only(monkeypatch, capsys, local_rank, printed):
+    """Under torchrun every process of a node meets the same error: its local rank 0 says it, the others exit with
+    the same status (per node: on a second node, global rank 2 is local rank 0 and checks that node's own files)."""
+    monkeypatch.setenv("RANK", "2")  # the global rank plays no part
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
     else:
-        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
 
     @cli.main_entry
     def main():
