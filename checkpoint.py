@@ -11,6 +11,7 @@ temporary .step_NNNNNN.tmpPID folder renamed when complete): torch.distributed.c
 optimizer state, sharded as the processes held them, plus train_state.pt with the rest of the dict. Every function
 here treats it like a file: load_checkpoint_file gives the same dict, the model as full tensors.
 """
+import dataclasses
 import errno
 import io
 import os
@@ -169,12 +170,127 @@ def load_checkpoint_file(path, map_location="cpu", weights: bool = True) -> dict
     path = Path(path)
     if is_sharded_checkpoint(path):
         return load_sharded_checkpoint(path, map_location, weights)
+    if path.is_symlink() and not path.exists():  # dangling, or a loop: a damaged entry under a checkpoint name
+        raise CheckpointDamaged(f"checkpoint {path} is a symbolic link that does not resolve (to {_link_target(path)}); "
+                                "use an earlier checkpoint")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     state = _torch_load(path, path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT or not {"model", "model_config"} <= state.keys():
         raise CheckpointDamaged(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
+    _check_schema(state, path)
     return state
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _check_schema(state: dict, file: Path) -> None:
+    """CheckpointDamaged naming `file` when an entry of its loaded dict breaks its STATE_RULES rule."""
+    problems = state_problems(state)
+    if problems:
+        raise CheckpointDamaged(f"checkpoint {file} " + "; ".join(problems) + "; use an earlier checkpoint")
+
+
+# --- the schema of a loaded checkpoint: one rule per entry any saving code writes (train.Trainer.state_dict, via
+# save_checkpoint or sharding.save_sharded_checkpoint; export_hf.py --from-hf). A file breaking one is damaged. ---
+
+def _is_count(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_mapping(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+
+
+def _describe(value) -> str:
+    """A value, short, with its type: "'4' (a str)"; a long one by its type alone."""
+    shown, kind = repr(value), type(value).__name__
+    kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    return f"{shown} ({kind})" if len(shown) <= 40 else f"({kind} of {len(value)})" if hasattr(value, "__len__") \
+        else f"({kind})"
+
+
+def _model_config_problem(value) -> str | None:
+    from model import GPTConfig
+    if not _is_mapping(value):
+        return "not a model config (a mapping of GPTConfig fields)"
+    fields = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        return f"unknown GPTConfig fields {unknown}"
+    for name, kind in fields.items():
+        if name in value and not (_is_count(value[name], 1) if kind in (int, "int") else
+                                  isinstance(value[name], (int, float)) and not isinstance(value[name], bool)):
+            return f"field {name} {_describe(value[name])}, not a{' positive int' if kind in (int, 'int') else ' number'}"
+    return None
+
+
+def _optimizer_ok(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("state"), dict) and isinstance(value.get("param_groups"),
+                                                                                           list)
+
+
+def _train_config_ok(value) -> bool:
+    return _is_mapping(value) and all(_is_count(value.get(key), 1) for key in ("total_batch_tokens", "seq_len"))
+
+
+def _loader_ok(value) -> bool:  # this repo's loader state, or a v1 checkpoint's list of them (one per rank)
+    return _is_mapping(value) or (isinstance(value, list) and len(value) > 0 and all(map(_is_mapping, value)))
+
+
+def _one_rng_ok(value) -> bool:
+    """One rank's rng_state(): python (version, 625 ints, gauss), torch's byte tensor, numpy (kind, the key as an
+    int64 tensor, pos, has_gauss, cached_gaussian), and maybe cuda's byte tensor."""
+    if not (isinstance(value, dict) and {"python", "torch", "numpy"} <= value.keys() <= {"python", "torch", "numpy",
+                                                                                          "cuda"}):
+        return False
+    python, numpy = value["python"], value["numpy"]
+    return (isinstance(python, (list, tuple)) and len(python) == 3 and isinstance(python[1], (list, tuple))
+            and all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for k, v in value.items()
+                    if k in ("torch", "cuda"))
+            and isinstance(numpy, (list, tuple)) and len(numpy) == 5 and isinstance(numpy[0], str)
+            and isinstance(numpy[1], torch.Tensor) and numpy[1].dtype == torch.int64)
+
+
+# entry -> (what it must be, the check); an entry without a rule is refused (a new entry needs a rule here)
+STATE_RULES = {
+    "format": (f"the format mark '{FORMAT}'", lambda v: v == FORMAT),
+    "model_config": ("a model config", lambda v: _model_config_problem(v) is None),
+    "model": ("a state_dict (names -> tensors)", lambda v: _is_mapping(v) and all(isinstance(t, torch.Tensor)
+                                                                                  for t in v.values())),
+    "optimizer": ("an optimizer state_dict (state, param_groups)", _optimizer_ok),
+    "train_config": ("a training config (with total_batch_tokens and seq_len)", _train_config_ok),
+    "step": ("a step count", lambda v: _is_count(v)),
+    "tokens_seen": ("a token count", lambda v: _is_count(v)),
+    "world_size": ("a process count", lambda v: _is_count(v, 1)),
+    "micro_batch": ("a micro-batch size", lambda v: _is_count(v, 1)),
+    "loader": ("a loader state", _loader_ok),
+    "rng": ("one RNG state per process", lambda v: isinstance(v, list) and len(v) > 0 and all(map(_one_rng_ok, v))),
+    "imported_from": ("the folder a model was imported from", lambda v: isinstance(v, str)),
+}
+
+
+def state_problems(state: dict) -> list[str]:
+    """What is wrong with the entries of a loaded checkpoint dict, one phrase each (empty: nothing): each entry
+    checked by its STATE_RULES rule, an entry without one refused, and the RNG states one per process."""
+    problems = []
+    for key, value in state.items():
+        if key not in STATE_RULES:
+            problems.append(f"holds an entry {key!r} no checkpoint of this repo has")
+            continue
+        what, ok = STATE_RULES[key]
+        if not ok(value):
+            detail = _model_config_problem(value) if key == "model_config" and _is_mapping(value) else None
+            problems.append(f"holds {key} {_describe(value)}, not {what}" + (f" ({detail})" if detail else ""))
+    rng, world_size = state.get("rng"), state.get("world_size")
+    if STATE_RULES["rng"][1](rng) and _is_count(world_size, 1) and len(rng) != world_size:
+        problems.append(f"holds rng with {len(rng)} RNG states for world_size {world_size}, not one per process")
+    return problems
 
 
 def _torch_load(source, path: Path, map_location):
@@ -204,6 +320,7 @@ def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = Tr
     state = _torch_load(folder / STATE_FILE, folder / STATE_FILE, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model_config" not in state:
         raise CheckpointDamaged(f"{folder / STATE_FILE} is not a checkpoint of this repo (no '{FORMAT}' state in it)")
+    _check_schema(state, folder / STATE_FILE)
     if weights:
         state["model"] = _read_full_model(folder, metadata, map_location)
     return state

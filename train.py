@@ -523,6 +523,8 @@ class Trainer:
                 self._require_training_state(state, path)
             if state is not None and steps_left(state["step"], path, cfg.max_steps, cfg.stop_at_step) == 0:
                 if self.d.is_main:  # (steps_left refuses a checkpoint past the last step)
+                    for candidate, error in damaged.items():  # named, though left in place: nothing is touched
+                        print(f"warning: skipping {candidate}: {error}", file=sys.stderr)
                     print(f"resume: {path} is at step {state['step']}, this run's last step: nothing to train, "
                           "nothing changed")
                 raise SystemExit(0)

@@ -22,6 +22,7 @@ import torch
 import checkpoint
 import export_hf
 import sharding
+import train
 from cli import UserError
 from conftest import run_script, run_scripts
 from model import GPT, GPTConfig
@@ -35,7 +36,8 @@ def training_state(step: int) -> tuple[GPT, torch.optim.Optimizer, dict]:
     optimizer = model.configure_optimizer(1e-3, 0.1)
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     optimizer.step()  # AdamW moments to save
-    extra = {"model_config": dataclasses.asdict(CONFIG), "train_config": {}, "step": step, "tokens_seen": 0,
+    extra = {"model_config": dataclasses.asdict(CONFIG),
+             "train_config": {"total_batch_tokens": 64, "seq_len": 16}, "step": step, "tokens_seen": 0,
              "world_size": 1, "micro_batch": 1, "loader": {"window": 0}, "rng": [checkpoint.rng_state()]}
     return model, optimizer, extra
 
@@ -160,6 +162,105 @@ def test_a_run_directory_falls_back_past_a_damaged_checkpoint_naming_it(reader, 
         assert_names_file(warning.strip().splitlines()[-1] if warning.strip() else "", file)
 
 
+# --- the schema: a valid torch file whose entries are not what the saving code writes is damaged too -------------
+
+# Every entry any saving code writes (train.Trainer.state_dict, save_checkpoint's format mark, export_hf --from-hf's
+# imported_from) x wrong values for it. Generated from those keys: a new entry fails test_every_entry_has_a_rule
+# until checkpoint.STATE_RULES and BAD_VALUES have it.
+SAVED_KEYS = ("format", *train.Trainer.STATE_KEYS, "imported_from")
+BAD_VALUES = {
+    "format": [None, "lf-llm-checkpoint-v0"],
+    "model_config": ["debug", None, {**dataclasses.asdict(CONFIG), "n_layer": "1"},
+                     {**dataclasses.asdict(CONFIG), "bogus": 1}],
+    "model": ["x", None, {"w": [1.0]}],
+    "optimizer": ["x", None, {}],
+    "train_config": [None, "x", {}],
+    "step": ["4", None, [4], 4.5, -3, True],
+    "tokens_seen": ["0", -1],
+    "world_size": ["1", 0, True],
+    "micro_batch": ["1", 0],
+    "loader": ["x", None, []],
+    "rng": [[], None, [{}], "rng_of_two"],  # rng_of_two: two good RNG states for world_size 1
+    "imported_from": [None, 4],
+    "unknown": [1],  # an entry no saving code writes
+}
+SCHEMA_CASES = [(kind, key, i) for kind in ("pt", "sharded") for key in BAD_VALUES
+                for i in range(len(BAD_VALUES[key]))]
+
+
+def test_every_entry_has_a_rule_and_bad_values(runs):
+    saved = torch.load(checkpoint.checkpoint_path(runs["pt"], GOOD), weights_only=True)
+    assert set(saved) <= set(SAVED_KEYS) and set(SAVED_KEYS) == set(checkpoint.STATE_RULES)
+    assert set(BAD_VALUES) == set(SAVED_KEYS) | {"unknown"}
+    assert checkpoint.state_problems(saved) == []
+
+
+def crafted_copy(runs, kind: str, key: str, value, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(run directory, its checkpoint at step DAMAGED, the file changed): the file torch.load-ed, `key` set to
+    `value`, torch.save-d again (a valid torch file)."""
+    def craft(file: Path) -> None:
+        state = torch.load(file, weights_only=True)
+        state[key] = state["rng"] * 2 if value == "rng_of_two" else value
+        torch.save(state, file)
+    return damaged_copy(runs, kind, checkpoint.STATE_FILE if kind == "sharded" else "", craft, tmp_path)
+
+
+@pytest.mark.parametrize("kind, key, i", SCHEMA_CASES, ids=[f"{k}:{key}:{BAD_VALUES[key][i]!r:.20}"
+                                                           for k, key, i in SCHEMA_CASES])
+def test_a_checkpoint_breaking_the_schema_is_damaged_for_every_reader(kind, key, i, runs, tmp_path, capsys):
+    """Each reader of one checkpoint: one line naming the file and the entry. Each reader of the run directory:
+    falls back to the good checkpoint, naming the file."""
+    run, ckpt, file = crafted_copy(runs, kind, key, BAD_VALUES[key][i], tmp_path)
+    for reader in SINGLE_READERS.values():
+        with pytest.raises(checkpoint.CheckpointDamaged) as error:
+            reader(ckpt, tmp_path)
+        assert_names_file(str(error.value), file)
+        assert repr(key) in str(error.value) if key == "unknown" else key in str(error.value) or (
+            key == "format" and "not a checkpoint of this repo" in str(error.value)), str(error.value)
+        assert not (tmp_path / "export").exists()
+    for reader in (resume_reader, scripts_reader):
+        found, warning = reader(run, capsys)
+        assert found == checkpoint.checkpoint_path(run, GOOD, sharded=kind == "sharded")
+        assert_names_file(warning.strip().splitlines()[-1], file)
+
+
+def test_a_step_of_the_wrong_type_is_named_with_its_type(runs, tmp_path):
+    run, ckpt, file = crafted_copy(runs, "pt", "step", "4", tmp_path)
+    with pytest.raises(checkpoint.CheckpointDamaged, match=r"holds step '4' \(a str\), not a step count"):
+        checkpoint.load_checkpoint(ckpt)
+
+
+# --- a symbolic link under a checkpoint name that does not resolve: damaged --------------------------------------
+
+def dangling(link: Path) -> None:
+    link.symlink_to(link.parent / "gone.pt")
+
+
+def loop(link: Path) -> None:
+    link.symlink_to(link.name)  # itself
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["pt", "folder"])
+@pytest.mark.parametrize("make", [dangling, loop])
+def test_a_symlink_that_does_not_resolve_is_a_damaged_checkpoint(make, sharded, runs, tmp_path, capsys):
+    """The newest name (step 6) a link to nothing: a reader of it is one line naming it, a run directory falls back
+    to step 4 naming it."""
+    kind = "sharded" if sharded else "pt"
+    run = shutil.copytree(runs[kind], tmp_path / kind)
+    link = checkpoint.checkpoint_path(run, 6, sharded)
+    make(link)
+    for reader in SINGLE_READERS.values():
+        with pytest.raises(checkpoint.CheckpointDamaged) as error:
+            reader(link, tmp_path)
+        assert_names_file(str(error.value), link)
+        assert "symbolic link" in str(error.value)
+    state, found, damaged = checkpoint.newest_valid_checkpoint(run, weights=False)
+    assert found == checkpoint.checkpoint_path(run, DAMAGED, sharded) and list(damaged) == [link]
+    state, found = checkpoint.load_checkpoint(run)
+    assert found == checkpoint.checkpoint_path(run, DAMAGED, sharded)
+    assert_names_file(capsys.readouterr().err.strip().splitlines()[-1], link)
+
+
 # --- the CLI readers: one line, no traceback ------------------------------------------------------------------
 
 HELLASWAG_SAMPLE = "assets/hellaswag/hellaswag_val_head10.jsonl"
@@ -271,6 +372,7 @@ def test_a_resume_at_or_past_the_last_step_trains_nothing_and_touches_nothing(ru
     cases = {("--max-steps", "2"): "--max-steps above 4", ("--stop-at-step", "3"): "--stop-at-step above 4",
              ("--stop-at-step", "4"): None}
     runs = [shutil.copytree(run_at_step_4, tmp_path / f"run{i}") for i in range(len(cases))]
+    checkpoint.checkpoint_path(runs[2], 8, sharded=True).mkdir()  # an empty folder: damaged too, newest
     procs = run_scripts(*[("train.py", *TRAIN, "--data", embedded_data, "--out", run, "--resume", *flags)
                           for run, flags in zip(runs, cases)])
     for run, proc, remedy in zip(runs, procs, cases.values()):
@@ -284,4 +386,10 @@ def test_a_resume_at_or_past_the_last_step_trains_nothing_and_touches_nothing(ru
             assert proc.returncode == 0, proc.stderr
             assert proc.stdout.strip().endswith("is at step 4, this run's last step: nothing to train, nothing "
                                                 "changed"), proc.stdout
+            # every damaged file skipped is named, though left in place
+            warnings = proc.stderr.strip().splitlines()
+            assert len(warnings) == 2 and all(line.startswith("warning: skipping ") for line in warnings), warnings
+            assert_names_file(warnings[0], checkpoint.checkpoint_path(run, 8, sharded=True))
+            assert_names_file(warnings[1], checkpoint.checkpoint_path(run, 6))
+            checkpoint.checkpoint_path(run, 8, sharded=True).rmdir()  # (not a file: kept out of the hashes)
         assert file_hashes(run) == before, proc.args
