@@ -10,6 +10,7 @@ Every mode prints a table and, with --out FILE, writes its figures as JSON. `pyt
 mode's flags.
 """
 import argparse
+import contextlib
 import re
 import shlex
 import statistics
@@ -17,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from cli import (REPO_DIR, UserError, ensure_writable_dir, finite_float, hardware_name, main_entry, positive_int,
-                 run_header, write_json)
+from cli import (REPO_DIR, UserError, check_result_out, ensure_writable_dir, finite_float, hardware_name, main_entry,
+                 positive_int, run_header, write_json)
 
 MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 
@@ -1039,9 +1040,33 @@ def gpu_report_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+GPU_ROWS_MARKER = ".bench-gpu-rows"  # in the <out stem>_rows/ folder bench.py gpu made: it writes into that one only
+
+
+def gpu_rows_folder(out: Path) -> Path:
+    """<--out's stem>_rows/ beside --out (gpu.json -> gpu_rows/): refused (UserError) unless it is missing or a folder
+    bench.py gpu made (its marker file): a file, or someone else's folder, is left alone."""
+    folder = out.parent / (out.stem + "_rows")
+    if (folder.exists() or folder.is_symlink()) and not (folder.is_dir() and (folder / GPU_ROWS_MARKER).is_file()):
+        raise UserError(f"--out {out}: its per-row folder {folder} exists and is not one bench.py gpu made (no "
+                        f"{GPU_ROWS_MARKER} in it); remove it or choose another --out")
+    return folder
+
+
+def claim_gpu_rows_folder(folder: Path) -> None:
+    """Create the per-row folder (checked by gpu_rows_folder) and mark it as bench.py gpu's."""
+    ensure_writable_dir(folder, "--out's per-row folder")
+    (folder / GPU_ROWS_MARKER).touch()
+
+
 def run_gpu(args) -> dict:
     import importlib.util
     import json
+
+    if not args.out:
+        raise UserError("bench.py gpu writes its figures after every row: give --out FILE.json")
+    out = Path(args.out)
+    folder = gpu_rows_folder(out)  # each row's JSON and log; refused now if it is not one bench.py gpu made
 
     from cli import git_commit
     from train import TRAIN_PRESETS
@@ -1050,11 +1075,6 @@ def run_gpu(args) -> dict:
     known = {name: (mode, kind, flags) for name, mode, kind, flags in GPU_ROWS}
     if not names or not set(names) <= set(known):
         raise UserError(f"--rows {args.rows}: choose from {', '.join(known)}")
-    if not args.out:
-        raise UserError("bench.py gpu writes its figures after every row: give --out FILE.json")
-    out = Path(args.out)
-    folder = out.parent / (out.stem + "_rows")  # each row's JSON and log
-    folder.mkdir(parents=True, exist_ok=True)
     on_cuda = args.device.startswith("cuda")
     defaults = dict(micro_batch=16, steps=10, warmup=3, new_tokens=256, compile=True) if on_cuda else \
         dict(micro_batch=2, seq_len=32, steps=2, warmup=1, new_tokens=8, compile=False)
@@ -1067,6 +1087,8 @@ def run_gpu(args) -> dict:
     if args.data:
         from dataloader import ShardDataset
         ShardDataset.open(args.data, verify_sha256=False)  # a missing or unfinished dataset is refused now
+    claim_gpu_rows_folder(folder)
+    if args.data:
         data = args.data
     else:
         data = str(random_token_data(folder / "random_tokens", args.micro_batch, seq_len))
@@ -1106,13 +1128,21 @@ def run_gpu(args) -> dict:
                   + (f": {row['error']}" if "error" in row else ""), flush=True)
         result["rows"].append(row)
         result["elapsed_s"] = time.perf_counter() - start
-        write_json(out, result)  # after every row: a killed run still leaves what it measured
+        write_json(out, result, written_by="bench.py gpu")  # after every row: a killed run leaves what it measured
     result["report"] = gpu_report_lines(result["rows"])
     print("\n".join(result["report"]))
     return result
 
 
 MODES["gpu"] = (add_gpu_arguments, run_gpu)
+
+
+def check_out(mode: str, out: str) -> None:
+    """--out up front: a result path bench.py may write (cli.check_result_out: replaces only a result of bench.py,
+    its "written_by" marker) and, for the gpu mode, a per-row folder beside it that bench.py gpu made or may make."""
+    check_result_out(out, f"bench.py {mode}")
+    if mode == "gpu":
+        gpu_rows_folder(Path(out))
 
 
 def command_without_out(argv: list[str]) -> str:
@@ -1129,6 +1159,12 @@ def command_without_out(argv: list[str]) -> str:
                         "--activation-checkpointing")
 def main(argv=None):
     argv = list(map(str, sys.argv[1:] if argv is None else argv))
+    if argv[:1] and argv[0] in MODES:  # --out refused before the mode's flags import torch (seconds); checked again
+        early = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+        early.add_argument("--out")
+        with contextlib.suppress(argparse.ArgumentError):  # a malformed --out: the full parser says so below
+            if (out := early.parse_known_args(argv[1:])[0].out):
+                check_out(argv[0], out)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
     for name, (add_arguments, _) in MODES.items():
@@ -1139,11 +1175,11 @@ def main(argv=None):
             sub.add_argument("--out", help="write the figures as JSON to this file")
     args = parser.parse_args(argv)
     args.command = command_without_out(argv)
-    if args.out:  # refused now rather than after the measurement
-        ensure_writable_dir(Path(args.out).parent, "--out's folder")
+    if args.out:  # refused now rather than after the measurement: a folder, a file not ours, an unwritable folder
+        check_out(args.mode, args.out)
     result = MODES[args.mode][1](args)
     if args.out:
-        write_json(args.out, result)
+        write_json(args.out, result, written_by=f"bench.py {args.mode}")
         print(f"wrote {args.out}")
 
 

@@ -176,10 +176,57 @@ def fsync_dir(folder) -> None:
         os.close(dir_fd)
 
 
-def write_json(path, obj) -> None:
-    """`obj` as indented JSON, written all or nothing (atomic_write): results, manifests and configs."""
+def write_json(path, obj, written_by: str | None = None) -> None:
+    """`obj` as indented JSON, written all or nothing (atomic_write): results, manifests and configs. A result file
+    (`written_by`, the tool: 'hellaswag_eval.py', 'bench.py gpu') carries it as its first key, RESULT_MARKER, and
+    replaces only a result of the same tool (check_result_out, checked again here just before the rename)."""
+    if written_by is not None:
+        check_result_target(Path(path), written_by)
+        obj = {RESULT_MARKER: written_by, **obj}
     with atomic_write(path, "w") as f:
         f.write(json.dumps(obj, indent=2) + "\n")
+
+
+RESULT_MARKER = "written_by"  # the top-level key of a JSON result file: the tool that wrote it
+MAX_RESULT_BYTES = 64 << 20  # no result is larger: a bigger file is not read to find out it is not one
+
+
+def is_result_of(path: Path, written_by: str) -> bool:
+    """Whether `path` is a JSON result file of the tool of `written_by` (its script: 'bench.py' for 'bench.py gpu'):
+    a JSON object whose RESULT_MARKER names that script. A checkpoint, a run's config.json, metrics.jsonl, an older
+    result without the marker are not."""
+    script = written_by.split(" ")[0]
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_RESULT_BYTES:
+            return False
+        with open(path, "rb") as f:
+            if f.read(64).lstrip()[:1] != b"{":  # a checkpoint (zip), a shard: not read any further
+                return False
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8, not JSON
+        return False
+    marker = obj.get(RESULT_MARKER) if isinstance(obj, dict) else None
+    return isinstance(marker, str) and marker.split(" ")[0] == script
+
+
+def check_result_target(path: Path, written_by: str, what: str = "--out") -> None:
+    """Refuse (UserError) a result path that is a folder, or an existing file that is not a result of this tool."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file path such as {path / 'result.json'}")
+    if (path.exists() or path.is_symlink()) and not is_result_of(path, written_by):
+        script = written_by.split(" ")[0]
+        raise UserError(f"{what} {path} exists and is not a result {script} wrote (no \"{RESULT_MARKER}\": "
+                        f"\"{script}...\" key): {script} replaces only its own results; remove it or choose another "
+                        f"{what}")
+
+
+def check_result_out(path, written_by: str, what: str = "--out") -> Path:
+    """Check a JSON result's path up front, before any work: not a folder, not someone else's file (a checkpoint, a
+    run's config.json: only a result of the same tool is replaced), and its folder writable (created if missing)."""
+    path = Path(path)
+    check_result_target(path, written_by, what)
+    ensure_writable_dir(path.parent, f"{what}'s folder")
+    return path
 
 
 def git_commit() -> str:

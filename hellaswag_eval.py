@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import REPO_DIR, UserError, ensure_writable_dir, main_entry, positive_int, write_json
+from cli import REPO_DIR, UserError, check_result_out, main_entry, positive_int, write_json
 from devices import init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
 from tokenizer import EOT_ID, get_tokenizer
@@ -33,6 +33,7 @@ OFFICIAL_EXAMPLES = 10042  # lines of the official validation file
 CACHE_FILE = REPO_DIR / "temp_data" / "hellaswag" / "hellaswag_val.jsonl"
 SAMPLE_FILE = REPO_DIR / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"  # its first 10 examples, committed
 N_ENDINGS = 4
+WRITTEN_BY = "hellaswag_eval.py"  # the marker of its --out results (cli.write_json): it replaces only those
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,10 +235,8 @@ def main(argv=None):
     if args.download_only:
         print(f"HellaSwag validation: {len(load_examples(args.data))} examples ready")
         return
-    if args.out:  # refused now, not after the whole evaluation
-        if Path(args.out).is_dir():
-            raise UserError(f"--out {args.out} is a folder; give a file path such as {Path(args.out) / 'result.json'}")
-        ensure_writable_dir(Path(args.out).parent, "--out's folder")
+    if args.out:  # refused now, not after the whole evaluation: a folder, a file not ours, an unwritable folder
+        check_result_out(args.out, WRITTEN_BY)
     d, device = init_distributed(args.device)
     rank, world_size = d.rank, d.world_size
     try:
@@ -253,7 +252,7 @@ def main(argv=None):
               f"({result['correct_norm']}/{result['total']})")
         if args.out:
             source = {"checkpoint": str(args.checkpoint), "data": str(args.data or OFFICIAL_URL)}
-            write_json(args.out, {**result, **source})
+            write_json(args.out, {**result, **source}, written_by=WRITTEN_BY)
             print(f"wrote {args.out}")
 
 
