@@ -45,7 +45,7 @@ def tool_argv(tool: str, checkpoint: Path, data: Path, work: Path) -> list:
 
 
 def make_targets(root: Path, tool: str) -> dict:
-    """{target name: the --out path}: a training run's files, an old result without the marker, another tool's."""
+    """A training run's files, an old result without the marker, another tool's result in `root`; their paths."""
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
     save_tiny_checkpoint(run / "checkpoints" / "step_000002.pt")
@@ -54,15 +54,20 @@ def make_targets(root: Path, tool: str) -> dict:
     (root / "old.json").write_text(json.dumps({"acc": 0.25, "total": 10}))
     other = "bench.py gpu" if tool == "hellaswag_eval.py" else "hellaswag_eval.py"
     (root / "other.json").write_text(json.dumps({"written_by": other, "acc": 0.25}))
-    targets = {"checkpoint": run / "checkpoints" / "step_000002.pt", "config.json": run / "config.json",
-               "metrics.jsonl": run / "metrics.jsonl", "folder": run / "checkpoints",
-               "unmarked result": root / "old.json", "other tool's result": root / "other.json"}
     if tool == "bench.py gpu":
         (root / "a_rows").mkdir()
         (root / "a_rows" / "notes.txt").write_text("mine")
         (root / "b_rows").write_text("a file")
-        targets.update({"rows folder not made by bench": root / "a.json", "rows path is a file": root / "b.json"})
-    return targets
+    return target_paths(root)
+
+
+def target_paths(root: Path) -> dict:
+    """{target name: the --out path} in a folder make_targets filled (bench.py gpu: a.json's rows folder, b.json's)."""
+    run = root / "run"
+    return {"checkpoint": run / "checkpoints" / "step_000002.pt", "config.json": run / "config.json",
+            "metrics.jsonl": run / "metrics.jsonl", "folder": run / "checkpoints", "unmarked result": root / "old.json",
+            "other tool's result": root / "other.json", "rows folder not made by bench": root / "a.json",
+            "rows path is a file": root / "b.json"}
 
 
 def tree(folder: Path) -> dict:
@@ -82,16 +87,18 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def refused(inputs, tmp_path_factory):
-    """{(tool, target): (its run, the --out path, the tool's tree before, after)}, every run started at once."""
+    """{(tool, target): (its run, the --out path, its folder's tree before, after)}: each case in a folder of its
+    own (a copy of one made per tool), every run started at once."""
     checkpoint, data = inputs
-    roots = {tool: tmp_path_factory.mktemp("foreign") for tool in TOOLS}
-    targets = {tool: make_targets(roots[tool], tool) for tool in TOOLS}
-    before = {tool: tree(root) for tool, root in roots.items()}
-    procs = run_scripts(*[[*tool_argv(tool, checkpoint, data, roots[tool] / "work"), "--out", targets[tool][target]]
-                          for tool, target in CASES], timeout=240)
-    after = {tool: tree(root) for tool, root in roots.items()}
-    return {case: (proc, targets[case[0]][case[1]], before[case[0]], after[case[0]])
-            for case, proc in zip(CASES, procs)}
+    templates = {tool: tmp_path_factory.mktemp("template") for tool in TOOLS}
+    for tool, template in templates.items():
+        make_targets(template, tool)
+    roots = {case: shutil.copytree(templates[case[0]], tmp_path_factory.mktemp("foreign") / "case") for case in CASES}
+    targets = {case: target_paths(root)[case[1]] for case, root in roots.items()}
+    before = {case: tree(root) for case, root in roots.items()}
+    procs = run_scripts(*[[*tool_argv(case[0], checkpoint, data, roots[case] / "work"), "--out", targets[case]]
+                          for case in CASES], timeout=240)
+    return {case: (proc, targets[case], before[case], tree(roots[case])) for case, proc in zip(CASES, procs)}
 
 
 @pytest.mark.parametrize("tool, target", CASES)
