@@ -1,8 +1,8 @@
 """JSON result files (--out) replace only what their tool wrote: every tool with a JSON --out (hellaswag_eval.py and
 each bench.py mode) x every foreign target (a training checkpoint, a run's config.json, its metrics.jsonl, a folder,
-a JSON file without the "written_by" marker, another tool's result; bench.py gpu also a <stem>_rows folder or file it
-did not make) is exit 2 and one line naming --out before any work, the target byte-identical and nothing created;
-the tool's own earlier result is replaced."""
+a JSON file without the "written_by" marker, another tool's result, a folder that cannot be made; bench.py gpu also a
+<stem>_rows folder or file it did not make) is exit 2 and one line naming --out before any work, the target
+byte-identical and nothing created; the tool's own earlier result is replaced."""
 import hashlib
 import json
 import shutil
@@ -16,7 +16,8 @@ from test_generate import save_tiny_checkpoint
 SAMPLE_HELLASWAG = REPO / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"
 TOOLS = ["hellaswag_eval.py", "bench.py train", "bench.py generate", "bench.py memory", "bench.py data-prep",
          "bench.py gpu"]
-TARGETS = ["checkpoint", "config.json", "metrics.jsonl", "folder", "unmarked result", "other tool's result"]
+TARGETS = ["checkpoint", "config.json", "metrics.jsonl", "folder", "unmarked result", "other tool's result",
+           "folder not writable"]
 GPU_ROWS_TARGETS = ["rows folder not made by bench", "rows path is a file"]
 CASES = [(tool, target) for tool in TOOLS for target in TARGETS] + [("bench.py gpu", t) for t in GPU_ROWS_TARGETS]
 
@@ -54,6 +55,7 @@ def make_targets(root: Path, tool: str) -> dict:
     (root / "old.json").write_text(json.dumps({"acc": 0.25, "total": 10}))
     other = "bench.py gpu" if tool == "hellaswag_eval.py" else "hellaswag_eval.py"
     (root / "other.json").write_text(json.dumps({"written_by": other, "acc": 0.25}))
+    (root / "a_file").write_text("x")  # --out a_file/sub/r.json: its folder cannot be made (for root too)
     if tool == "bench.py gpu":
         (root / "a_rows").mkdir()
         (root / "a_rows" / "notes.txt").write_text("mine")
@@ -66,7 +68,8 @@ def target_paths(root: Path) -> dict:
     run = root / "run"
     return {"checkpoint": run / "checkpoints" / "step_000002.pt", "config.json": run / "config.json",
             "metrics.jsonl": run / "metrics.jsonl", "folder": run / "checkpoints", "unmarked result": root / "old.json",
-            "other tool's result": root / "other.json", "rows folder not made by bench": root / "a.json",
+            "other tool's result": root / "other.json", "folder not writable": root / "a_file" / "sub" / "r.json",
+            "rows folder not made by bench": root / "a.json",
             "rows path is a file": root / "b.json"}
 
 
@@ -107,7 +110,9 @@ def test_a_foreign_out_target_is_one_line_before_work_and_left_alone(refused, to
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: --out {out}"), lines
+    expected = f"error: --out's folder {out.parent} is not writable" if target == "folder not writable" else \
+        f"error: --out {out}"
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
     assert proc.stdout == "", proc.stdout  # refused before any work: nothing measured, nothing printed
     assert after == before  # the target byte-identical, nothing created (no temporary file, no _rows folder)
 
