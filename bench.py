@@ -10,6 +10,7 @@ Every mode prints a table and, with --out FILE, writes its figures as JSON. `pyt
 mode's flags.
 """
 import argparse
+import cli
 import contextlib
 import re
 import shlex
@@ -1165,7 +1166,7 @@ def main(argv=None):
         with contextlib.suppress(argparse.ArgumentError):  # a malformed --out: the full parser says so below
             if (out := early.parse_known_args(argv[1:])[0].out):
                 check_out(argv[0], out)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
     for name, (add_arguments, _) in MODES.items():
         # resolve: bench's --out (the JSON file) replaces train.py's --out (a run directory; bench uses a temporary)

@@ -36,6 +36,15 @@ def finite_float(text: str) -> float:
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors (a bad flag value, an unknown flag, a missing argument) are one line,
+    `error: PROG: MESSAGE; see PROG --help`, status 2, no usage block: the same as every other user error (fail).
+    Subparsers (add_subparsers) are of this class too."""
+
+    def error(self, message: str):
+        fail(f"{self.prog}: {message}; see {self.prog} --help")
+
+
 def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
     """Wrap a script's main(): a UserError, a filesystem fault (no space, read-only, permission, ...), or running out
     of GPU memory becomes `error: ...` on stderr and exit status 2; Ctrl-C becomes one line and exit status 130.

@@ -31,6 +31,7 @@ is written last, so a directory without one is unfinished. A rerun on a finished
 replaces what data_prep.py wrote there (never other files).
 """
 import argparse
+import cli
 import collections
 import concurrent.futures
 import contextlib
@@ -74,7 +75,7 @@ def available_cores() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=["hf", "files", "embedded"], required=True,
                    help="hf: a Hugging Face dataset (--dataset/--name/--split); files: local files (--files); "
                         "embedded: the tiny-shakespeare text committed in assets/corpus/")

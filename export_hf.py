@@ -20,6 +20,7 @@ Both use rotate-half RoPE on (i, i + D/2) pairs, so q/k need no permutation (Met
     python export_hf.py --from-hf exports/x --out runs/y/checkpoints/step_000000.pt
 """
 import argparse
+import cli
 import dataclasses
 import json
 import math
@@ -381,7 +382,7 @@ def import_hf(hf_dir, out_file, force: bool = False) -> Path:
 # CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cli.Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Examples:\n" + __doc__.rsplit("\n\n", 1)[-1])
     source = p.add_mutually_exclusive_group(required=True)

@@ -15,6 +15,7 @@ unconditionally. An empty prompt, or one longer than the model's context, is ref
 the context: the model then keeps the most recent block_size tokens in view.
 """
 import argparse
+import cli
 import codecs
 import sys
 
@@ -124,7 +125,7 @@ def generate_samples(model: GPT, prompts: list[str], sampling: Sampling, seed: i
 # Command line
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint file, or a run directory (its newest valid checkpoint is used)")
     parser.add_argument("--prompt", action="append", default=[],

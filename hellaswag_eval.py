@@ -13,6 +13,7 @@ Many examples x 4 endings go through one forward pass: rows are right-padded, an
 padding never influences the scored positions; only completion positions are read out of the logits.
 """
 import argparse
+import cli
 import json
 import os
 import urllib.error
@@ -210,7 +211,7 @@ def evaluate_hellaswag(model: GPT, examples: list[dict], device, batch_size: int
 # Command line
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint",
                         help="a checkpoint file, or a run directory (its newest valid checkpoint is used)")
     parser.add_argument("--download-only", action="store_true",

@@ -7,6 +7,7 @@ Works on a run still in progress (a half-written last line is skipped) and on ru
 Importable: the notebooks call read_metrics / training_figure / loss_figure / hellaswag_figure / latest_values.
 """
 import argparse
+import cli
 import json
 import sys
 from pathlib import Path
@@ -175,7 +176,7 @@ def write_plots(path, out_dir=None) -> list[Path]:
 
 @main_entry
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory (or its metrics.jsonl)")
     parser.add_argument("--out", help="folder for the PNGs (default RUN/plots)")
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ checkpoint; under `torchrun --max-restarts=K ... --resume --allow-fresh-start` a
 from the last checkpoint.
 """
 import argparse
+import cli
 import contextlib
 import dataclasses
 import json
@@ -323,7 +324,7 @@ def config_from_flags(args: dict) -> tuple[TrainConfig, str]:
 
 def parse_command_line(argv=None) -> argparse.Namespace:
     """Every TrainConfig flag, --config, and --check."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
     parser.add_argument("--check", type=positive_int, nargs="?", const=1, metavar="PROCESSES",
                         help="only check the configuration for a run on PROCESSES processes (default 1) and exit: "

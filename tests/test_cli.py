@@ -66,3 +66,42 @@ def test_atomic_write_syncs_every_byte_before_the_rename(tmp_path, monkeypatch):
             f.write(data[start:start + 1000])
     assert synced == [(len(data), False)]  # all bytes on disk, under the temporary name
     assert (tmp_path / "out.bin").read_bytes() == data and os.listdir(tmp_path) == ["out.bin"]
+
+
+# A bad value for a typed flag of every script with a parser (and each bench.py mode), plus an unknown flag: one line
+# naming the flag, status 2, no usage block. All started at once (conftest.run_scripts).
+BAD_FLAG_CASES = [
+    ("train.py", "--config", "debug", "--check", "0"),
+    ("train.py", "--config", "debug", "--check", "-1"),
+    ("train.py", "--config", "debug", "--check", "abc"),
+    ("train.py", "--max-steps", "abc"),
+    ("hellaswag_eval.py", "--limit", "0"),
+    ("hellaswag_eval.py", "--batch-size", "0"),
+    ("bench.py", "gpu", "--deadline-s", "nan"),
+    ("bench.py", "generate", "--new-tokens", "0"),
+    ("bench.py", "nosuchmode"),
+    ("generate.py", "--max-new-tokens", "abc"),
+    ("generate.py", "--temperature", "abc"),
+    ("data_prep.py", "--shard-tokens", "0"),
+    ("data_prep.py", "--workers", "abc"),
+    ("export_hf.py", "--checkpoint", "c", "--out", "x", "--no-such-flag"),
+    ("export_hf.py", "--out", "x"),  # --checkpoint or --from-hf missing
+    ("plot_metrics.py", "run", "--no-such-flag"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs():
+    from conftest import run_scripts
+    return dict(zip(BAD_FLAG_CASES, run_scripts(*BAD_FLAG_CASES, timeout=600)))
+
+
+@pytest.mark.parametrize("case", BAD_FLAG_CASES, ids=" ".join)
+def test_a_bad_flag_value_is_one_error_line_without_usage(case, bad_flag_runs):
+    proc = bad_flag_runs[case]
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
+    assert lines[0].startswith("error: ") and "usage:" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    flags = [a for a in case[1:] if a.startswith("--")]
+    named = flags[-1] if flags and flags[-1] != "--out" else ("--checkpoint" if flags else case[-1])
+    assert named in lines[0] and f"{case[0]}" in lines[0] and "--help" in lines[0], lines[0]
