@@ -62,6 +62,9 @@ def _parse_example(line: str, where: str) -> dict:
 def read_examples(path) -> list[dict]:
     """Every example of a HellaSwag jsonl file (blank lines skipped); UserError naming the first bad line."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"HellaSwag file {path} is a folder, not a jsonl file; pass --data FILE "
+                        f"(e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
     if not path.is_file():
         raise UserError(f"HellaSwag file {path} does not exist; pass --data FILE "
                         f"(e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")

@@ -104,6 +104,9 @@ def read_manifest(data_dir) -> dict:
     """Parse DIR/manifest.json and check that it is one of ours, made with this repo's tokenizer."""
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST_NAME
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"{data_dir} is a file, not a data directory; give --data the folder data_prep.py wrote (it "
+                        f"holds {MANIFEST_NAME}), or build one with `{BUILD_HINT.format(dir=data_dir.with_suffix('.data'))}`")
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist; build it with `{BUILD_HINT.format(dir=data_dir)}`")
     if not path.is_file():

@@ -134,3 +134,12 @@ def test_download_only_checks_a_given_file_without_a_checkpoint():
     assert proc.returncode == 0 and "10 examples ready" in proc.stdout
     proc = run_script("hellaswag_eval.py", "--data", "assets/hellaswag/hellaswag_val_head10.jsonl")
     assert proc.returncode != 0 and "--checkpoint is required" in proc.stderr
+
+
+def test_data_that_is_a_folder_is_named_a_folder_not_missing(tmp_path):
+    """--data DIR: 'is a folder, not a jsonl file', not 'does not exist'."""
+    with pytest.raises(UserError, match="is a folder, not a jsonl file") as e:
+        hellaswag_eval.read_examples(tmp_path)
+    assert "does not exist" not in str(e.value) and "--data" in str(e.value)
+    with pytest.raises(UserError, match="does not exist"):
+        hellaswag_eval.read_examples(tmp_path / "nowhere.jsonl")

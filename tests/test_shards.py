@@ -134,3 +134,14 @@ def test_a_damaged_manifest_entry_is_refused(data_dir, change):
     manifest["shards"][0].update(change)
     with pytest.raises(UserError, match="lists a damaged shard entry"):
         open_with(data_dir, manifest)
+
+
+def test_data_that_is_a_file_is_named_a_file_not_missing(tmp_path):
+    """--data FILE (a shard, the manifest itself): 'is a file, not a data directory', not 'does not exist'."""
+    for name in ("manifest.json", "train_000.bin"):
+        (tmp_path / name).write_text("{}")
+        with pytest.raises(UserError, match=r"is a file, not a data directory") as e:
+            shards.read_manifest(tmp_path / name)
+        assert "does not exist" not in str(e.value) and str(tmp_path / name) in str(e.value)
+    with pytest.raises(UserError, match="does not exist"):
+        shards.read_manifest(tmp_path / "nowhere")
