@@ -28,8 +28,14 @@ split_words() {  # split_words ARRAY VARIABLE: ARRAY = the words of $VARIABLE as
   # (quotes group words: TRAIN_ARGS="--sample-prompts 'Once upon a time'"), nothing in it expanded or run; a quote
   # left open stops the script with one line naming VARIABLE
   local _word
-  python -c 'import shlex, sys; shlex.split(sys.argv[1])' "${!2:-}" 2>/dev/null \
-    || { echo "error: $2 has a quote that is not closed: ${!2}" >&2; exit 2; }
+  python -c '
+import shlex, sys
+try:
+    shlex.split(sys.argv[1])
+except ValueError as e:  # shlex refuses a trailing backslash (No escaped character) and an open quote
+    what = ("ends with a backslash that escapes nothing (a line continuation inside the quotes?); remove it"
+            if "escaped" in str(e) else "has a quote that is not closed")
+    sys.exit(f"error: {sys.argv[2]} {what}: {sys.argv[1]}")' "${!2:-}" "$2" || exit 2
   eval "$1=()"
   while IFS= read -r -d '' _word; do
     eval "$1+=(\"\$_word\")"

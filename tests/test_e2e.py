@@ -72,11 +72,14 @@ def test_debug_script_runs_and_summarizes(tmp_path):
     assert [s["prompt"] for s in samples[0]["samples"]] == ["Once upon a time", "it's"]
 
 
-def test_train_args_with_an_open_quote_is_one_line(tmp_path):
+@pytest.mark.parametrize("train_args, said", [
+    ("--sample-prompts 'Once upon", "error: TRAIN_ARGS has a quote that is not closed"),
+    ("--max-steps 0 \\", "error: TRAIN_ARGS ends with a backslash that escapes nothing"),
+])
+def test_train_args_with_an_open_quote_is_one_line(tmp_path, train_args, said):
     proc = run_bash("run_pre_training_e2e_debug.sh", {"DATA_DIR": str(tmp_path / "data"), "RUN_DIR": str(tmp_path),
-                                                       "TRAIN_ARGS": "--sample-prompts 'Once upon"})
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-        "error: TRAIN_ARGS has a quote that is not closed")
+                                                       "TRAIN_ARGS": train_args})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(said), proc.stderr
     assert not (tmp_path / "data").exists()
 
 
