@@ -18,14 +18,13 @@ import os
 import random
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli import UserError, atomic_write
+from cli import UserError, atomic_write, warn
 
 FORMAT = "lf-llm-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{6,})(?:\.pt)?$")  # a file, or a sharded checkpoint's folder
@@ -431,8 +430,8 @@ def load_checkpoint(path, map_location="cpu") -> tuple[dict, Path]:
     if not path.is_dir() or is_sharded_checkpoint(path):
         return load_checkpoint_file(path, map_location), path
     state, found, damaged = newest_valid_checkpoint(path, map_location)
-    for candidate, error in damaged.items():
-        print(f"warning: skipping {candidate}: {error}", file=sys.stderr)
+    for candidate, error in damaged.items():  # once per node under torchrun, not once per process
+        warn(f"skipping {candidate}: {error}")
     if state is None:
         raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run" if damaged else
                         f"no checkpoint in {checkpoint_dir(path)}; train first, or pass a checkpoint file")

@@ -393,3 +393,19 @@ def test_a_resume_at_or_past_the_last_step_trains_nothing_and_touches_nothing(ru
             assert_names_file(warnings[1], checkpoint.checkpoint_path(run, 6))
             checkpoint.checkpoint_path(run, 8, sharded=True).rmdir()  # (not a file: kept out of the hashes)
         assert file_hashes(run) == before, proc.args
+
+
+@pytest.mark.parametrize("local_rank, printed", [(None, True), ("0", True), ("1", False)])
+def test_a_skipped_checkpoint_is_warned_by_local_rank_0_only(local_rank, printed, runs, tmp_path, capsys,
+                                                             monkeypatch):
+    """hellaswag_eval.py / generate.py under torchrun: every process falls back past the damaged checkpoint, and the
+    `warning: skipping ...` line is printed once per node (LOCAL_RANK 0, as cli.fail), not once per process."""
+    run, _, _ = damaged_copy(runs, *TARGETS[0], DAMAGES[0], tmp_path)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    state, found = checkpoint.load_checkpoint(run)
+    assert state["step"] == GOOD
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: skipping ")]
+    assert len(warnings) == (1 if printed else 0), warnings
