@@ -348,6 +348,39 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
     else:
         grad_accum_steps(cfg.total_batch_tokens, int(cfg.micro_batch), cfg.seq_len, processes)
     ShardDataset.open(cfg.data)
+    if cfg.resume and cfg.out:  # the checkpoint the run would resume from: none, damaged, past the last step
+        checkpoint_to_resume(cfg, cfg.out)
+    if cfg.init_from:  # the checkpoint the run would start from, resolved as the run does (read, nothing moved)
+        load_checkpoint(cfg.init_from, map_location="cpu")
+
+
+RESUME_STATE_KEYS = ("model_config", "model", "optimizer", "train_config", "step", "tokens_seen", "world_size",
+                     "micro_batch", "loader", "rng")  # a checkpoint's entries, in the order a save writes them
+
+
+def checkpoint_to_resume(cfg: TrainConfig, run_dir) -> tuple[dict | None, Path | None, dict[Path, str], int]:
+    """--resume's choice, read-only (the run and --check both use it): (state, path, damaged, steps left) of the
+    newest valid checkpoint of `run_dir` ({path: what is wrong} of newer damaged ones). Refused (UserError): a
+    checkpoint without training state (a weights-only file), one past the run's last step (steps_left), and, without
+    --allow-fresh-start, a run directory whose checkpoints are all damaged or that has none. Nothing is moved."""
+    folder = checkpoint_dir(run_dir)
+    # a sharded checkpoint's weights stay on disk: load_state_dict reads them straight into this run's layout
+    state, path, damaged = newest_valid_checkpoint(run_dir, map_location="cpu", weights=False)
+    if state is not None:
+        in_shard_files = ("model", "optimizer") if is_sharded_checkpoint(path) else ()
+        missing = [key for key in RESUME_STATE_KEYS if key not in state and key not in in_shard_files]
+        if missing:  # a weights-only file (export_hf --from-hf) is refused before anything is touched
+            raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)} missing); start a new "
+                            f"run from its weights with --init-from {path}")
+        return state, path, damaged, steps_left(state["step"], path, cfg.max_steps, cfg.stop_at_step)
+    if damaged and not cfg.allow_fresh_start:
+        raise UserError(f"--resume: every checkpoint in {folder} is damaged (" + "; ".join(damaged.values())
+                        + "). Nothing was changed: add --allow-fresh-start to move them aside (renamed "
+                        "*.damaged) and train again from step 0")
+    if not cfg.allow_fresh_start:
+        raise UserError(f"--resume: no checkpoint in {folder}; add --allow-fresh-start to start from scratch "
+                        "when there is none")
+    return None, None, damaged, 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,21 +551,14 @@ class Trainer:
         if not self.d.is_main:  # rank 0 decides and moves damaged files first: then every rank finds the same
             self.d.barrier()
         try:
-            # a sharded checkpoint's weights stay on disk: load_state_dict reads them straight into this run's layout
-            state, path, damaged = newest_valid_checkpoint(self.run_dir, map_location="cpu", weights=False)
-            if state is not None:
-                self._require_training_state(state, path)
-            if state is not None and steps_left(state["step"], path, cfg.max_steps, cfg.stop_at_step) == 0:
+            state, path, damaged, left = checkpoint_to_resume(cfg, self.run_dir)
+            if state is not None and left == 0:
                 if self.d.is_main:  # (steps_left refuses a checkpoint past the last step)
                     for candidate, error in damaged.items():  # named, though left in place: nothing is touched
                         print(f"warning: skipping {candidate}: {error}", file=sys.stderr)
                     print(f"resume: {path} is at step {state['step']}, this run's last step: nothing to train, "
                           "nothing changed")
                 raise SystemExit(0)
-            if state is None and damaged and not cfg.allow_fresh_start:
-                raise UserError(f"--resume: every checkpoint in {folder} is damaged (" + "; ".join(damaged.values())
-                                + "). Nothing was changed: add --allow-fresh-start to move them aside (renamed "
-                                "*.damaged) and train again from step 0")
             if damaged and self.d.is_main:
                 for error, new in zip(damaged.values(), set_aside(list(damaged), ".damaged")):
                     self.log.info(f"resume: WARNING: moved a damaged checkpoint aside to {new}: {error}")
@@ -543,23 +569,11 @@ class Trainer:
         finally:
             if self.d.is_main:
                 self.d.barrier()
-        if state is None:
-            if not cfg.allow_fresh_start:
-                raise UserError(f"--resume: no checkpoint in {folder}; add --allow-fresh-start to start from scratch "
-                                "when there is none")
+        if state is None:  # (checkpoint_to_resume refused this without --allow-fresh-start)
             self.log.info(f"resume: WARNING: no valid checkpoint in {folder}, training starts from step 0"
                           + (" (every checkpoint was damaged)" if damaged else ""))
             return None
         return state, path
-
-    def _require_training_state(self, state: dict, path: Path) -> None:
-        """A checkpoint to resume holds every STATE_KEYS entry (a sharded one keeps model and optimizer in its shard
-        files); a weights-only file (export_hf --from-hf) is refused before anything is touched."""
-        in_shard_files = ("model", "optimizer") if is_sharded_checkpoint(path) else ()
-        missing = [key for key in self.STATE_KEYS if key not in state and key not in in_shard_files]
-        if missing:
-            raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)} missing); start a new "
-                            f"run from its weights with --init-from {path}")
 
     def _start_fresh(self) -> None:
         if self.cfg.init_from:
@@ -590,8 +604,7 @@ class Trainer:
 
     # --- the training state: what a checkpoint holds, and how it is restored ---
 
-    STATE_KEYS = ("model_config", "model", "optimizer", "train_config", "step", "tokens_seen", "world_size",
-                  "micro_batch", "loader", "rng")
+    STATE_KEYS = RESUME_STATE_KEYS
 
     def state_dict(self) -> dict:
         """Everything needed to continue this run exactly. Every rank calls it: it gathers each rank's RNG state.

@@ -718,3 +718,36 @@ def test_extreme_sampling_values_work_or_are_refused_up_front(tiny_checkpoint, c
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(start), err
         assert "lower --num-samples" in err[0] or "--temperature" in err[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--resume", "--max-steps", "2"], "past this run's last step"),
+    (["--resume", "--stop-at-step", "3"], "--stop-at-step above 4"),
+    (["--resume", "--out", "{empty}"], "no checkpoint in"),
+    (["--init-from", "{empty}"], "no checkpoint in"),
+], ids=["resume-past-max-steps", "resume-past-stop-at-step", "resume-nothing", "init-from-no-checkpoint"])
+def test_check_applies_the_runs_resume_and_init_from_rules_and_changes_nothing(args, needle, run_at_step_4,
+                                                                              embedded_data, tmp_path, capsys):
+    """--check (run before torchrun, whose --max-restarts cannot fix it) finds the checkpoint the run would resume
+    or start from, as the run does: one line, status 2, and every file of the run keeps its sha256."""
+    import hashlib
+
+    import train
+    out, empty = copy_run(run_at_step_4, tmp_path / "run"), tmp_path / "empty"
+    empty.mkdir()
+
+    def hashes():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for folder in (out, empty)
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+    before = hashes()
+    args = [a.replace("{empty}", str(empty)) for a in args]
+    argv = [*TINY, "--data", str(embedded_data), "--out", str(out if "--init-from" not in args else tmp_path / "new"),
+            *args, "--check", "2"]
+    with pytest.raises(SystemExit) as checked:
+        train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert checked.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert hashes() == before and not (tmp_path / "new").exists()
+    ok = [*TINY, "--data", str(embedded_data), "--out", str(out), "--resume", "--check", "2"]
+    train.main(ok)  # a resume the run would take: accepted
+    assert "holds for 2 process" in capsys.readouterr().out and hashes() == before
