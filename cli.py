@@ -89,8 +89,9 @@ def fail(message: str, status: int = 2):
 def warn(message: str) -> None:
     """`warning: MESSAGE` on stderr, from each node's local rank 0 only (as fail): under torchrun every process meets
     the same damaged checkpoint, and the user needs to read about it once."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"warning: {message}", file=sys.stderr)
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # another process of this node says it
+        return
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # What to do about the filesystem faults a user can fix; other OS errors get the system's message only.
