@@ -98,7 +98,7 @@ def units(out: Path) -> None:
 
     # 2. A sharded checkpoint at step 3, loaded back into a fresh FSDP model and into a plain one.
     run = out / "run"
-    extra = {"model_config": CONFIG.__dict__, "step": STEPS, "note": "opaque to sharding.py"}
+    extra = {"model_config": CONFIG.__dict__, "step": STEPS, "tokens_seen": 12345}  # tokens_seen: opaque to sharding.py
     sharding.save_sharded_checkpoint(checkpoint_path(run, STEPS, sharded=True), model, optimizer, extra)
     folder = checkpoint_path(run, STEPS, sharded=True)
     state = load_checkpoint_file(folder, weights=False)
