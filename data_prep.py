@@ -62,6 +62,7 @@ EMBEDDED_CORPUS = REPO_DIR / "assets" / "corpus" / "tinyshakespeare.txt"
 EMBEDDED_VAL_TOKENS = 32_768
 DEFAULT_SHARD_TOKENS = 100_000_000
 DOCS_PER_TASK = 1024  # documents per pool task: big enough to hide the IPC cost, small enough to balance the load
+POOL_STOP_WAIT_S = 30  # how long an early stop waits for the tasks the workers hold
 VAL_SHARE = 0.1  # of a corpus smaller than the default --val-tokens, taken for validation
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|manifest\.json|\.manifest\.json\.tmp\d*)$")
@@ -532,11 +533,12 @@ class Tokenized(NamedTuple):
 
 
 _WORKER_TEXTS = None  # the sequence a worker slices its rows from (set once per worker by the pool initializer)
+_WORKER_STOP = None  # set by the parent when it stops early: the tasks still queued then return at once, empty
 
 
-def _init_worker(texts) -> None:
-    global _WORKER_TEXTS
-    _WORKER_TEXTS = texts
+def _init_worker(texts, stop) -> None:
+    global _WORKER_TEXTS, _WORKER_STOP
+    _WORKER_TEXTS, _WORKER_STOP = texts, stop
     # Ctrl-C reaches the whole process group: the parent alone handles it (ending the pool), not every worker with
     # a traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -566,6 +568,8 @@ def tokenize_documents(texts: list) -> Tokenized:
 def _tokenize_task(task) -> Tokenized:
     """A task is a slice of a parquet file, a (start, stop) row range of the worker's sequence, or a list of texts
     from a stream."""
+    if _WORKER_STOP.is_set():
+        return Tokenized(np.empty(0, np.uint16), 0, 0, 0)
     if isinstance(task, ParquetSlice):
         return tokenize_documents(task.read())
     texts = _WORKER_TEXTS[task[0]:task[1]] if isinstance(task, tuple) else task
@@ -583,14 +587,34 @@ def tokenize_in_pool(texts, workers: int):
     """Tokenized chunks in input order. At most 4 tasks per worker are in flight (Pool.imap would read a whole
     stream ahead into memory); with a sequence each worker reads its own rows, so the parent only collects."""
     shared = texts if hasattr(texts, "__len__") else None
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(shared,)) as pool:
-        pending = collections.deque()
+    stop = multiprocessing.Event()
+    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(shared, stop))
+    pending = collections.deque()
+    try:
         for task in make_tasks(texts):
             pending.append(pool.apply_async(_tokenize_task, (task,)))
             if len(pending) >= 4 * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        stop_pool(pool, stop, pending)
+
+
+def stop_pool(pool, stop, pending) -> None:
+    """End the pool without killing a worker that may be sending its result: Pool.terminate (what `with Pool` does)
+    kills it mid-message, after which the pool's result thread waits forever for the rest, and data_prep.py hangs on
+    Ctrl-C or when --max-tokens ends the run. Queued tasks return at once (`stop`), each worker finishes the one it
+    holds and exits; only a worker still busy after POOL_STOP_WAIT_S (a stuck read) is killed, and it is not sending."""
+    stop.set()
+    pool.close()
+    deadline = time.monotonic() + POOL_STOP_WAIT_S
+    for result in pending:
+        result.wait(max(0.0, deadline - time.monotonic()))
+    if all(result.ready() for result in pending):
+        pool.join()
+    else:
+        pool.terminate()
 
 
 # ----------------------------------------------------------------------------------------------------------------

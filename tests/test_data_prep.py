@@ -1,9 +1,11 @@
 """data_prep.py: documents -> shards -> decoded documents, output directory handling and bad input."""
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -504,3 +506,44 @@ def test_the_remedy_for_a_val_split_that_takes_everything_works_when_followed(tm
     assert "run again with a lower --val-tokens and --overwrite" in err, err
     data_prep.main([*argv, "--val-tokens", "100", "--overwrite"])
     assert ShardDataset.open(tmp_path / "out").val_tokens == 100
+
+
+# --- stopping the tokenizer pool early ------------------------------------------------------------------------------
+
+def start_pool(texts):
+    """tokenize_in_pool with its first chunk taken, and the worker processes it started."""
+    before = set(multiprocessing.active_children())
+    chunks = data_prep.tokenize_in_pool(texts, workers=2)
+    next(chunks)
+    return chunks, [p for p in multiprocessing.active_children() if p not in before]
+
+
+@pytest.mark.parametrize("how", ["closed", "interrupted"])
+def test_an_early_stop_lets_each_worker_finish_and_exit_by_itself(how):
+    """--max-tokens closes the chunk generator early and Ctrl-C raises in it. Killing a worker then (Pool.terminate)
+    can cut it off while it sends a result, and the pool's result thread waits forever for the rest of that message:
+    data_prep.py hung. The queued tasks must return at once and every worker exit on its own (exit code 0)."""
+    chunks, workers = start_pool(["a few words of text " * 50] * (16 * data_prep.DOCS_PER_TASK))
+    if how == "closed":
+        chunks.close()
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            chunks.throw(KeyboardInterrupt)
+    assert len(workers) == 2 and [p.exitcode for p in workers] == [0, 0]
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
+                    reason="the stuck task is patched into the parent, which only forked workers inherit")
+def test_an_early_stop_does_not_wait_forever_for_a_stuck_task(monkeypatch):
+    """A worker stuck in its task (a hung read) is killed once POOL_STOP_WAIT_S has passed; it is not sending."""
+    import threading
+    tokenize = data_prep.tokenize_documents
+    monkeypatch.setattr(data_prep, "tokenize_documents",
+                        lambda texts: time.sleep(3600) if texts[0] == "stuck" else tokenize(texts))
+    monkeypatch.setattr(data_prep, "POOL_STOP_WAIT_S", 0.5)
+    chunks, workers = start_pool(["fine"] * data_prep.DOCS_PER_TASK + ["stuck"] * (8 * data_prep.DOCS_PER_TASK))
+    closing = threading.Thread(target=chunks.close, daemon=True)
+    closing.start()
+    closing.join(timeout=120)
+    assert not closing.is_alive(), "stopping the pool waited for a task that never ends"
+    assert all(p.exitcode is not None for p in workers)
