@@ -1,5 +1,8 @@
 """Devices and processes, shared by the scripts: pick CUDA / MPS / CPU, and join torchrun's process group."""
+import atexit
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +64,30 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
                             rank=d.rank, world_size=d.world_size, device_id=device if device.type == "cuda" else None)
     d.control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return d, device
+
+
+def exit_with(main) -> None:
+    """`sys.exit(main())` for a script torchrun may start. A torchrun worker (RANK set) ends with os._exit once its
+    threads, atexit handlers and output are done, skipping Python's finalization: a gloo worker thread can still be
+    releasing the tensors of the last collective then (the process group outlives destroy_process_group while a
+    DeviceMesh or DDP holds it), and a thread taking the GIL during finalization aborts the process ("terminate
+    called without an active exception", exit -6) after a run that succeeded."""
+    try:
+        status = main()
+    except SystemExit as e:
+        status = e.code
+    if "RANK" not in os.environ:
+        sys.exit(status)
+    if status is not None and not isinstance(status, int):
+        print(status, file=sys.stderr)  # as sys.exit shows a message
+        status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 0)
 
 
 def attempt_store(d: Dist):

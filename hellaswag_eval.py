@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import REPO_DIR, UserError, check_result_out, main_entry, positive_int, write_json
-from devices import init_distributed
+from devices import exit_with, init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
 from tokenizer import EOT_ID, get_tokenizer
 
@@ -261,4 +261,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_with(main)

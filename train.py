@@ -35,7 +35,7 @@ from checkpoint import (checkpoint_dir, checkpoint_path, checkpoint_step, end_st
                         seed_everything, set_aside, set_rng_state, steps_left)
 from cli import UserError, atomic_write, ensure_writable_dir, fail, main_entry, positive_int, run_header, write_json
 from dataloader import ShardDataset, TrainLoader, val_batches
-from devices import (Dist, cuda_memory_probe, enable_tf32, init_distributed, largest_fitting, mfu,
+from devices import (Dist, cuda_memory_probe, enable_tf32, exit_with, init_distributed, largest_fitting, mfu,
                      peak_flops, pick_device)
 from generate import REFERENCE_PROMPTS, encode_prompt, generate_samples
 from hellaswag_eval import SAMPLE_FILE, evaluate_hellaswag, load_examples
@@ -927,4 +927,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

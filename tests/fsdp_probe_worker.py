@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sharding  # noqa: E402
+from devices import exit_with  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 CONFIG = GPTConfig.from_preset("debug", vocab_size=1001, attn_dropout=0.0, ffn_dropout=0.0)
@@ -63,4 +64,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    exit_with(lambda: main(Path(sys.argv[1])))

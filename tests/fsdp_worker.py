@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sharding  # noqa: E402
 from checkpoint import checkpoint_path, checkpoint_step, load_checkpoint_file  # noqa: E402
+from devices import exit_with  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # The debug model with a small vocabulary (quick to save and compare); an odd row count, as GPT-2's 50257, so the
@@ -136,6 +137,6 @@ def kill_at_save(step: int, train_args: list[str]) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "units":
-        units(Path(sys.argv[2]))
+        exit_with(lambda: units(Path(sys.argv[2])))
     else:
-        sys.exit(kill_at_save(int(sys.argv[2]), sys.argv[3:]))
+        exit_with(lambda: kill_at_save(int(sys.argv[2]), sys.argv[3:]))

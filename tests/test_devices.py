@@ -93,3 +93,50 @@ def test_each_restart_attempt_has_its_own_store_keys(monkeypatch):
     second.set("rank0_address", "live process")
     assert first.get("rank0_address") == b"dead process" and second.get("rank0_address") == b"live process"
     del agent
+
+
+# --- how a torchrun worker exits ------------------------------------------------------------------------------------
+
+EXIT_SCRIPT = """
+import atexit, os, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from devices import exit_with
+out = Path({out!r})
+
+class Finalized:  # what it needs is bound now: finalization clears module globals in an order of its own
+    def __del__(self, path=str(out / "finalized"), os_open=os.open, close=os.close, flags=os.O_CREAT | os.O_WRONLY):
+        close(os_open(path, flags))
+
+kept = Finalized()  # a module global: Python's finalization deletes it, an exit that skips finalization does not
+atexit.register(lambda: (out / "atexit").touch())
+
+def main():
+    threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").touch())).start()
+    print("printed", end="")  # no newline: still in the buffer at exit
+    return {status}
+exit_with(main)
+"""
+
+
+@pytest.mark.parametrize("status", ["None", "3", "'a message'", "sys.exit(4)"])
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_a_torchrun_worker_exits_without_finalizing_but_with_its_status_output_threads_and_atexit(tmp_path, status,
+                                                                                                  torchrun):
+    """Under torchrun a gloo worker thread can still release the last collective's tensors while Python finalizes,
+    and its taking the GIL then aborts a run that succeeded (exit -6, seen in CI after FSDP and DDP runs): a worker
+    ends with os._exit instead. Nothing else may change: the exit status, the message, buffered output, a running
+    thread and atexit handlers are those of sys.exit(main())."""
+    import subprocess
+    import sys
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_SCRIPT.format(repo=os.path.dirname(devices.__file__), out=str(tmp_path), status=status))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "PYTHONUNBUFFERED")}  # stdout: a buffered pipe
+    env |= {"RANK": "0"} if torchrun else {}
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
+    expected = {"None": 0, "3": 3, "'a message'": 1, "sys.exit(4)": 4}[status]
+    assert proc.returncode == expected, proc.stderr
+    assert proc.stdout == "printed"
+    assert ("a message" in proc.stderr) == (status == "'a message'")
+    assert (tmp_path / "thread").exists() and (tmp_path / "atexit").exists()
+    assert (tmp_path / "finalized").exists() != torchrun
