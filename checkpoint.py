@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cli import UserError, atomic_write, warn
+from model import GPT, GPTConfig
 
 FORMAT = "lf-llm-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{6,})(?:\.pt)?$")  # a file, or a sharded checkpoint's folder
@@ -215,7 +216,6 @@ def _describe(value) -> str:
 
 
 def _model_config_problem(value) -> str | None:
-    from model import GPTConfig
     if not _is_mapping(value):
         return "not a model config (a mapping of GPTConfig fields)"
     fields = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
@@ -450,7 +450,6 @@ def load_model(path, device="cpu"):
 def model_from_state(state: dict, source, device="cpu"):
     """The GPT of a loaded checkpoint dict (`source` names it in errors), in eval mode. The model is built on the
     meta device and materialized once on `device`: no random init of weights that are overwritten anyway."""
-    from model import GPT, GPTConfig
     try:
         config = GPTConfig.from_dict(state["model_config"])
     except (TypeError, ValueError) as e:

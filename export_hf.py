@@ -355,7 +355,7 @@ def written_by_import(path: Path) -> bool:
 
 def import_hf(hf_dir, out_file, force: bool = False) -> Path:
     """Write a checkpoint of this repo (model config + weights, no optimizer) from a transformers directory. The
-    weights are loaded into GPT first, so a file that GPT.from_checkpoint would refuse is never written."""
+    weights are loaded into GPT first, so a file that checkpoint.load_model would refuse is never written."""
     out_file = Path(out_file)
     if out_file.is_dir():
         raise UserError(f"--out {out_file} is a directory; give a checkpoint file path such as "
@@ -411,7 +411,7 @@ def main(argv=None):
         if args.dtype is not None:
             raise UserError("--dtype applies to an export (--checkpoint); an import always writes float32 weights")
         out = import_hf(args.from_hf, args.out, args.force)
-        print(f"wrote checkpoint {out} (load it with GPT.from_checkpoint)")
+        print(f"wrote checkpoint {out} (load it with checkpoint.load_model)")
     else:
         out = export_checkpoint(args.checkpoint, args.out, args.dtype or "float32", args.force)
         print(f"wrote {ARCHITECTURE} export {out} (load it with AutoModelForCausalLM.from_pretrained)")

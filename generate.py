@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from checkpoint import load_model
 from cli import UserError, main_entry
 from devices import pick_device
 from model import GPT, Sampling, evaluating
@@ -174,7 +175,7 @@ def main(argv=None):
         raise UserError(f"--seed must be in [0, 2**64), the generator's range; got {args.seed}")
     prompts = read_prompts(args)
     device = pick_device(args.device)
-    model = GPT.from_checkpoint(args.checkpoint, device)
+    model = load_model(args.checkpoint, device)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)  # inference only: half the bytes to read per token
     prompt_ids = [encode_prompt(p, model.config.block_size) for p in prompts]

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from checkpoint import load_model
 from cli import REPO_DIR, UserError, check_result_out, main_entry, positive_int, write_json
 from devices import exit_with, init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
@@ -245,7 +246,7 @@ def main(argv=None):
     rank, world_size = d.rank, d.world_size
     try:
         examples = load_examples(args.data, args.limit)
-        model = GPT.from_checkpoint(args.checkpoint, device)
+        model = load_model(args.checkpoint, device)
         result = evaluate_hellaswag(model, examples, device, args.batch_size, rank, world_size, progress=True)
     finally:
         if dist.is_initialized():

@@ -349,16 +349,6 @@ class GPT(nn.Module):
         return torch.optim.AdamW(self.param_groups(weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Loading
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu") -> "GPT":
-        """The model of a checkpoint file, or of a run directory's newest valid checkpoint, in eval mode (the
-        loading and its error messages live in checkpoint.py)."""
-        from checkpoint import load_model
-        return load_model(path, device)
-
-    # ------------------------------------------------------------------------------------------------------------
     # Generation
 
     @torch.no_grad()

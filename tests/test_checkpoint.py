@@ -114,7 +114,7 @@ def assert_names_file(message: str, file: Path) -> None:
     assert str(file) in message or (str(file.parent) in message and file.name in message), message
 
 
-# --- readers of one checkpoint: generate.py and hellaswag_eval.py (GPT.from_checkpoint -> checkpoint.load_model),
+# --- readers of one checkpoint: generate.py and hellaswag_eval.py (checkpoint.load_model),
 # export_hf.py (export_checkpoint), train.py --init-from (checkpoint.load_checkpoint) -------------------------------
 
 SINGLE_READERS = {

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import export_hf
 import tokenizer
-from checkpoint import checkpoint_path, save_checkpoint
+from checkpoint import checkpoint_path, load_model, save_checkpoint
 from model import GPT, GPTConfig, Sampling
 
 EOT = tokenizer.EOT_ID
@@ -168,9 +168,9 @@ def test_cli_export_then_import_gives_a_loadable_checkpoint(tmp_path):
     card = (tmp_path / "export" / "README.md").read_text()
     assert "3.9876 (step 20)" in card and "3.1111" not in card  # latest metric at or before the checkpoint
     assert "81,920 (step 20)" in card and "0.2500 (step 10)" in card
-    assert f"{GPT.from_checkpoint(tmp_path / 'run').num_params():,}" in card
+    assert f"{load_model(tmp_path / 'run').num_params():,}" in card
     export_hf.main(["--from-hf", str(tmp_path / "export"), "--out", str(tmp_path / "back.pt")])
-    original, imported = GPT.from_checkpoint(tmp_path / "run"), GPT.from_checkpoint(tmp_path / "back.pt")
+    original, imported = load_model(tmp_path / "run"), load_model(tmp_path / "back.pt")
     assert imported.config == original.config
     for name, tensor in original.state_dict().items():
         assert torch.equal(imported.state_dict()[name], tensor), name

@@ -72,7 +72,7 @@ def test_fsdp_holds_half_the_parameter_and_optimizer_bytes_per_process(worker):
 
 
 def test_single_process_readers_get_the_full_model_without_a_process_group(worker):
-    """checkpoint.load_checkpoint (generate.py, hellaswag_eval.py, export_hf.py, GPT.from_checkpoint) on a sharded
+    """checkpoint.load_checkpoint (generate.py, hellaswag_eval.py, export_hf.py, load_model) on a sharded
     folder, or on its run directory, gives what a .pt file holds: format, model_config, the model as full tensors
     (the uneven embedding shards joined), and the extra state the trainer passed."""
     trained = torch.load(worker / "loaded.pt", weights_only=True)["trained"]["model"]
