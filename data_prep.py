@@ -14,13 +14,13 @@ between blank lines, datasets' sample_by="paragraph"); for the embedded corpus t
 `--source files --files assets/corpus/tinyshakespeare.txt` gives the same shards as `--source embedded`. Empty
 documents are skipped.
 
-Reading: --source hf finds the files of --name/--split from the `configs:` of the dataset card (README.md), the
-way datasets.load_dataset does, for a hub id or a local copy alike. Parquet files (FineWeb-Edu's) are downloaded
-with huggingface_hub, in order and ahead of the tokenizer, and read by the workers themselves, a row-group slice a
-task: no Arrow cache is written, so the disk needed is the download plus the shards. Local .parquet --files are read
-the same way. Other files (.txt, .json/.jsonl, non-parquet hub datasets) go through datasets.load_dataset, which
-first converts them to an Arrow cache; --streaming reads any source through datasets without a cache, in the main
-process.
+Reading: --source hf has datasets resolve the files of --name/--split from the `configs:` of the dataset card
+(datasets.load_dataset_builder), for a hub id (at one commit, pinned first) or a local copy alike. Parquet files
+(FineWeb-Edu's) are downloaded with huggingface_hub, in order and ahead of the tokenizer, and read by the workers
+themselves, a row-group slice a task: no Arrow cache is written, so the disk needed is the download plus the
+shards. Local .parquet --files are read the same way. Other files (.txt, .json/.jsonl, non-parquet hub datasets)
+go through datasets.load_dataset, which first converts them to an Arrow cache; --streaming reads any source through
+datasets without a cache, in the main process.
 
 Validation size: --val-tokens, or by default one shard's worth; a corpus smaller than that default gets the first
 VAL_SHARE (10%) of its tokens for validation instead. The output says so, and the manifest records it (val_share).
@@ -35,7 +35,6 @@ import cli
 import collections
 import concurrent.futures
 import contextlib
-import fnmatch
 import functools
 import glob
 import json
@@ -44,6 +43,7 @@ import os
 import queue
 import re
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -287,19 +287,25 @@ def load_texts(args, source: dict):
     themselves, or (streaming) an iterator of lists of texts."""
     if source["type"] == "embedded":
         return embedded_documents()[:args.max_docs]
-    if not args.streaming:
-        paths = parquet_paths(args, source)
-        if paths is not None:
-            return parquet_tasks(paths, args.text_field, args.max_docs)
-    if source["type"] == "hf":
-        what = f"--dataset {args.dataset} --name {args.name} --split {args.split}"
-        files = local_dataset_files(args, what)
-        ds = load_hf_dataset(args, what, files, args.dataset, args.name, split=args.split, num_proc=args.workers)
-    else:
+    if source["type"] == "files":
         what, files = f"--files {' '.join(args.files)}", source["files"]
+        if source["reader"] == "parquet" and not args.streaming:
+            return parquet_tasks(files, args.text_field, args.max_docs)
         options = {"sample_by": "paragraph"} if source["reader"] == "text" else {}
         ds = load_hf_dataset(args, what, files, source["reader"], data_files=files, split="train",
                              num_proc=min(args.workers, len(files)), **options)
+    else:
+        what = f"--dataset {args.dataset} --name {args.name} --split {args.split}"
+        # a hub dataset is listed here only for the parquet route; streamed, datasets alone reads it
+        files, revision = config_files(args, what) if Path(args.dataset).is_dir() or not args.streaming else ([], None)
+        if not args.streaming and all(f.endswith(".parquet") for f in files):
+            at = f" at revision {revision}" if revision else ""
+            print(f"data_prep: {what}: {len(files)} parquet files{at} ({files[0]}, ...), read by the workers directly")
+            paths = files if revision is None else fetched_in_order(files, hub_download(args, revision))
+            return parquet_tasks(paths, args.text_field, args.max_docs)
+        files = files if revision is None else []  # local files, to name the one that cannot be decoded
+        ds = load_hf_dataset(args, what, files, args.dataset, args.name, split=args.split, revision=revision,
+                             num_proc=args.workers)
     with reading(what, files):  # a streamed dataset reads its first row here
         check_text_field(ds, args.text_field, what)
     if args.streaming:
@@ -310,35 +316,11 @@ def load_texts(args, source: dict):
     return ArrowTexts(ds, args.text_field, args.max_docs)
 
 
-def local_dataset_files(args, what: str) -> list[str]:
-    """The files a local copy given as --dataset holds for --name/--split (all its files when its card lists no
-    configs), for naming the one that cannot be decoded; [] for a dataset on the hub."""
-    if not Path(args.dataset).is_dir():
-        return []
-    repo = open_dataset_repo(args)
-    return [repo.fetch(name) for name in config_data_files(repo, args.name, args.split, what) or repo.files]
-
-
 def stream_batches(ds, field: str, what: str, files: list[str]):
     """Lists of texts from a streamed dataset, which meets undecodable input only now."""
     with reading(what, files):
         for batch in ds.iter(batch_size=DOCS_PER_TASK):
             yield batch[field]
-
-
-def parquet_paths(args, source: dict):
-    """Local paths of the parquet input, read by the workers directly (hub files are downloaded on the way), or
-    None when the input is not parquet and datasets reads it."""
-    if source["type"] == "files":
-        return source["files"] if source["reader"] == "parquet" else None
-    what = f"--dataset {args.dataset} --name {args.name} --split {args.split}"
-    repo = open_dataset_repo(args)
-    files = config_data_files(repo, args.name, args.split, what)
-    if files is None or not all(f.endswith(".parquet") for f in files):
-        return None
-    at = f" at revision {repo.revision}" if repo.revision else ""
-    print(f"data_prep: {what}: {len(files)} parquet files{at} ({files[0]}, ...), read by the workers directly")
-    return fetched_in_order(files, repo.fetch)
 
 
 def token_bound(texts) -> int | None:
@@ -361,33 +343,68 @@ def check_text_field(ds, field: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hugging Face datasets: the files of a config, from the dataset card
+# Hugging Face datasets: the files of a config, as datasets resolves them, at one hub commit
 
-class DatasetRepo(NamedTuple):
-    """A dataset on the hub or a local copy of one: its file names, its card, and how to get a file locally."""
-    files: list[str]  # paths relative to the repository root, '/'-separated
-    card: str  # README.md's text ('' when there is none)
-    fetch: object  # relative path -> local path (downloads from the hub)
+class ConfigFiles(NamedTuple):
+    files: list[str]  # local paths (a local copy) or paths in the repository (the hub), sorted
     revision: str | None  # the hub commit every file is read from; None for a local copy
-    card_name: str = "README.md"  # the card, as errors name it
 
 
-def read_card(path: Path, name: str) -> str:
-    """A dataset card's text; one line naming the card when it is not UTF-8."""
+def config_files(args, what: str) -> ConfigFiles:
+    """The files of --name/--split as datasets.load_dataset_builder resolves them from the `configs:` of the dataset
+    card (from the layout when it lists none), for a local copy or a hub dataset at the commit pinned first. What
+    datasets raises for a card it cannot read becomes one line naming the card."""
+    import datasets  # only here: the rest of the repo must run on machines without `datasets`
+    revision = None if Path(args.dataset).is_dir() else hub_commit(args.dataset)
+    # the builder only resolves the files (nothing is built): its cache folder, which gets a lock file, is scratch
+    with card_errors(args), tempfile.TemporaryDirectory() as scratch:
+        try:
+            builder = datasets.load_dataset_builder(args.dataset, args.name, revision=revision, cache_dir=scratch)
+        except ValueError:  # among others, a config the card does not have
+            configs = datasets.get_dataset_config_names(args.dataset, revision=revision)
+            if args.name in configs:
+                raise
+            raise UserError(f"{what}: the dataset has no config {args.name!r} (its configs: {', '.join(configs)}); "
+                            f"pass --name") from None
+    splits = builder.config.data_files or {}
+    if args.split not in splits or not splits[args.split]:
+        raise UserError(f"{what}: config {args.name!r} has no split {args.split!r} (its splits: "
+                        f"{', '.join(str(s) for s in splits if splits[s])}); pass --split")
+    return ConfigFiles([f.removeprefix(f"{builder.base_path}/") if revision else f for f in splits[args.split]],
+                       revision)
+
+
+@contextlib.contextmanager
+def card_errors(args):
+    """Whatever reading the card's configs raises (a YAML, encoding, shape or pattern error, each of its own type)
+    is one line naming the card; a network error on the hub is one naming the dataset."""
+    local = Path(args.dataset).is_dir()
+    card = Path(args.dataset) / "README.md" if local else f"README.md of --dataset {args.dataset}"
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"dataset card {name} is not UTF-8 text (byte {e.start}: {e.reason}); fix its encoding")
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        if not local and (isinstance(e, (ConnectionError, TimeoutError))
+                          or type(e).__module__.startswith(("httpx", "huggingface_hub"))):
+            with hub_errors(args.dataset):
+                raise
+        message = " ".join(str(e).split())
+        raise UserError(f"dataset card {card}: datasets cannot read its configs ({type(e).__name__}"
+                        f"{': ' + message[:200] if message else ''}); fix the card (`configs:` as in "
+                        f"https://huggingface.co/docs/hub/datasets-manual-configuration)") from e
 
 
-def open_dataset_repo(args) -> DatasetRepo:
-    root = Path(args.dataset)
-    if root.is_dir():  # datasets.load_dataset also reads a local folder of that name before asking the hub
-        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        card = root / "README.md"
-        return DatasetRepo(files, read_card(card, str(card)) if card.is_file() else "", lambda name: str(root / name),
-                           None, str(card))
-    from huggingface_hub import HfApi, hf_hub_download
+def hub_commit(dataset: str) -> str:
+    """The dataset's current commit on the hub: every file is read from it."""
+    from huggingface_hub import HfApi
+    with hub_errors(dataset):
+        return HfApi().dataset_info(dataset).sha
+
+
+def hub_download(args, revision: str):
+    """name -> local path of that file of --dataset at `revision`, downloaded by huggingface_hub (cached)."""
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import disable_progress_bars
     # the downloads run in a daemon thread (fetched_in_order): without its own bars it never holds stderr, which a
     # daemon thread must not do when the interpreter exits (Ctrl-C, an error); data_prep's bar shows the progress
@@ -395,14 +412,8 @@ def open_dataset_repo(args) -> DatasetRepo:
 
     def fetch(name: str) -> str:
         with hub_errors(args.dataset):
-            return hf_hub_download(args.dataset, name, repo_type="dataset", revision=info.sha,
-                                   cache_dir=args.cache_dir)
-    with hub_errors(args.dataset):
-        info = HfApi().dataset_info(args.dataset)  # pins one commit, so that every file comes from it
-    files = sorted(sibling.rfilename for sibling in info.siblings)
-    card_name = f"README.md of --dataset {args.dataset}"
-    card = read_card(Path(fetch("README.md")), card_name) if "README.md" in files else ""
-    return DatasetRepo(files, card, fetch, info.sha, card_name)
+            return hf_hub_download(args.dataset, name, repo_type="dataset", revision=revision, cache_dir=args.cache_dir)
+    return fetch
 
 
 @contextlib.contextmanager
@@ -413,92 +424,6 @@ def hub_errors(dataset: str):
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"cannot read --dataset {dataset} from the Hugging Face hub ({type(e).__name__}: {message}); "
                         f"check the name and the network, or pass the path of a local copy") from e
-
-
-def config_data_files(repo: DatasetRepo, name: str, split: str, what: str) -> list[str] | None:
-    """The files of config `name`, split `split`, matched as the card's `configs:` says (sorted, hidden files left
-    out, as datasets does); None when the card lists no configs (datasets then infers them from the layout)."""
-    configs = card_configs(repo)
-    if not configs:
-        return None
-    if name not in configs:
-        raise UserError(f"{what}: the dataset has no config {name!r} (its configs: {', '.join(configs)}); pass --name")
-    patterns = configs[name]
-    if split not in patterns:
-        raise UserError(f"{what}: config {name!r} has no split {split!r} (its splits: {', '.join(patterns)}); "
-                        f"pass --split")
-    visible = [f for f in repo.files if not any(part.startswith((".", "__")) for part in f.split("/"))]
-    files = sorted({f for f in visible for pattern in patterns[split]
-                    if path_matches(f.split("/"), pattern.split("/"))})
-    if not files:
-        raise UserError(f"{what}: no file of the dataset matches {', '.join(patterns[split])}")
-    return files
-
-
-def card_configs(repo: DatasetRepo) -> dict[str, dict[str, list[str]]]:
-    """{config name: {split: [file patterns]}} from the `configs:` of the card's YAML header ({} when it lists none).
-    A header that breaks this shape is one line naming the card and the entry at fault."""
-    import yaml
-
-    def bad(where: str, expected: str, value) -> UserError:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        return UserError(f"dataset card {repo.card_name}: {where} must be {expected}, not {shown}; fix the card")
-    front = re.match(r"^---\s*\n(.*?)\n---\s*$", repo.card, re.S | re.M)
-    try:
-        header = yaml.safe_load(front.group(1)) if front else None
-    except yaml.YAMLError as e:
-        raise UserError(f"dataset card {repo.card_name}: its YAML header does not parse "
-                        f"({' '.join(str(e).split())}); fix the card") from None
-    if header is None:
-        return {}
-    if not isinstance(header, dict):
-        raise bad("its YAML header", "a mapping of fields", header)
-    configs = header.get("configs") or []
-    if not isinstance(configs, list):
-        raise bad("configs", "a list of configs", configs)
-    found = {}
-    for i, config in enumerate(configs):
-        if not isinstance(config, dict):
-            raise bad(f"configs[{i}]", "a mapping (config_name, data_files)", config)
-        name = config.get("config_name", "default")
-        if not isinstance(name, str):
-            raise bad(f"configs[{i}].config_name", "a name", name)
-        found[name] = split_patterns(config.get("data_files"), f"configs[{i}].data_files", bad)
-    return found
-
-
-def split_patterns(data_files, where: str, bad) -> dict[str, list[str]]:
-    """A config's data_files (a pattern, a list of them, {split: pattern(s)} or a list of {split, path}) as
-    {split: [patterns]}; bad(where, expected, value) is the error for any other shape."""
-    def patterns(value, at: str) -> list[str]:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
-            return value
-        raise bad(at, "a file pattern or a list of them", value)
-    if isinstance(data_files, str) or (isinstance(data_files, list) and data_files
-                                       and all(isinstance(entry, str) for entry in data_files)):
-        return {"train": patterns(data_files, where)}
-    if isinstance(data_files, dict) and data_files and all(isinstance(split, str) for split in data_files):
-        return {split: patterns(p, f"{where}.{split}") for split, p in data_files.items()}
-    if not isinstance(data_files, list) or not data_files:
-        raise bad(where, "file patterns: a pattern, a list, {split: patterns} or a list of {split, path}",
-                  data_files)
-    found = {}
-    for i, entry in enumerate(data_files):
-        if not isinstance(entry, dict) or not isinstance(entry.get("split"), str) or "path" not in entry:
-            raise bad(f"{where}[{i}]", "a mapping with a split name and a path", entry)
-        found[entry["split"]] = patterns(entry["path"], f"{where}[{i}].path")
-    return found
-
-
-def path_matches(parts: list[str], pattern: list[str]) -> bool:
-    """Glob match of a path against a pattern, segment by segment: '*' stays within a folder, '**' spans any."""
-    if not pattern:
-        return not parts
-    if pattern[0] == "**":
-        return any(path_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and path_matches(parts[1:], pattern[1:])
 
 
 def fetched_in_order(names: list[str], fetch):

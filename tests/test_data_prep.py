@@ -318,17 +318,22 @@ def test_hf_source_on_a_hub_shaped_local_copy(fineweb_copy, tmp_path, streaming)
 
 
 def fake_hub(monkeypatch, root, fail_on=None) -> list:
-    """The hub, served from the local copy: huggingface_hub's listing and downloads (the names fetched are recorded;
-    fetching `fail_on` raises the error a dropped connection would)."""
+    """The hub, served from the local copy: huggingface_hub's listing (the commit) and downloads (the names fetched
+    are recorded; fetching `fail_on` raises the error a dropped connection would), and datasets resolving the card of
+    the commit (its builder on the local copy, whose files are the repository's paths under its base_path)."""
     import types
 
+    import datasets
     import huggingface_hub
-    listing = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    fetched = []
+    fetched, load_dataset_builder = [], datasets.load_dataset_builder
 
     def dataset_info(self, repo_id, **kwargs):
         assert repo_id == "HuggingFaceFW/fineweb-edu"
-        return types.SimpleNamespace(sha="c0ffee", siblings=[types.SimpleNamespace(rfilename=f) for f in listing])
+        return types.SimpleNamespace(sha="c0ffee")
+
+    def hub_builder(path, name, revision, **kwargs):
+        assert (path, revision) == ("HuggingFaceFW/fineweb-edu", "c0ffee")
+        return load_dataset_builder(str(root), name, **kwargs)
 
     def hf_hub_download(repo_id, filename, repo_type, revision, cache_dir):
         assert (repo_id, repo_type, revision, cache_dir) == ("HuggingFaceFW/fineweb-edu", "dataset", "c0ffee", "c")
@@ -337,17 +342,18 @@ def fake_hub(monkeypatch, root, fail_on=None) -> list:
         fetched.append(filename)
         return str(root / filename)
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset_builder", hub_builder)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     return fetched
 
 
 def test_hf_source_downloads_the_config_files_from_one_hub_commit(fineweb_copy, tmp_path, monkeypatch):
-    """The hub branch (no network here): the repository listing and the downloads are served from the local copy;
-    only the config's files are fetched, README.md first, all at the commit the listing came from."""
+    """The hub branch (no network here): the commit, the card's resolution and the downloads are served from the
+    local copy; only the config's files are fetched, in order, all at the commit pinned first."""
     root, docs = fineweb_copy
     fetched = fake_hub(monkeypatch, root)
     prepare(tmp_path / "out", "--source", "hf", "--shard-tokens", "40000", "--val-tokens", "15000", cache="c")
-    assert fetched == ["README.md", "sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet"]
+    assert fetched == ["sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet"]
     assert np.array_equal(shard_tokens(tmp_path / "out"), reference_tokens(docs))
 
 
@@ -454,8 +460,7 @@ def test_a_malformed_dataset_card_is_one_line_naming_it(case, tmp_path):
     (root / "README.md").write_bytes(CARD_DAMAGES[case])
     args = argparse.Namespace(dataset=str(root), name="sample-10BT", split="train")
     try:
-        files = data_prep.config_data_files(data_prep.open_dataset_repo(args), args.name, args.split, "--dataset x")
-        assert files is None or isinstance(files, list)
+        assert isinstance(data_prep.config_files(args, "--dataset x").files, list)
         assert case not in FIVE_CARDS
     except UserError as e:
         assert "\n" not in str(e)
