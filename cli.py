@@ -246,6 +246,18 @@ def check_result_out(path, written_by: str, what: str = "--out") -> Path:
     return path
 
 
+def run_and_write_result(work, args, written_by: str) -> dict:
+    """work(args)'s result, written to args.out (when given) as a JSON result of `written_by`: the path is checked
+    before the work starts (check_result_out), so a bad --out costs nothing."""
+    if args.out:
+        check_result_out(args.out, written_by)
+    result = work(args)
+    if args.out:
+        write_json(args.out, result, written_by=written_by)
+        print(f"wrote {args.out}")
+    return result
+
+
 def git_commit() -> str:
     """The repo's commit (with '-dirty' when the tree has changes), or 'unknown' outside a git checkout."""
     def git(*args):

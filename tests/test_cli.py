@@ -80,6 +80,8 @@ BAD_FLAG_CASES = [
     ("bench.py", "gpu", "--deadline-s", "nan"),
     ("bench.py", "generate", "--new-tokens", "0"),
     ("bench.py", "nosuchmode"),
+    ("bench_data_prep.py", "--corpus-mb", "nan"),
+    ("memory_estimate.py", "--gpus", "abc"),
     ("generate.py", "--max-new-tokens", "abc"),
     ("generate.py", "--temperature", "abc"),
     ("data_prep.py", "--shard-tokens", "0"),

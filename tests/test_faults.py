@@ -304,7 +304,7 @@ OUT_OF_RANGE = [
     ("generate.py", ["--seed", "100000000000000000000000"], "--seed"),
     ("generate.py", ["--seed", "-1"], "--seed"),
     ("bench.py", ["generate", "--block-size", "0"], "--block-size"),
-    ("bench.py", ["data-prep", "--corpus-mb", "nan"], "--corpus-mb"),
+    ("bench_data_prep.py", ["--corpus-mb", "nan"], "--corpus-mb"),
     ("train.py", ["--max-lr", "inf"], "--max-lr inf: must be a finite number"),
     ("train.py", ["--seed", "100000000000"], "--seed"),
 ]
@@ -316,7 +316,8 @@ def runs_with_out_of_range_arguments(tiny_checkpoint, embedded_data, tmp_path_fa
     def argv(script, args):
         out = tmp_path_factory.mktemp("out_of_range") / "run"
         extra = {"generate.py": ["--checkpoint", tiny_checkpoint, "--max-new-tokens", "2"],
-                 "train.py": [*TINY, "--data", embedded_data, "--out", out], "bench.py": []}[script]
+                 "train.py": [*TINY, "--data", embedded_data, "--out", out], "bench.py": [],
+                 "bench_data_prep.py": []}[script]
         return (script, *extra, *args)
     runs = run_scripts(*[argv(script, args) for script, args, _ in OUT_OF_RANGE])
     return {(script, *args): proc for (script, args, _), proc in zip(OUT_OF_RANGE, runs)}
@@ -674,14 +675,14 @@ def sha256_tree(folder) -> dict:
 
 def test_bench_data_prep_refuses_a_work_dir_it_did_not_make(run_at_step_4, tmp_path, capsys):
     """--work-dir at a run directory: refused in one line, every file byte-identical (it used to be removed)."""
-    import bench
+    import bench_data_prep
     run = copy_run(run_at_step_4, tmp_path / "run")
     before = sha256_tree(run)
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["data-prep", "--corpus-mb", "0.1", "--work-dir", str(run)])
+        bench_data_prep.main(["--corpus-mb", "0.1", "--work-dir", str(run)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: --work-dir {run} holds files bench.py did not write")
+    assert len(err) == 1 and err[0].startswith(f"error: --work-dir {run} holds files bench_data_prep.py did not write")
     assert sha256_tree(run) == before
 
 

@@ -1,8 +1,8 @@
-"""JSON result files (--out) replace only what their tool wrote: every tool with a JSON --out (hellaswag_eval.py and
-each bench.py mode) x every foreign target (a training checkpoint, a run's config.json, its metrics.jsonl, a folder,
-a JSON file without the "written_by" marker, another tool's result, a folder that cannot be made; bench.py gpu also a
-<stem>_rows folder or file it did not make) is exit 2 and one line naming --out before any work, the target
-byte-identical and nothing created; the tool's own earlier result is replaced."""
+"""JSON result files (--out) replace only what their tool wrote: every tool with a JSON --out (hellaswag_eval.py,
+each bench.py mode, bench_data_prep.py, memory_estimate.py) x every foreign target (a training checkpoint, a run's
+config.json, its metrics.jsonl, a folder, a JSON file without the "written_by" marker, another tool's result, a folder
+that cannot be made; bench.py gpu also a <stem>_rows folder or file it did not make) is exit 2 and one line naming
+--out before any work, the target byte-identical and nothing created; the tool's own earlier result is replaced."""
 import hashlib
 import json
 import shutil
@@ -14,8 +14,8 @@ from conftest import REPO, run_scripts
 from test_generate import save_tiny_checkpoint
 
 SAMPLE_HELLASWAG = REPO / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"
-TOOLS = ["hellaswag_eval.py", "bench.py train", "bench.py generate", "bench.py memory", "bench.py data-prep",
-         "bench.py gpu"]
+TOOLS = ["hellaswag_eval.py", "bench.py train", "bench.py generate", "bench.py gpu", "bench_data_prep.py",
+         "memory_estimate.py"]
 TARGETS = ["checkpoint", "config.json", "metrics.jsonl", "folder", "unmarked result", "other tool's result",
            "folder not writable"]
 GPU_ROWS_TARGETS = ["rows folder not made by bench", "rows path is a file"]
@@ -36,9 +36,9 @@ def tool_argv(tool: str, checkpoint: Path, data: Path, work: Path) -> list:
         "bench.py train": ["bench.py", "train", "--config", "debug", "--micro-batch", 2, "--seq-len", 32, "--steps", 1,
                            "--warmup", 0, "--no-compile", "--data", data],
         "bench.py generate": ["bench.py", "generate", "--new-tokens", 2, "--repeats", 1, "--block-size", 8],
-        "bench.py memory": ["bench.py", "memory", "--configs", "debug", "--micro-batch", 1, "--seq-len", 16,
-                            "--gpus", 1],
-        "bench.py data-prep": ["bench.py", "data-prep", "--corpus-mb", 0.01, "--workers", 1, "--schemes", "loop",
+        "memory_estimate.py": ["memory_estimate.py", "--configs", "debug", "--micro-batch", 1, "--seq-len", 16,
+                               "--gpus", 1],
+        "bench_data_prep.py": ["bench_data_prep.py", "--corpus-mb", 0.01, "--workers", 1, "--schemes", "loop",
                                "--work-dir", work],
         "bench.py gpu": ["bench.py", "gpu", "--device", "cpu", "--config", "debug", "--rows", "generate",
                          "--new-tokens", 2, "--deadline-s", 120],
@@ -82,10 +82,10 @@ def tree(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(a checkpoint to evaluate, a small random-token dataset) for the tools' own runs."""
-    import bench
+    import bench_gpu
     root = tmp_path_factory.mktemp("inputs")
     save_tiny_checkpoint(root / "model.pt")
-    return root / "model.pt", bench.random_token_data(root / "data", 2, 32)
+    return root / "model.pt", bench_gpu.random_token_data(root / "data", 2, 32)
 
 
 @pytest.fixture(scope="module")
