@@ -367,6 +367,28 @@ def test_hf_download_failure_is_one_clear_error(fineweb_copy, tmp_path, monkeypa
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("error, said", [
+    (ConnectionError("connection reset by peer"), r"cannot read --dataset HuggingFaceFW/fineweb-edu from the Hugging "
+                                                  r"Face hub \(ConnectionError: connection reset by peer\); check"),
+    (ValueError("Expected configs to be a list"), r"dataset card README.md of --dataset HuggingFaceFW/fineweb-edu: "
+                                                  r"datasets cannot read its configs \(ValueError: Expected configs"),
+], ids=["network", "card"])
+def test_hub_errors_while_datasets_reads_the_card_name_the_hub_or_the_card(fineweb_copy, tmp_path, monkeypatch, error,
+                                                                          said):
+    """On the hub, datasets reads the card and lists the files over the network: a network error is one line naming
+    the dataset and the hub, anything else one line naming the card; nothing is downloaded or written."""
+    import datasets
+    fetched = fake_hub(monkeypatch, fineweb_copy[0])
+
+    def failing(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(datasets, "load_dataset_builder", failing)
+    monkeypatch.setattr(datasets, "get_dataset_config_names", failing)
+    with pytest.raises(UserError, match=said):
+        prepare(tmp_path / "out", "--source", "hf", cache="c")
+    assert fetched == [] and not list((tmp_path / "out").glob("*"))
+
+
 def test_hf_source_names_the_configs_and_splits_it_has(fineweb_copy, tmp_path):
     root, _ = fineweb_copy
     with pytest.raises(UserError, match=r"no config 'sample-100BT' \(its configs: default, sample-10BT\)"):
