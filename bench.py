@@ -32,7 +32,8 @@ from export_hf import hf_config, to_hf_state_dict
 from generate import REFERENCE_PROMPTS
 from model import GPT, PRESETS, GPTConfig, Sampling
 from tokenizer import EOT_ID, get_tokenizer
-from train import Trainer, add_config_flags, config_from_flags, lr_at
+from config import add_config_flags, config_from_flags
+from train import Trainer, lr_at
 
 MODES = {}  # mode name -> (add_arguments(parser), run(args) -> dict of figures)
 

@@ -22,7 +22,7 @@ import tokenizer
 from cli import REPO_DIR, UserError, ensure_writable_dir, finite_float, git_commit, positive_int, write_json
 from dataloader import ShardDataset
 from model import PRESETS
-from train import TrainConfig
+from config import TrainConfig
 
 GPU_ROWS = [  # (name, mode, kind (for the time estimate), the row's own flags), most important first
     ("train_compiled", "train", "compiled", ["--compile", "--profile"]),

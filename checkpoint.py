@@ -6,10 +6,15 @@ optimizer, step, loader and RNG state. Files are written to a temporary name (.s
 and renamed, so a kill during a save never leaves a damaged file under a checkpoint name; the temporary file such a
 kill leaves behind is removed by the next training start or save (remove_orphaned_temp_files).
 
-An FSDP run's checkpoint is a folder, RUN_DIR/checkpoints/step_NNNNNN/ (written by sharding.py the same way: a
-temporary .step_NNNNNN.tmpPID folder renamed when complete): torch.distributed.checkpoint files with the model and
+An FSDP run's checkpoint is a folder, RUN_DIR/checkpoints/step_NNNNNN/ (written the same way: a temporary
+.step_NNNNNN.tmpPID folder renamed when complete): torch.distributed.checkpoint files with the model and
 optimizer state, sharded as the processes held them, plus train_state.pt with the rest of the dict. Every function
-here treats it like a file: load_checkpoint_file gives the same dict, the model as full tensors.
+here treats it like a file: load_checkpoint_file gives the same dict, the model as full tensors; DCP reshards on
+load, so load_training_state continues any checkpoint in any layout (a sharded one on another process count, under
+DDP or on one process, and a DDP run's .pt file under FSDP).
+
+RunCheckpoints is a training run's view of all this: the checkpoint to resume (past damaged ones, which rank 0 sets
+aside before the other processes look), saving, pruning and the temporary files of killed saves.
 """
 import dataclasses
 import errno
@@ -18,13 +23,16 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from cli import UserError, atomic_write, warn
+from cli import UserError, atomic_write, fsync_dir, warn
+from devices import Dist
 from model import GPT, GPTConfig
 
 FORMAT = "lf-llm-checkpoint-v1"
@@ -436,6 +444,223 @@ def load_checkpoint(path, map_location="cpu") -> tuple[dict, Path]:
         raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run" if damaged else
                         f"no checkpoint in {checkpoint_dir(path)}; train first, or pass a checkpoint file")
     return state, found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP), written with torch.distributed.checkpoint (DCP)
+
+def save_sharded_checkpoint(path, model, optimizer, extra: dict, group=None) -> None:
+    """Write the checkpoint folder `path` (checkpoint_path(..., sharded=True)); every process calls this.
+    Each writes its shards into a temporary sibling folder .step_NNNNNN.tmpPID (PID: rank 0's), rank 0 adds
+    train_state.pt ({"format", **extra}), then renames the complete folder to `path`: a kill at any point leaves the
+    earlier checkpoints as they were and at most the temporary folder (remove_orphaned_temp_files); a
+    failure removes the temporary folder (a full disk: one line with the sizes, as for a .pt file).
+    `group`: the process group for DCP's host-side coordination (gloo), None for the default one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    path = Path(path)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    tmp = path.with_name(f".{path.name}.tmp{_rank0_value(os.getpid(), group)}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    error = None
+    try:
+        _dcp_call(dcp.save, state, tmp, group, path)
+        if rank0:  # every shard and DCP's index are written (dcp.save returns after rank 0 wrote the index)
+            with atomic_write(tmp / STATE_FILE) as f:
+                torch.save({"format": FORMAT, **extra}, f)
+            fsync_dir(tmp)
+            tmp.rename(path)
+            fsync_dir(path.parent)
+    except BaseException as e:
+        error = e
+    failed = _rank0_value(f"{type(error).__name__}: {error}" if error and rank0 else None, group)
+    if error is not None and rank0:  # every process is done with the folder (a collective failed on all)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, OSError):
+        raise no_room_error(error, path, tensor_bytes(state)) from error
+    if error is not None:
+        raise error
+    if failed:  # rank 0 failed after the shards were written: every process stops with it
+        raise UserError(f"checkpoint {path} was not written: rank 0 failed ({failed})")
+
+
+def _rank0_value(value, group):
+    """Rank 0's `value`, on every process (host objects over `group`)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _dcp_call(function, state: dict, folder: Path, group, what: Path) -> None:
+    """dcp.save or dcp.load of `state` in `folder`. A file system fault on any process (DCP collects every
+    process's errors into one CheckpointException, which is no Exception) becomes one line naming it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        function(state, checkpoint_id=folder, process_group=group)
+    except CheckpointException as e:
+        failures = [failure[0] for failure in e.failures.values()]
+        os_error = next((f for f in failures if isinstance(f, OSError)), None)
+        if os_error is not None:
+            raise os_error
+        first = failures[0] if failures else e
+        raise RuntimeError(f"checkpoint {what}: {type(first).__name__}: {first}") from first
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a checkpoint's training state into any layout
+
+def load_training_state(model, optimizer, state: dict, path, group=None) -> None:
+    """Put a checkpoint's weights and AdamW moments (and step counts) into this run's model and optimizer; every
+    process calls this. `path` is a sharded checkpoint folder (read with DCP: each process reads just its shards,
+    or full tensors for a plain model) or a .pt file whose loaded dict is `state` (full tensors: each process keeps
+    its slice). `model` is FSDP-sharded or plain (one process, or the module DDP will wrap). The optimizer keeps
+    this run's settings (betas, eps, weight decay, fused/foreach): only moments and step counts are loaded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    # torch's helpers build the AdamW state to load into (a step at lr 0) only while no gradient is held: without
+    # this, held gradients would leave that state empty and the checkpoint's moments unloaded
+    optimizer.zero_grad(set_to_none=True)
+    names = _param_names(model, optimizer)
+    path = Path(path)
+    if path.is_dir():
+        saved = {"model": get_model_state_dict(model),  # this run's tensors (shards or full), filled in place
+                 "optimizer": {"state": get_optimizer_state_dict(model, optimizer)["state"]}}
+        _dcp_call(dcp.load, saved, path, group, path)
+        options = StateDictOptions()
+    else:
+        saved = {"model": state["model"], "optimizer": {"state": _state_by_name(names, state["optimizer"])}}
+        options = StateDictOptions(full_state_dict=True)  # full tensors: each process keeps its slice
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": group_names}
+              for group, group_names in zip(optimizer.param_groups, names)]  # this run's settings, by name
+    set_model_state_dict(model, saved["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, {"state": saved["optimizer"]["state"], "param_groups": groups},
+                             options=options)
+
+
+def _param_names(model, optimizer) -> list[list[str]]:
+    """The parameter names of each of the optimizer's groups, in the optimizer's order."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _state_by_name(names: list[list[str]], saved: dict) -> dict:
+    """A torch optimizer state_dict's per-parameter state, keyed by position in its param groups, keyed by
+    parameter name instead. Positions follow model.configure_optimizer's groups, which built this run's optimizer
+    (`names`) too."""
+    shape = [len(g["params"]) for g in saved["param_groups"]]
+    if shape != [len(group) for group in names]:
+        raise UserError(f"the checkpoint's optimizer has parameter groups of {shape} tensors, this model's "
+                        f"{[len(group) for group in names]}; resume with the code that wrote it")
+    flat_names = [name for group in names for name in group]
+    positions = [i for g in saved["param_groups"] for i in g["params"]]
+    return {name: saved["state"][i] for name, i in zip(flat_names, positions) if i in saved["state"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A training run's checkpoints: what to resume, saving, pruning
+
+RESUME_STATE_KEYS = ("model_config", "model", "optimizer", "train_config", "step", "tokens_seen", "world_size",
+                     "micro_batch", "loader", "rng")  # a training checkpoint's entries, in the order a save writes them
+
+
+def checkpoint_to_resume(run_dir, max_steps: int, stop_at_step: int,
+                         allow_fresh_start: bool) -> tuple[dict | None, Path | None, dict[Path, str], int]:
+    """--resume's choice, read-only (a run and train.py --check both use it): (state, path, damaged, steps left) of
+    the newest valid checkpoint of `run_dir` ({path: what is wrong} of newer damaged ones). Refused (UserError): a
+    checkpoint without training state (a weights-only file), one past the run's last step (steps_left), and, without
+    `allow_fresh_start`, a run directory whose checkpoints are all damaged or that has none. Nothing is moved."""
+    folder = checkpoint_dir(run_dir)
+    # a sharded checkpoint's weights stay on disk: load_training_state reads them straight into the run's layout
+    state, path, damaged = newest_valid_checkpoint(run_dir, map_location="cpu", weights=False)
+    if state is not None:
+        in_shard_files = ("model", "optimizer") if is_sharded_checkpoint(path) else ()
+        missing = [key for key in RESUME_STATE_KEYS if key not in state and key not in in_shard_files]
+        if missing:  # a weights-only file (export_hf --from-hf) is refused before anything is touched
+            raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)} missing); start a new "
+                            f"run from its weights with --init-from {path}")
+        return state, path, damaged, steps_left(state["step"], path, max_steps, stop_at_step)
+    if damaged and not allow_fresh_start:
+        raise UserError(f"--resume: every checkpoint in {folder} is damaged (" + "; ".join(damaged.values())
+                        + "). Nothing was changed: add --allow-fresh-start to move them aside (renamed "
+                        "*.damaged) and train again from step 0")
+    if not allow_fresh_start:
+        raise UserError(f"--resume: no checkpoint in {folder}; add --allow-fresh-start to start from scratch "
+                        "when there is none")
+    return None, None, damaged, 0
+
+
+class RunCheckpoints:
+    """One process's handle on a training run's checkpoints. Rank 0 alone moves and deletes files; the other
+    processes wait for it where they must read what it left. `log` prints on rank 0 (train.py's RunLog.info)."""
+
+    def __init__(self, run_dir: Path, d: Dist, log, sharded: bool, keep: int):
+        self.run_dir, self.d, self.log, self.sharded, self.keep = run_dir, d, log, sharded, keep
+
+    def remove_orphans(self) -> None:
+        """Rank 0 deletes the temporary files of killed saves (at the start, and before each save: their space may
+        be what it needs)."""
+        if self.d.is_main:
+            for path in remove_orphaned_temp_files(self.run_dir):
+                self.log(f"removed {path}, the temporary file of a save that was killed")
+
+    def to_resume(self, max_steps: int, stop_at_step: int, allow_fresh_start: bool) -> tuple[dict, Path] | None:
+        """(state, path) of the newest valid checkpoint, or None for a fresh start (only with allow_fresh_start).
+        Damaged checkpoints newer than it are moved aside (renamed *.damaged, never deleted) and the steps they held
+        are named as lost; rank 0 does this first, then every process finds the same. A checkpoint already at the
+        run's last step ends the process (status 0), touching nothing."""
+        if not self.d.is_main:
+            self.d.barrier()
+        try:
+            state, path, damaged, left = checkpoint_to_resume(self.run_dir, max_steps, stop_at_step,
+                                                              allow_fresh_start)
+            if state is not None and left == 0:
+                self._nothing_to_train(state, path, damaged)
+            if damaged and self.d.is_main:
+                self._set_aside_damaged(damaged, state)
+        finally:
+            if self.d.is_main:
+                self.d.barrier()
+        if state is None:
+            self.log(f"resume: WARNING: no valid checkpoint in {checkpoint_dir(self.run_dir)}, training starts from "
+                     "step 0" + (" (every checkpoint was damaged)" if damaged else ""))
+            return None
+        return state, path
+
+    def _nothing_to_train(self, state: dict, path: Path, damaged: dict[Path, str]):
+        if self.d.is_main:
+            for candidate, error in damaged.items():  # named, though left in place: nothing is touched
+                print(f"warning: skipping {candidate}: {error}", file=sys.stderr)
+            print(f"resume: {path} is at step {state['step']}, this run's last step: nothing to train, nothing changed")
+        raise SystemExit(0)
+
+    def _set_aside_damaged(self, damaged: dict[Path, str], state: dict | None) -> None:
+        for error, new in zip(damaged.values(), set_aside(list(damaged), ".damaged")):
+            self.log(f"resume: WARNING: moved a damaged checkpoint aside to {new}: {error}")
+        lost = max(checkpoint_step(p) for p in damaged)
+        self.log(f"resume: WARNING: steps {state['step'] + 1 if state else 1}-{lost} are lost and will be trained "
+                 "again: the newest good checkpoint is " + (f"step {state['step']}" if state else "none"))
+
+    def save(self, state: dict, model, optimizer) -> Path:
+        """state (a Trainer's state_dict) as a .pt file written by rank 0, or sharded: a folder every process writes
+        its shards of `model` and `optimizer` into. Then rank 0 prunes to the newest `keep`. Every process calls
+        this and returns once the checkpoint is complete."""
+        path = checkpoint_path(self.run_dir, state["step"], sharded=self.sharded)
+        self.remove_orphans()
+        if self.sharded:
+            extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            save_sharded_checkpoint(path, model, optimizer, extra, group=self.d.control)
+        elif self.d.is_main:
+            save_checkpoint(state, path)
+        if self.d.is_main:
+            prune_checkpoints(self.run_dir, self.keep, saved=path)
+            self.log(f"step {state['step']:6d} | checkpoint {path}")
+        self.d.barrier()
+        return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

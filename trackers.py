@@ -10,7 +10,9 @@ import os
 import secrets
 from pathlib import Path
 
-from cli import UserError, atomic_write
+from tqdm import tqdm
+
+from cli import UserError, atomic_write, write_json
 from plot_metrics import read_metrics
 
 TRACKERS = ("tensorboard", "wandb")
@@ -169,3 +171,63 @@ class WandbTracker:
         # finish() returns before wandb's service process has written and closed the offline .wandb file: it is
         # complete once that process ends (at this process's exit, or after wandb.teardown())
         self.run.finish(exit_code=exit_code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A training run's record: train.log, metrics.jsonl, and the trackers mirroring it
+
+class RunLog:
+    """Rank 0's readable log (stdout + train.log), metrics.jsonl and the --tracker mirrors of it; other ranks stay
+    quiet."""
+
+    def __init__(self, run_dir: Path, active: bool):
+        self.active, self.run_dir = active, run_dir
+        self.log_file = open(run_dir / "train.log", "a") if active else None
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.trackers = Trackers()  # none until open_trackers
+
+    def info(self, line: str = "") -> None:
+        if self.active:
+            tqdm.write(line)
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
+
+    def metrics(self, event: dict) -> None:
+        if self.active:  # opened per event: a resume may have rewritten the file (drop_metrics_after)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+            self.trackers.log(event)
+
+    def header(self, lines: list[str], config: dict) -> None:
+        """The run's header and config in the log; the config also as config.json."""
+        for line in lines:
+            self.info(line)
+        self.info("config: " + json.dumps(config))
+        if self.active:
+            write_json(self.run_dir / "config.json", config)
+
+    def open_trackers(self, cfg, d, step: int, resumed: bool, header: list[str], config: dict) -> Trackers:
+        """Rank 0 starts the --tracker mirrors (cfg: train.py's TrainConfig), which then get every metrics event;
+        other ranks get none. A tracker that cannot start stops every rank together (the others would otherwise
+        wait in the first collective; d: devices.Dist)."""
+        error = None
+        if self.active:
+            try:
+                self.trackers = open_trackers(parse_trackers(cfg.tracker), self.run_dir, step, resumed, config,
+                                              header, cfg.wandb_project, cfg.wandb_run_name, warn=self.info)
+            except UserError as e:
+                error = str(e)
+        error = d.gather(error)[0]
+        if error:
+            raise UserError(error)
+        return self.trackers
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """On resume from a checkpoint taken after `step` steps, forget events the lost segment logged past it."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [e for e in read_metrics(path) if e["step"] < step or (e["step"] == step and "loss" not in e)]
+    with atomic_write(path, "w") as f:
+        f.write("".join(json.dumps(event) + "\n" for event in kept))

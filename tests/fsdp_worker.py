@@ -1,7 +1,7 @@
 """Under `torchrun --nproc_per_node=2` (gloo, CPU), for tests/test_fsdp.py:
 
   python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py units OUT
-      sharding.py on the debug model: each check writes what the test asserts into OUT (rank 0's, unless per rank)
+      sharding.py and the sharded checkpoints on the debug model: each check writes what the test asserts into OUT (rank 0's, unless per rank)
   python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py kill-at-save STEP TRAIN_ARGS
       train.py TRAIN_ARGS --fsdp, with rank 0 SIGKILLed while it saves step STEP: after every process wrote its
       shards, in the middle of writing train_state.pt
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import checkpoint  # noqa: E402
 import sharding  # noqa: E402
 from checkpoint import checkpoint_path, checkpoint_step, load_checkpoint_file  # noqa: E402
 from devices import exit_with  # noqa: E402
@@ -99,19 +100,19 @@ def units(out: Path) -> None:
 
     # 2. A sharded checkpoint at step 3, loaded back into a fresh FSDP model and into a plain one.
     run = out / "run"
-    extra = {"model_config": CONFIG.__dict__, "step": STEPS, "tokens_seen": 12345}  # tokens_seen: opaque to sharding.py
-    sharding.save_sharded_checkpoint(checkpoint_path(run, STEPS, sharded=True), model, optimizer, extra)
+    extra = {"model_config": CONFIG.__dict__, "step": STEPS, "tokens_seen": 12345}  # tokens_seen: opaque to the sharded save
+    checkpoint.save_sharded_checkpoint(checkpoint_path(run, STEPS, sharded=True), model, optimizer, extra)
     folder = checkpoint_path(run, STEPS, sharded=True)
     state = load_checkpoint_file(folder, weights=False)
     results = {}
     for name, fsdp in (("fsdp_from_sharded", True), ("plain_from_sharded", False)):
         fresh, fresh_optimizer = make(fsdp, seed=9)
-        sharding.load_training_state(fresh, fresh_optimizer, state, folder)
+        checkpoint.load_training_state(fresh, fresh_optimizer, state, folder)
         results[name] = full_state(fresh, fresh_optimizer)
     # 3. A plain (DDP-style) .pt checkpoint into FSDP: optimizer state keyed by position, as torch saves it.
     pt = {"model": plain.state_dict(), "optimizer": plain_optimizer.state_dict()}
     fresh, fresh_optimizer = make(fsdp=True, seed=9)
-    sharding.load_training_state(fresh, fresh_optimizer, pt, out / "plain.pt")
+    checkpoint.load_training_state(fresh, fresh_optimizer, pt, out / "plain.pt")
     results["fsdp_from_pt"] = full_state(fresh, fresh_optimizer)
     results["fsdp_from_pt_settings"] = [{k: g[k] for k in ("weight_decay", "betas", "eps")}
                                         for g in fresh_optimizer.param_groups]
@@ -125,13 +126,13 @@ def kill_at_save(step: int, train_args: list[str]) -> int:
 
     def killed(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
-    save = train.save_sharded_checkpoint
+    save = checkpoint.save_sharded_checkpoint
 
     def save_or_die(path, *args, **kwargs):
         if checkpoint_step(path) == step and dist.get_rank() == 0:
-            sharding.atomic_write = killed  # train_state.pt is written last, after the shards
+            checkpoint.atomic_write = killed  # train_state.pt is written last, after the shards
         return save(path, *args, **kwargs)
-    train.save_sharded_checkpoint = save_or_die
+    checkpoint.save_sharded_checkpoint = save_or_die
     return train.main([*train_args, "--fsdp"])
 
 
