@@ -1,7 +1,8 @@
 """Under `torchrun --nproc_per_node=2` (gloo, CPU), for tests/test_fsdp.py:
 
   python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py units OUT
-      sharding.py and the sharded checkpoints on the debug model: each check writes what the test asserts into OUT (rank 0's, unless per rank)
+      sharding.py and sharded checkpoints on the debug model: each check writes what the test asserts into OUT
+      (rank 0's, unless per rank)
   python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py kill-at-save STEP TRAIN_ARGS
       train.py TRAIN_ARGS --fsdp, with rank 0 SIGKILLed while it saves step STEP: after every process wrote its
       shards, in the middle of writing train_state.pt
