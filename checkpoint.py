@@ -174,7 +174,7 @@ def set_aside(paths: list[Path], suffix: str) -> list[Path]:
 def load_checkpoint_file(path, map_location="cpu", weights: bool = True) -> dict:
     """Load and validate one checkpoint file or sharded checkpoint folder; UserError when it is missing, truncated
     or not one of ours. weights=False leaves a sharded checkpoint's model and optimizer state on disk (no 'model'
-    key): sharding.load_training_state reads them straight into a run's shards."""
+    key): load_training_state reads them straight into a run's shards."""
     path = Path(path)
     if is_sharded_checkpoint(path):
         return load_sharded_checkpoint(path, map_location, weights)
@@ -205,7 +205,7 @@ def _check_schema(state: dict, file: Path) -> None:
 
 
 # --- the schema of a loaded checkpoint: one rule per entry any saving code writes (train.Trainer.state_dict, via
-# save_checkpoint or sharding.save_sharded_checkpoint; export_hf.py --from-hf). A file breaking one is damaged. ---
+# save_checkpoint or save_sharded_checkpoint; export_hf.py --from-hf). A file breaking one is damaged. ---
 
 def _is_count(value, least: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least

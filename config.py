@@ -49,7 +49,7 @@ class TrainConfig:
     loss_chunk_rows: int = 0  # > 0: head + loss this many rows at a time, never all (B*T, V) float32 logits
     fp8: bool = False  # fp8 matmuls in the Linear layers: torchao's float8 training (CUDA sm89+, pip install torchao)
     # Under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2) instead of replicating
-    # them (DDP): each holds about 1/N of them; checkpoints become sharded folders (sharding.py).
+    # them (DDP): each holds about 1/N of them; checkpoints become sharded folders (checkpoint.py).
     fsdp: bool = False
     peak_flops: float = 0.0  # device peak for MFU; 0 = look up the GPU name (A100, H100, H200)
     # Evaluation, logging and checkpoints (intervals in optimizer steps; 0 = only at the last step).
@@ -173,9 +173,9 @@ def input_problems(cfg: TrainConfig) -> list[str]:
         found["init_from"] = (f"--init-from {cfg.init_from!r}: no such file or folder; give a checkpoint file or a run "
                               "directory")
     if cfg.hellaswag_data and not Path(cfg.hellaswag_data).is_file():
-        found["hellaswag_data"] = (f"--hellaswag-data {cfg.hellaswag_data!r}: no such file; give a HellaSwag jsonl file "
-                                   f"(e.g. {SAMPLE_FILE.relative_to(Path(__file__).parent)}), or leave it out for the "
-                                   "official validation split")
+        found["hellaswag_data"] = (f"--hellaswag-data {cfg.hellaswag_data!r}: no such file; give a HellaSwag jsonl "
+                                   f"file (e.g. {SAMPLE_FILE.relative_to(Path(__file__).parent)}), or leave it out for "
+                                   "the official validation split")
     elif cfg.hellaswag_data:
         try:
             load_examples(cfg.hellaswag_data)
