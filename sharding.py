@@ -5,6 +5,9 @@ moments: fully_shard on each transformer block (one all-gather before its forwar
 gradients after its backward) and on the root, which holds the tied embedding/head and the final norm. Its
 checkpoints are sharded the same way (checkpoint.py writes and reads them, resharding on load). Evaluations run on a
 whole plain copy of a sharded model (evaluated).
+
+torch.distributed's fsdp, tensor and checkpoint modules are imported where used, by runs that shard (and by
+clip_grad_norm only for its isinstance test): a one-process or DDP run never pays for their import.
 """
 import contextlib
 import dataclasses
