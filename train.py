@@ -283,9 +283,10 @@ class Trainer:
         self.micro_batch = choose_micro_batch(cfg, d, self.model, device, self.autocast, resume and resume[0],
                                               self.log.info)
         self.accum = grad_accum_steps(cfg.total_batch_tokens, self.micro_batch, cfg.seq_len, d.world_size)
+        # the layout (before the optimizer is made: under FSDP it must hold the shards)
         self.forward_model, self.no_sync = parallelize(self.model, d.world_size, device, fsdp=cfg.fsdp,
-                                                       compile=cfg.compile, mixed_precision=self.on_cuda and
-                                                       cfg.autocast)
+                                                       compile=cfg.compile,
+                                                       mixed_precision=self.on_cuda and cfg.autocast)
         self.optimizer = self.model.configure_optimizer(cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
         self.loader = TrainLoader(self.dataset, self.micro_batch, cfg.seq_len, rank=d.rank, world_size=d.world_size,
                                   seed=cfg.seed, device=device, log=self.log.info)
