@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # run_script and run_scripts stay importable from here for modules that still import them from conftest
-from helpers import copy_run, run_script, run_scripts, script_env, train  # noqa: E402,F401
+from helpers import ONE_THREAD, TORCHRUN_2, run_script, run_scripts, script_env, train  # noqa: E402,F401
 
 torch.set_num_threads(2)
 
@@ -35,4 +35,13 @@ def run_at_step_4(embedded_data, tmp_path_factory):
     """A TINY run stopped after step 4, with checkpoints at steps 2 and 4 (tests work on copies of it: copy_run)."""
     out = tmp_path_factory.mktemp("runs") / "at_step_4"
     train(embedded_data, out, "--ckpt-every", "2", "--stop-at-step", "4")
+    return out
+
+
+@pytest.fixture(scope="session")
+def fsdp_worker(tmp_path_factory):
+    """What one torchrun launch of tests/fsdp_worker.py (2 gloo processes) left: FSDP and plain training, a sharded
+    checkpoint at step helpers.FSDP_WORKER_STEP under run/, reloads in every layout (test_fsdp, test_checkpoint)."""
+    out = tmp_path_factory.mktemp("fsdp_worker")
+    run_script(*TORCHRUN_2, REPO / "tests" / "fsdp_worker.py", "units", out, env=ONE_THREAD, check=True)
     return out

@@ -62,16 +62,17 @@ TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2
 # One thread per process: torchrun sets this itself only with several processes per node, and the thread count can
 # change how CPU kernels split their sums.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+FSDP_WORKER_STEP = 3  # tests/fsdp_worker.py's STEPS: its sharded checkpoint is step_000003
 
 
 # --- the one-line error ----------------------------------------------------------------------------------------
 
 def assert_one_line_error(proc, *needles, status=None, alone=False, argparse=False) -> str:
-    """A failure a user can act on: exit status non-zero (or `status`), no traceback, and stderr's non-empty lines end
-    with exactly one error line, `error: ...`, holding every needle; no other line is an error line.
-    `alone`: that line is all of stderr. `argparse`: argparse's `PROG: error: ...` (after its usage lines) counts too,
-    PROG the script run (`bench.py MODE` for a bench.py mode). `proc`: a CompletedProcess, or anything with returncode
-    and stderr (an in-process main's exit code and captured stderr). Returns the error line."""
+    """The one-line error: exit status non-zero (or `status`), no traceback, and stderr's non-empty lines end with
+    exactly one error line, `error: ...`, holding every needle (no other line is an error line). `alone`: that line is
+    all of stderr (a trailing newline aside). `argparse`: argparse's `PROG: error: ...` after its usage lines counts
+    too, PROG the script run (`bench.py MODE` for a bench.py mode). `proc`: a CompletedProcess (an in-process main's
+    exit code and captured stderr fit in one too). Returns the error line."""
     code, stderr = proc.returncode, proc.stderr
     assert code != 0 if status is None else code == status, (code, stderr)
     assert "Traceback" not in stderr, stderr
@@ -84,7 +85,7 @@ def assert_one_line_error(proc, *needles, status=None, alone=False, argparse=Fal
     last = lines[-1]
     assert last.startswith(tuple(prefixes)), stderr
     assert not [line for line in lines[:-1] if line.startswith(tuple(prefixes)) or ": error: " in line], stderr
-    assert not alone or len(lines) == 1, stderr
+    assert not alone or stderr.rstrip("\n") == last, stderr
     for needle in needles:
         assert str(needle) in last, last
     return last
@@ -135,6 +136,15 @@ def assert_weights_close_relative_to_training(a, b, rel):
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).norm() <= rel * (a[k] - init[k]).norm(), k
+
+
+def assert_same_tensors(a: dict, b: dict, where=""):
+    assert a.keys() == b.keys(), where
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+        else:
+            assert torch.equal(a[key], b[key]), f"{where}.{key}"
 
 
 def copy_run(run, to):

@@ -49,10 +49,10 @@ DL, SH, DP, FA = "tests/test_dataloader.py", "tests/test_shards.py", "tests/test
 FSDP_UNITS = ("tests/test_fsdp.py::test_fsdp_on_two_processes_clips_and_steps_like_one_process_accumulating "
               "tests/test_fsdp.py::test_sharded_checkpoint_reloads_exactly_into_fsdp_and_plain_models_and_a_pt_into_fsdp "
               "tests/test_fsdp.py::test_fsdp_holds_half_the_parameter_and_optimizer_bytes_per_process "
-              "tests/test_fsdp.py::test_single_process_readers_get_the_full_model_without_a_process_group")
-FSDP_DAMAGED = "tests/test_fsdp.py::test_damaged_sharded_checkpoint_is_one_line_and_a_resume_falls_back"
-FSDP_LISTING = "tests/test_fsdp.py::test_listing_pruning_and_setting_aside_treat_folders_like_files"
-FA_DAMAGED = "tests/test_faults.py::test_only_a_damaged_file_is_skipped_or_set_aside"
+              "tests/test_checkpoint.py::test_single_process_readers_get_the_full_model_without_a_process_group")
+CK_SHARDED_DAMAGED = "tests/test_checkpoint.py::test_damaged_sharded_checkpoint_is_one_line_and_a_resume_falls_back"
+CK_LISTING = "tests/test_checkpoint.py::test_listing_pruning_and_setting_aside_treat_folders_like_files"
+CK_DAMAGED = "tests/test_checkpoint.py::test_only_a_damaged_file_is_skipped_or_set_aside"
 FA_ATOMIC = "tests/test_faults.py::test_atomic_write_names_the_path_and_its_cleanup_never_raises_twice"
 FA_METRICS = "tests/test_faults.py::test_unusable_metrics_lines_are_skipped_with_their_numbers"
 FA_BUG_TB = "tests/test_faults.py::test_a_bug_while_handling_a_file_error_keeps_its_traceback"
@@ -149,25 +149,26 @@ BUGS = [
         "a manifest entry of true or -1 tokens passes as a shard entry"),
     # checkpoint.py ---------------------------------------------------------------------------------------------------
     bug("checkpoint-set-aside-overwrites", "checkpoint.py", "        while new.exists():", "        if new.exists():",
-        FA_DAMAGED + " tests/test_checkpoint.py::test_setting_aside_the_same_name_three_times_keeps_every_copy",
+        CK_DAMAGED + " tests/test_checkpoint.py::test_setting_aside_the_same_name_three_times_keeps_every_copy",
         "a third checkpoint set aside under one name overwrites an earlier copy "
         "(issue #24)"),
     bug("checkpoint-prune-off-by-one", "checkpoint.py", "older[:max(0, len(older) - (keep - 1))]",
-        "older[:max(0, len(older) - keep)]", FSDP_LISTING + " tests/test_checkpoint.py::"
+        "older[:max(0, len(older) - keep)]", CK_LISTING + " tests/test_checkpoint.py::"
         "test_pruning_keeps_the_checkpoint_just_saved_and_newer_ones", "pruning keeps one checkpoint too many"),
     bug("checkpoint-prune-newer-too", "checkpoint.py",
         "older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < checkpoint_step(saved)]",
-        "older = [p for p in list_checkpoints(run_dir) if p != saved]", FSDP_LISTING + " tests/test_checkpoint.py::"
+        "older = [p for p in list_checkpoints(run_dir) if p != saved]", CK_LISTING + " tests/test_checkpoint.py::"
         "test_pruning_keeps_the_checkpoint_just_saved_and_newer_ones",
         "pruning counts checkpoints newer than the one just saved (it can delete the one just saved's elders wrongly "
         "or keep newer damaged ones)"),
     bug("checkpoint-newest-is-oldest", "checkpoint.py", "for candidate in reversed(list_checkpoints(run_dir)):",
-        "for candidate in list_checkpoints(run_dir):", FA_DAMAGED, "a resume picks the oldest valid checkpoint"),
+        "for candidate in list_checkpoints(run_dir):", CK_DAMAGED, "a resume picks the oldest valid checkpoint"),
     bug("checkpoint-oom-is-damage", "checkpoint.py",
         '        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)', "        return True",
-        FA_DAMAGED, "running out of memory while loading counts as a damaged file (a resume falls back)"),
+        CK_DAMAGED, "running out of memory while loading counts as a damaged file (a resume falls back)"),
     bug("checkpoint-shard-size-wrong-end", "checkpoint.py",
-        "max(entry.offset + entry.length for entry in items)", "max(entry.offset for entry in items)", FSDP_DAMAGED,
+        "max(entry.offset + entry.length for entry in items)", "max(entry.offset for entry in items)",
+        CK_SHARDED_DAMAGED,
         "a sharded checkpoint's size check uses where its last entry starts, not where it ends"),
     bug("checkpoint-rope-not-reset", "checkpoint.py", "    model.reset_rope_tables()\n    return model.eval()",
         "    return model.eval()", "tests/test_generate.py::test_cli_greedy_text_equals_plain_argmax_decoding",
@@ -182,18 +183,20 @@ BUGS = [
         "return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)",
         "return sum(t.nbytes for t in tensors)", FSDP_UNITS,
         "the bytes a process holds are counted from the whole (unsharded) parameters"),
-    bug("sharding-pt-moments-dropped", "sharding.py",
+    # checkpoint.py: the sharded save and the load into any layout (moved there from sharding.py) ------------------
+    bug("checkpoint-pt-moments-dropped", "checkpoint.py",
         'return {name: saved["state"][i] for name, i in zip(flat_names, positions) if i in saved["state"]}',
         "return {}", FSDP_UNITS, "a .pt checkpoint's AdamW moments are not loaded under FSDP"),
-    bug("sharding-pt-moments-shifted", "sharding.py", "positions = [i for g in saved[\"param_groups\"] for i in g[\"params\"]]",
+    bug("checkpoint-pt-moments-shifted", "checkpoint.py",
+        "positions = [i for g in saved[\"param_groups\"] for i in g[\"params\"]]",
         "positions = sorted(i for g in saved[\"param_groups\"] for i in g[\"params\"])[::-1]", FSDP_UNITS,
         "a .pt checkpoint's moments are matched to parameters in reverse order"),
-    bug("sharding-save-in-place", "sharding.py",
+    bug("checkpoint-save-in-place", "checkpoint.py",
         'tmp = path.with_name(f".{path.name}.tmp{_rank0_value(os.getpid(), group)}")',
         "tmp = path; _rank0_value(os.getpid(), group)",
         "tests/test_fsdp.py::test_kill_during_a_sharded_save_leaves_the_previous_checkpoint_for_resume",
         "a sharded checkpoint is written under its final name (a kill leaves a damaged step folder)"),
-    bug("sharding-pt-not-full", "sharding.py",
+    bug("checkpoint-pt-not-full", "checkpoint.py",
         "        options = StateDictOptions(full_state_dict=True)  # full tensors: each process keeps its slice",
         "        options = StateDictOptions()", FSDP_UNITS,
         "a .pt checkpoint's full tensors are loaded into FSDP as if they were this process's shards"),

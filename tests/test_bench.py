@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_script
+from helpers import host_syncs_in_run, run_script
 
 TINY_TRAIN = ["train", "--config", "debug", "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
 
@@ -90,72 +90,6 @@ def test_bad_flag_values_are_one_line_errors(embedded_data):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--micro-batch" in proc.stderr
     proc = run_script("bench.py", "train", "--config", "debug", "--data", "/nonexistent/data")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "data_prep.py" in proc.stderr
-
-
-class SyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts dispatched ops that make the host wait for the GPU on CUDA: reading a value (also from inside torch's
-    own code) and ops whose output shape depends on values."""
-    SYNCING = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2",
-               "unique_consecutive"}
-
-    def __init__(self):
-        super().__init__()
-        self.count, self.paused = 0, False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused and func.overloadpacket.__name__ in self.SYNCING:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-class HostReads(torch.overrides.TorchFunctionMode):
-    """Counts Python-level reads of a tensor into host memory, which wait for the GPU on CUDA but dispatch nothing
-    for a CPU tensor (.cpu(), .tolist(), .numpy()), and the value reads (.item(), bool(), float(), int()).
-    `.to("cpu")` is not counted: on this CPU-only test machine the loader's host-to-device copies look the same."""
-    READS = {"cpu", "tolist", "numpy", "item", "__bool__", "__float__", "__int__", "__index__"}
-
-    def __init__(self):
-        super().__init__()
-        self.count, self.paused = 0, False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if not self.paused and getattr(func, "__name__", "") in self.READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def host_syncs_in_run(embedded_data, out, steps: int, **overrides) -> int:
-    """Host syncs of a training run (one process, eager) that stops after `steps` steps and logs only then. AdamW's
-    step is left out: on CUDA it is fused AdamW, while the CPU optimizer reads its step counter with .item().
-    `overrides`: more TrainConfig fields (test_tracking turns the trackers on)."""
-    import signal
-
-    from devices import Dist
-    from train import TrainConfig, Trainer
-    cfg = TrainConfig.from_preset("debug", data=str(embedded_data), out=str(out), micro_batch="2", seq_len=32,
-                                  total_batch_tokens=128, max_steps=100, stop_at_step=steps, log_every=1000,
-                                  eval_every=0, hellaswag_every=0, sample_every=0, ckpt_every=0, **overrides)
-    trainer = Trainer(cfg, "debug", Dist(), torch.device("cpu"))
-    counters, optimizer_step = (SyncingOps(), HostReads()), trainer.optimizer.step
-
-    def step_unrecorded(*args, **kwargs):
-        for counter in counters:
-            counter.paused = True
-        try:
-            return optimizer_step(*args, **kwargs)
-        finally:
-            for counter in counters:
-                counter.paused = False
-    trainer.optimizer.step = step_unrecorded
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with counters[0], counters[1]:
-            trainer.run()
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    assert trainer.step == steps
-    return sum(counter.count for counter in counters)
 
 
 def test_training_steps_do_not_wait_for_the_device_between_log_steps(embedded_data, tmp_path):

@@ -1,18 +1,24 @@
-"""Checkpoints: the fault matrix (every reader x every damage x both formats), pruning, setting aside, a sharded
-save on a full disk, and a resume at or past the run's last step.
+"""Checkpoints: the fault matrix (every reader x every damage x both formats), the sharded checkpoint of two FSDP
+processes read whole and damaged, listing, pruning and setting aside, a save on a full disk or past the file size
+limit, a resume at or past the run's last step, a resume whose checkpoints are damaged (the fallback, setting aside,
+pruning after it), a save killed mid-write, and the saved optimizer state loaded under a run's settings.
 
-The matrix works on tiny checkpoints built once: a .pt file and a sharded folder (written by sharding.py in this
+The matrix works on tiny checkpoints built once: a .pt file and a sharded folder (written by checkpoint.py in this
 process, no process group), each with the training keys a resume needs. Each cell damages one file of a copy. A
 reader of one checkpoint must fail with one line naming the damaged file (never torch's weights_only advice); a
 reader of a run directory must fall back to the older good checkpoint and name what it skipped. Most cells call the
 reader functions in this process; a few run the CLI readers for the 'no traceback' property."""
+import contextlib
 import dataclasses
 import errno
 import hashlib
+import os
 import pickle
 import random
 import re
 import shutil
+import subprocess
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -21,11 +27,11 @@ import torch
 
 import checkpoint
 import export_hf
-import sharding
-import train
 from cli import UserError
-from conftest import run_script, run_scripts
+from helpers import (FSDP_WORKER_STEP, REPO, TINY, assert_one_line_error, assert_same_tensors, copy_run, garble,
+                     limited_run, run_script, run_scripts, train, train_losses)
 from model import GPT, GPTConfig
+from train import Trainer
 
 CONFIG = GPTConfig(vocab_size=101, block_size=16, n_layer=1, n_head=2, n_embd=16, ffn_hidden=32)
 GOOD, DAMAGED = 2, 4  # a run directory holds a good checkpoint at step 2 and the damaged one at step 4
@@ -46,7 +52,7 @@ def write_checkpoint(run_dir: Path, step: int, sharded: bool) -> Path:
     model, optimizer, extra = training_state(step)
     path = checkpoint.checkpoint_path(run_dir, step, sharded)
     if sharded:
-        sharding.save_sharded_checkpoint(path, model, optimizer, extra)
+        checkpoint.save_sharded_checkpoint(path, model, optimizer, extra)
     else:
         checkpoint.save_checkpoint({**extra, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
     return path
@@ -88,7 +94,8 @@ def missing(file: Path) -> None:
 
 def foreign_pickle(file: Path) -> None:
     """Another program's pickle under the name: a plain pickle of an object no checkpoint holds. (A torch.save file
-    whose objects this torch refuses is not damage: test_faults pins that a resume stops at it.)"""
+    whose objects this torch refuses is not damage: test_only_a_damaged_file_is_skipped_or_set_aside pins that a
+    resume stops at it.)"""
     file.write_bytes(pickle.dumps(Namespace(weights=[1.0, 2.0])))
 
 
@@ -167,7 +174,7 @@ def test_a_run_directory_falls_back_past_a_damaged_checkpoint_naming_it(reader, 
 # Every entry any saving code writes (train.Trainer.state_dict, save_checkpoint's format mark, export_hf --from-hf's
 # imported_from) x wrong values for it. Generated from those keys: a new entry fails test_every_entry_has_a_rule
 # until checkpoint.STATE_RULES and BAD_VALUES have it.
-SAVED_KEYS = ("format", *train.Trainer.STATE_KEYS, "imported_from")
+SAVED_KEYS = ("format", *Trainer.STATE_KEYS, "imported_from")
 BAD_VALUES = {
     "format": [None, "lf-llm-checkpoint-v0"],
     "model_config": ["debug", None, {**dataclasses.asdict(CONFIG), "n_layer": "1"},
@@ -272,10 +279,70 @@ def test_cli_readers_of_a_garbled_shard_file_print_one_line(runs, tmp_path):
                         ("hellaswag_eval.py", "--checkpoint", ckpt, "--data", HELLASWAG_SAMPLE),
                         ("export_hf.py", "--checkpoint", ckpt, "--out", tmp_path / "export"))
     for proc in procs:
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-        assert_names_file(lines[0], file)
+        assert_names_file(assert_one_line_error(proc, status=2, alone=True), file)
+
+
+# --- the sharded checkpoint two FSDP processes wrote (conftest's fsdp_worker): read whole without a process
+# group, and a damaged shard file named in one line -----------------------------------------------------------
+
+def test_single_process_readers_get_the_full_model_without_a_process_group(fsdp_worker):
+    """checkpoint.load_checkpoint (generate.py, hellaswag_eval.py, export_hf.py, load_model) on a sharded
+    folder, or on its run directory, gives what a .pt file holds: format, model_config, the model as full tensors
+    (the uneven embedding shards joined), and the extra state the trainer passed."""
+    trained = torch.load(fsdp_worker / "loaded.pt", weights_only=True)["trained"]["model"]
+    run = fsdp_worker / "run"
+    for source in (run, checkpoint.checkpoint_path(run, FSDP_WORKER_STEP, sharded=True)):
+        state, found = checkpoint.load_checkpoint(source)
+        assert found == checkpoint.checkpoint_path(run, FSDP_WORKER_STEP, sharded=True)
+        assert state["format"] == checkpoint.FORMAT and state["step"] == FSDP_WORKER_STEP
+        assert state["tokens_seen"] == 12345  # passed through untouched
+        assert_same_tensors(state["model"], trained)
+    model = checkpoint.load_model(run)
+    assert_same_tensors(model.state_dict(), trained)
+    assert "model" not in checkpoint.load_checkpoint_file(found, weights=False)
+
+
+@pytest.fixture
+def damaged_run(fsdp_worker, tmp_path):
+    """A run with the good step 3 and a copy of it as step 5, for the test to damage."""
+    run = tmp_path / "run"
+    good = checkpoint.checkpoint_path(run, FSDP_WORKER_STEP, sharded=True)
+    shutil.copytree(checkpoint.checkpoint_path(fsdp_worker / "run", FSDP_WORKER_STEP, sharded=True), good)
+    shutil.copytree(good, checkpoint.checkpoint_path(run, 5, sharded=True))
+    return run, checkpoint.checkpoint_path(run, 5, sharded=True)
+
+
+@pytest.mark.parametrize("damage, needle", [("missing", "missing its shard file __1_0.distcp"),
+                                            ("truncated", "__0_0.distcp is truncated"),
+                                            ("garbled", "__1_0.distcp is corrupt or truncated"),
+                                            ("no_state", "has no train_state.pt"),
+                                            ("bad_index", ".metadata is corrupt or truncated")])
+def test_damaged_sharded_checkpoint_is_one_line_and_a_resume_falls_back(damaged_run, damage, needle):
+    run, newer = damaged_run
+    if damage == "missing":
+        (newer / "__1_0.distcp").unlink()
+    elif damage == "truncated":
+        shard = newer / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "garbled":
+        garble(newer / "__1_0.distcp")
+    elif damage == "no_state":
+        (newer / "train_state.pt").unlink()
+    else:
+        (newer / ".metadata").write_bytes((newer / ".metadata").read_bytes()[:50])
+    with pytest.raises(checkpoint.CheckpointDamaged) as error:
+        checkpoint.load_checkpoint_file(newer)
+    assert needle in str(error.value) and "\n" not in str(error.value)
+    state, found, damaged = checkpoint.newest_valid_checkpoint(run, weights=False)
+    assert found.name == f"step_{FSDP_WORKER_STEP:06d}" and list(damaged) == [newer] and needle in damaged[newer]
+
+
+def test_reader_script_names_the_missing_shard_in_one_line(damaged_run):
+    run, newer = damaged_run
+    (newer / "__1_0.distcp").unlink()
+    proc = run_script("generate.py", "--checkpoint", newer, "--prompt", "a", "--max-new-tokens", "1")
+    assert assert_one_line_error(proc) == (f"error: sharded checkpoint {newer} is missing its shard file "
+                                           "__1_0.distcp; use an earlier checkpoint")
 
 
 # --- pruning, setting aside -----------------------------------------------------------------------------------
@@ -320,6 +387,28 @@ def test_setting_aside_the_same_name_three_times_keeps_every_copy(tmp_path):
     assert checkpoint.list_checkpoints(tmp_path) == []
 
 
+def test_listing_pruning_and_setting_aside_treat_folders_like_files(tmp_path):
+    """Folders and .pt files in one run: listed by step, pruned (a folder entirely, no temporary name left),
+    quarantined and set aside by renaming."""
+    folder = checkpoint.checkpoint_dir(tmp_path)
+    for step, sharded in ((1, True), (2, False), (3, True), (4, True), (5, False)):
+        path = checkpoint.checkpoint_path(tmp_path, step, sharded)
+        if sharded:
+            path.mkdir(parents=True)
+            (path / "__0_0.distcp").write_bytes(b"x")
+        else:
+            path.write_bytes(b"x")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "step_000001", "step_000002.pt", "step_000003", "step_000004", "step_000005.pt"]
+    checkpoint.prune_checkpoints(tmp_path, keep=3, saved=folder / "step_000005.pt")
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000003", "step_000004", "step_000005.pt"]
+    checkpoint.quarantine_checkpoints(tmp_path, from_step=4)
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000003", "step_000004.nonfinite",
+                                                       "step_000005.pt.nonfinite"]
+    assert (folder / "step_000004.nonfinite" / "__0_0.distcp").exists()
+    assert checkpoint.list_checkpoints(tmp_path) == [folder / "step_000003"]
+
+
 # --- a sharded save on a full disk ----------------------------------------------------------------------------
 
 def test_sharded_save_on_a_full_disk_is_one_line_with_sizes_and_leaves_no_temporary_folder(runs, tmp_path,
@@ -341,6 +430,50 @@ def test_sharded_save_on_a_full_disk_is_one_line_with_sizes_and_leaves_no_tempor
     assert sorted(checkpoint.checkpoint_dir(run).iterdir()) == before  # no temporary folder, nothing else touched
 
 
+# --- a .pt save past the file size limit or on a full disk: one line, the earlier checkpoints kept ---------
+
+@contextlib.contextmanager
+def tmpfs(path, options: str):
+    """A tmpfs mounted at `path` for the test (root only: skipped elsewhere)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode().strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_checkpoint_beyond_the_file_size_limit_is_one_line_and_keeps_the_previous_ones(run_at_step_4,
+                                                                                       embedded_data, tmp_path):
+    from checkpoint import load_checkpoint_file
+    run = copy_run(run_at_step_4, tmp_path / "run")
+    saved = run / "checkpoints" / "step_000004.pt"
+    proc = limited_run(["train.py", *TINY, "--data", embedded_data, "--out", run, "--resume", "--ckpt-every", "2"],
+                       saved.stat().st_size // 2)  # the logs fit, a checkpoint does not
+    assert_one_line_error(proc, "step_000006.pt", "File too large", "a checkpoint needs about 89.9 MB",
+                          "ulimit -f")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002.pt", "step_000004.pt"]
+    assert load_checkpoint_file(saved)["step"] == 4
+
+
+def test_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_previous_one(embedded_data, tmp_path):
+    from checkpoint import load_checkpoint_file
+    # a filesystem with room for one checkpoint (about 90 MB) and the logs, not two
+    with tmpfs(tmp_path / "small", "size=140m") as small:
+        run = small / "run"
+        train(embedded_data, run, "--ckpt-every", "2", "--keep-checkpoints", "1", "--stop-at-step", "2")
+        saved = run / "checkpoints" / "step_000002.pt"
+        assert 80e6 < saved.stat().st_size < 100e6  # (the tmpfs size above assumes it)
+        proc = train(embedded_data, run, "--ckpt-every", "2", "--keep-checkpoints", "1", "--resume", "--stop-at-step",
+                     "4", check=False)
+        assert_one_line_error(proc, "step_000004.pt", "No space left on device",
+                              "a checkpoint needs about 89.9 MB")
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002.pt"]  # no temporary file
+        assert load_checkpoint_file(saved)["step"] == 2
+
+
 # --- a resume at or past the run's last step ------------------------------------------------------------------
 
 # The debug model, 4 sequences of 32 tokens a step, checkpoints every 2 steps, no evaluation before step 8
@@ -355,7 +488,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def run_at_step_4(embedded_data, tmp_path_factory) -> Path:
+def run_stopped_at_4(embedded_data, tmp_path_factory) -> Path:
     """A run stopped after step 4 (its one kept checkpoint), with a damaged step 6 beside it."""
     run = tmp_path_factory.mktemp("resume") / "run"
     run_script("train.py", *TRAIN, "--data", embedded_data, "--out", run, "--stop-at-step", "4", check=True)
@@ -363,25 +496,23 @@ def run_at_step_4(embedded_data, tmp_path_factory) -> Path:
     return run
 
 
-def test_a_resume_at_or_past_the_last_step_trains_nothing_and_touches_nothing(run_at_step_4, embedded_data,
+def test_a_resume_at_or_past_the_last_step_trains_nothing_and_touches_nothing(run_stopped_at_4, embedded_data,
                                                                               tmp_path):
     """Past the last step (--max-steps 2, or --stop-at-step 3, below the checkpoint's step 4): one line naming the
     flag to raise, exit 2. At it (--stop-at-step 4): one line, exit 0. Either way no step is trained and every file
     of the run is byte for byte what it was (the damaged step 6 is not even set aside)."""
-    before = file_hashes(run_at_step_4)
+    before = file_hashes(run_stopped_at_4)
     cases = {("--max-steps", "2"): "--max-steps above 4", ("--stop-at-step", "3"): "--stop-at-step above 4",
              ("--stop-at-step", "4"): None}
-    runs = [shutil.copytree(run_at_step_4, tmp_path / f"run{i}") for i in range(len(cases))]
+    runs = [shutil.copytree(run_stopped_at_4, tmp_path / f"run{i}") for i in range(len(cases))]
     checkpoint.checkpoint_path(runs[2], 8, sharded=True).mkdir()  # an empty folder: damaged too, newest
     procs = run_scripts(*[("train.py", *TRAIN, "--data", embedded_data, "--out", run, "--resume", *flags)
                           for run, flags in zip(runs, cases)])
     for run, proc, remedy in zip(runs, procs, cases.values()):
         assert "Traceback" not in proc.stderr, proc.stderr
         if remedy:
-            assert proc.returncode == 2, proc.stderr
-            lines = proc.stderr.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("error: --resume: the newest good checkpoint "), lines
-            assert "step_000004.pt is at step 4" in lines[0] and lines[0].endswith(remedy), lines[0]
+            line = assert_one_line_error(proc, "step_000004.pt is at step 4", status=2, alone=True)
+            assert line.startswith("error: --resume: the newest good checkpoint ") and line.endswith(remedy), line
         else:
             assert proc.returncode == 0, proc.stderr
             assert proc.stdout.strip().endswith("is at step 4, this run's last step: nothing to train, nothing "
@@ -409,3 +540,150 @@ def test_a_skipped_checkpoint_is_warned_by_local_rank_0_only(local_rank, printed
     assert state["step"] == GOOD
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: skipping ")]
     assert len(warnings) == (1 if printed else 0), warnings
+
+
+# --- resuming a run whose checkpoints are damaged ---------------------------------------------------------------
+
+def not_a_checkpoint(path):
+    path.write_bytes(b"not a checkpoint" * 100)
+
+
+def test_resume_when_every_checkpoint_is_damaged_without_fresh_start_changes_nothing(run_at_step_4, embedded_data,
+                                                                                     tmp_path):
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    for path in (out / "checkpoints").iterdir():
+        not_a_checkpoint(path)
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    proc = train(embedded_data, out, "--resume", check=False)
+    assert_one_line_error(proc, "every checkpoint", "step_000002.pt", "step_000004.pt",
+                          "--allow-fresh-start")
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
+
+
+def test_resume_when_every_checkpoint_is_damaged_under_torchrun_restarts_from_step_0(run_at_step_4, embedded_data,
+                                                                                     tmp_path):
+    """As run_pre_training_e2e.sh runs it: torchrun --max-restarts ... --resume --allow-fresh-start."""
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    for path in (out / "checkpoints").iterdir():
+        not_a_checkpoint(path)
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+                      "train.py", *TINY, "--data", embedded_data, "--out", out, "--ckpt-every", "2",
+                      "--max-steps", "4", "--resume", "--allow-fresh-start")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "already holds checkpoints" not in output
+    assert output.count("moved a damaged checkpoint aside") == 2 and "training starts from step 0" in output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_000002.pt", "step_000002.pt.damaged", "step_000004.pt", "step_000004.pt.damaged"]
+    assert (out / "checkpoints" / "step_000002.pt.damaged").read_bytes() == b"not a checkpoint" * 100  # kept
+    assert sorted(train_losses(out)) == list(range(4))
+
+
+def test_damaged_newer_checkpoint_is_moved_aside_so_pruning_keeps_the_good_ones(run_at_step_4, embedded_data,
+                                                                                tmp_path):
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    not_a_checkpoint(out / "checkpoints" / "step_000004.pt")
+    train(embedded_data, out, "--resume", "--ckpt-every", "1", "--keep-checkpoints", "1", "--stop-at-step", "3")
+    # the resume continued from step 2 and saved step 3; keeping one checkpoint must keep that one, not the
+    # damaged step 4 that is newer by name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003.pt", "step_000004.pt.damaged"]
+
+
+class NotAllowed:  # a global that weights_only refuses, as a file written by another version's code may hold
+    pass
+
+
+def test_only_a_damaged_file_is_skipped_or_set_aside(tmp_path, monkeypatch):
+    """A resume falls back past a checkpoint only when the file itself is damaged. The machine failing while it
+    loads (no memory, a disk error) or a file this torch version refuses stops the lookup with the newer file in
+    place: falling back would silently throw away the steps after the older checkpoint."""
+    from checkpoint import newest_valid_checkpoint, save_checkpoint, set_aside
+    run = tmp_path / "run"
+    for step in (2, 4):
+        save_checkpoint({"model_config": {}, "model": {"w": torch.full((2,), float(step))}},
+                        checkpoint.checkpoint_path(run, step))
+    newest = checkpoint.checkpoint_path(run, 4)
+    real_load = torch.load
+    for failure in (MemoryError(), OSError(5, "Input/output error"),
+                    RuntimeError("DefaultCPUAllocator: can't allocate memory")):
+        def failing_load(path, *args, _failure=failure, **kwargs):
+            if Path(path) == newest:
+                raise _failure
+            return real_load(path, *args, **kwargs)
+        monkeypatch.setattr(torch, "load", failing_load)
+        with pytest.raises(type(failure)):
+            newest_valid_checkpoint(run)
+    monkeypatch.setattr(torch, "load", real_load)
+    torch.save({"format": checkpoint.FORMAT, "model_config": {}, "model": {}, "extra": NotAllowed()}, newest)
+    with pytest.raises(UserError, match="not damaged"):
+        newest_valid_checkpoint(run)
+    not_a_checkpoint(newest)
+    state, path, damaged = newest_valid_checkpoint(run)
+    assert path.name == "step_000002.pt" and list(damaged) == [newest]
+    first = set_aside([newest], ".damaged")[0]
+    not_a_checkpoint(newest)  # damaged again after a later save: the first one set aside is kept as well
+    second = set_aside([newest], ".damaged")[0]
+    assert first != second and first.exists() and second.exists()
+
+
+# --- a save killed mid-write ------------------------------------------------------------------------------------
+
+SLOW_SAVE = """
+import sys, time
+import torch
+sys.path.insert(0, {repo!r})
+from checkpoint import checkpoint_path, save_checkpoint
+
+
+class Slow:  # pickled inside torch.save, after the temporary file is open
+    def __reduce__(self):
+        print("writing", flush=True)
+        time.sleep(120)
+        return (int, (0,))
+
+
+save_checkpoint({{"model": {{"w": torch.zeros(1000)}}, "slow": Slow()}}, checkpoint_path({run!r}, 6))
+"""
+
+
+def test_save_killed_mid_write_leaves_no_orphan_after_the_next_start(run_at_step_4, embedded_data, tmp_path):
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    saver = subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(repo=str(REPO), run=str(out))],
+                             stdout=subprocess.PIPE, text=True)
+    assert saver.stdout.readline() == "writing\n"
+    orphan = out / "checkpoints" / f".step_000006.pt.tmp{saver.pid}"
+    assert orphan.exists()
+    saver.kill()  # kill -9 during the save
+    saver.wait()
+    live = out / "checkpoints" / f".step_000007.pt.tmp{os.getpid()}"  # a save in progress by a live process
+    live.write_bytes(b"partial")
+    proc = train(embedded_data, out, "--resume", "--stop-at-step", "5")
+    assert f"removed {orphan}" in proc.stdout
+    assert not orphan.exists() and live.exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        live.name, "step_000002.pt", "step_000004.pt", "step_000005.pt"]
+    assert torch.load(out / "checkpoints" / "step_000005.pt", weights_only=True)["step"] == 5
+
+
+# --- a resume loads the saved optimizer state into this run's optimizer ----------------------------------
+
+def test_resumed_optimizer_keeps_saved_moments_under_this_runs_settings():
+    """A checkpoint's AdamW state (here: plain for-loop AdamW, other betas and weight decay) loaded into this run's
+    optimizer (fused, as on CUDA): the moments and step counts come from the checkpoint, every setting from the run."""
+    from checkpoint import load_training_state
+    model = GPT(GPTConfig.from_preset("debug"))
+    saved_optimizer = torch.optim.AdamW(model.param_groups(0.2), lr=1e-3, betas=(0.8, 0.9), foreach=False)
+    model(torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8), dtype=torch.long))[1].backward()
+    saved_optimizer.step()
+    saved = saved_optimizer.state_dict()
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=True)
+    load_training_state(model, optimizer, {"model": model.state_dict(), "optimizer": saved}, "step_000001.pt")
+    for group in optimizer.param_groups:
+        assert group["fused"] is True and group["foreach"] is None and tuple(group["betas"]) == (0.9, 0.95)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    first = model.wte.weight
+    assert torch.equal(optimizer.state[first]["exp_avg"], saved_optimizer.state[first]["exp_avg"])
+    assert float(optimizer.state[first]["step"]) == 1.0
+    model(torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8), dtype=torch.long))[1].backward()
+    optimizer.step()  # the fused kernel accepts the loaded state
+    assert float(optimizer.state[first]["step"]) == 2.0

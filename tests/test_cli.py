@@ -69,7 +69,7 @@ def test_atomic_write_syncs_every_byte_before_the_rename(tmp_path, monkeypatch):
 
 
 # A bad value for a typed flag of every script with a parser (and each bench.py mode), plus an unknown flag: one line
-# naming the flag, status 2, no usage block. All started at once (conftest.run_scripts).
+# naming the flag, status 2, no usage block. All started at once (helpers.run_scripts).
 BAD_FLAG_CASES = [
     ("train.py", "--config", "debug", "--check", "0"),
     ("train.py", "--config", "debug", "--check", "-1"),
@@ -94,7 +94,7 @@ BAD_FLAG_CASES = [
 
 @pytest.fixture(scope="module")
 def bad_flag_runs():
-    from conftest import run_scripts
+    from helpers import run_scripts
     return dict(zip(BAD_FLAG_CASES, run_scripts(*BAD_FLAG_CASES, timeout=600)))
 
 

@@ -9,30 +9,11 @@ import pytest
 import torch
 
 import shards
-import tokenizer
 from cli import UserError
 from dataloader import ShardDataset, TrainLoader, val_batches
+from helpers import make_dataset
 
-T = 8  # sequence length of the tests
-TRAIN_SIZES = [101, 57, 200, 9]  # (tokens - 1) // T = 12, 7, 24, 1 windows: 44 per epoch
-VAL_SIZES = [100, 100]
-
-
-def make_dataset(folder, train_sizes=TRAIN_SIZES, val_sizes=VAL_SIZES):
-    """Shards of consecutive token values (unique over the dataset) and their manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries, next_token = [], 0
-    for split, sizes in [("val", val_sizes), ("train", train_sizes)]:
-        for i, size in enumerate(sizes):
-            name = f"{split}_{i:06d}.bin"
-            tokens = np.arange(next_token, next_token + size, dtype=np.uint16)
-            next_token += size
-            sha = shards.write_shard(folder / name, tokens)
-            entries.append({"file": name, "split": split, "tokens": size, "sha256": sha})
-    assert next_token < 2 ** 16
-    shards.write_manifest(folder, {"format": shards.MANIFEST_FORMAT, "tokenizer_sha256": tokenizer.RANKS_SHA256,
-                                   "header_bytes": shards.HEADER_BYTES, "dtype": "uint16", "shards": entries})
-    return folder
+T = 8  # sequence length of the tests (helpers.make_dataset's default shards: 44 windows per epoch)
 
 
 @pytest.fixture

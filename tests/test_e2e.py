@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO, free_port
 
 SCRIPTS = ["run_pre_training_e2e.sh", "run_pre_training_e2e_debug.sh", "run_tests.sh", ".ci/run"]
 
@@ -18,13 +18,6 @@ def test_scripts_parse(script):
 def run_bash(script, env, timeout=300):
     return subprocess.run(["bash", REPO / script], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_full_script_smoke_mode_runs_every_stage_and_resumes(tmp_path):

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import export_hf
 import tokenizer
 from checkpoint import checkpoint_path, load_model, save_checkpoint
+from helpers import assert_one_line_error
 from model import GPT, GPTConfig, Sampling
 
 EOT = tokenizer.EOT_ID
@@ -237,12 +238,6 @@ def bad_input_cases(tmp_path):
     ]
 
 
-def assert_one_line_error(returncode, stderr, phrase, argv):
-    assert returncode != 0, argv
-    assert "Traceback" not in stderr and stderr.startswith("error: ") and phrase in stderr, (argv, stderr)
-    assert len(stderr.strip().splitlines()) == 1, stderr
-
-
 def test_bad_input_is_one_line_without_traceback(tmp_path, repo_dir, capsys):
     cases = bad_input_cases(tmp_path)
     # The four kinds as real processes (run side by side: each pays the torch import), the rest in-process.
@@ -251,10 +246,11 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, repo_dir, capsys):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv, _ in as_process]
     for proc, (argv, phrase) in zip(procs, as_process):
         _, stderr = proc.communicate(timeout=120)
-        assert_one_line_error(proc.returncode, stderr, phrase, argv)
+        assert_one_line_error(subprocess.CompletedProcess(argv, proc.returncode, "", stderr), phrase, alone=True)
     for argv, phrase in in_process:
         with pytest.raises(SystemExit) as exit_info:
             export_hf.main(argv)
-        assert_one_line_error(exit_info.value.code, capsys.readouterr().err, phrase, argv)
+        error = subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err)
+        assert_one_line_error(error, phrase, alone=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "new").exists() and not (tmp_path / "x.pt").exists()

@@ -1,8 +1,7 @@
-"""Faults a user meets: an output on a read-only filesystem or under a file, a full disk or file size limit, Ctrl-C,
-damaged manifests, metrics lines and input files, out-of-range arguments, a resume where every checkpoint is
-damaged, and a save killed mid-write. Each is one line on stderr and a non-zero exit, and leaves nothing behind
-that looks finished."""
-import contextlib
+"""Faults a user meets: an output on a read-only filesystem or under a file, a file size limit, Ctrl-C, damaged
+manifests, metrics lines and input files, out-of-range and bad arguments. Each is one line on stderr and a non-zero
+exit, and leaves nothing behind that looks finished. (A checkpoint on a full disk, damaged or killed mid-write:
+test_checkpoint.py.)"""
 import json
 import os
 import resource
@@ -13,40 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import REPO, run_script, run_scripts
-from test_generate import save_tiny_checkpoint
-from test_train import TINY, train, train_losses
+from helpers import (REPO, TINY, assert_one_line_error, copy_run, free_port, limited_run, run_script, run_scripts,
+                     save_tiny_checkpoint, train, train_losses)
 
 SAMPLE_HELLASWAG = REPO / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"
-
-
-def assert_one_line(proc, *needles, status=None):
-    """A non-zero exit whose stderr ends in one `error: ...` line (argparse's `SCRIPT: error: ...`, or `SCRIPT MODE:
-    error: ...` for a subcommand, after its usage lines for a flag it refuses) holding every needle, and no
-    traceback."""
-    assert proc.returncode != 0 if status is None else proc.returncode == status, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    argparse_prog = " ".join(map(str, proc.args[1:3])) if proc.args[1] == "bench.py" else proc.args[1]
-    assert last.startswith("error: ") or last.startswith(f"{argparse_prog}: error: "), proc.stderr
-    for needle in needles:
-        assert str(needle) in last, last
-    return last
-
-
-@contextlib.contextmanager
-def tmpfs(path, options: str):
-    """A tmpfs mounted at `path` for the test (root only: skipped elsewhere)."""
-    path.mkdir(parents=True, exist_ok=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode().strip()})")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 @pytest.fixture
@@ -74,20 +44,6 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_at_step_4(embedded_data, tmp_path_factory):
-    """A TINY run stopped after step 4, with checkpoints at steps 2 and 4 (tests work on copies of it)."""
-    out = tmp_path_factory.mktemp("runs") / "at_step_4"
-    train(embedded_data, out, "--ckpt-every", "2", "--stop-at-step", "4")
-    return out
-
-
-def copy_run(run, to):
-    import shutil
-    shutil.copytree(run, to)
-    return to
-
-
-@pytest.fixture(scope="module")
 def run_with_metrics(tmp_path_factory):
     run = tmp_path_factory.mktemp("plots") / "run"
     run.mkdir()
@@ -111,48 +67,12 @@ def test_unwritable_outputs_are_one_line_before_work(unwritable, embedded_data, 
                      "--out", folder / "bench.json"),
     }
     for name, proc in zip(runs, run_scripts(*runs.values())):
-        line = assert_one_line(proc, reason)
+        line = assert_one_line_error(proc, reason, argparse=True)
         assert str(folder) in line, (name, line)
         assert "HellaSwag (" not in proc.stdout and "tokenizing" not in proc.stderr, name  # refused before the work
 
 
 # --- a full disk or a file size limit ---------------------------------------------------------------------------
-
-def limited_run(args, file_size_limit: int | None = None):
-    """Run a repo script with RLIMIT_FSIZE set in the child: a write past it fails with EFBIG (SIGXFSZ ignored)."""
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit if file_size_limit else None)
-
-
-def test_checkpoint_beyond_the_file_size_limit_is_one_line_and_keeps_the_previous_ones(run_at_step_4,
-                                                                                       embedded_data, tmp_path):
-    from checkpoint import load_checkpoint_file
-    run = copy_run(run_at_step_4, tmp_path / "run")
-    saved = run / "checkpoints" / "step_000004.pt"
-    proc = limited_run(["train.py", *TINY, "--data", embedded_data, "--out", run, "--resume", "--ckpt-every", "2"],
-                       saved.stat().st_size // 2)  # the logs fit, a checkpoint does not
-    assert_one_line(proc, "step_000006.pt", "File too large", "a checkpoint needs about 89.9 MB", "ulimit -f")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002.pt", "step_000004.pt"]
-    assert load_checkpoint_file(saved)["step"] == 4
-
-
-def test_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_previous_one(embedded_data, tmp_path):
-    from checkpoint import load_checkpoint_file
-    # a filesystem with room for one checkpoint (about 90 MB) and the logs, not two
-    with tmpfs(tmp_path / "small", "size=140m") as small:
-        run = small / "run"
-        train(embedded_data, run, "--ckpt-every", "2", "--keep-checkpoints", "1", "--stop-at-step", "2")
-        saved = run / "checkpoints" / "step_000002.pt"
-        assert 80e6 < saved.stat().st_size < 100e6  # (the tmpfs size above assumes it)
-        proc = train(embedded_data, run, "--ckpt-every", "2", "--keep-checkpoints", "1", "--resume", "--stop-at-step",
-                     "4", check=False)
-        assert_one_line(proc, "step_000004.pt", "No space left on device", "a checkpoint needs about 89.9 MB")
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002.pt"]  # no temporary file
-        assert load_checkpoint_file(saved)["step"] == 2
-
 
 @pytest.mark.parametrize("script", ["data_prep.py", "plot_metrics.py", "export_hf.py"])
 def test_file_size_limit_elsewhere_is_one_line(script, tmp_path, run_with_metrics, tiny_checkpoint):
@@ -160,7 +80,7 @@ def test_file_size_limit_elsewhere_is_one_line(script, tmp_path, run_with_metric
             "plot_metrics.py": [run_with_metrics, "--out", tmp_path / "plots"],
             "export_hf.py": ["--checkpoint", tiny_checkpoint, "--out", tmp_path / "export"]}[script]
     proc = limited_run([script, *args], 20_000)
-    assert_one_line(proc, "File too large", tmp_path)
+    assert_one_line_error(proc, "File too large", tmp_path, argparse=True)
     assert not (tmp_path / "data" / "manifest.json").exists()
     assert not [p for p in tmp_path.rglob(".*tmp*")], "a temporary file was left"
 
@@ -259,7 +179,7 @@ def runs_on_bad_manifests(embedded_data, tmp_path_factory):
 
 @pytest.mark.parametrize("field, value", BAD_MANIFEST_ENTRIES)
 def test_manifest_entry_of_the_wrong_type_is_one_line(runs_on_bad_manifests, field, value):
-    assert_one_line(runs_on_bad_manifests[repr((field, value))], "manifest.json")
+    assert_one_line_error(runs_on_bad_manifests[repr((field, value))], "manifest.json", argparse=True)
 
 
 def test_unusable_metrics_lines_are_skipped_with_their_numbers(tmp_path, capsys):
@@ -293,7 +213,7 @@ def test_undecodable_input_file_names_the_file_and_line(tmp_path, name, content,
     (tmp_path / name).write_bytes(content)
     proc = run_script("data_prep.py", "--source", "files", "--files", tmp_path / name, "--out", tmp_path / "out",
                       "--workers", "1", "--cache-dir", tmp_path / "cache", *(["--streaming"] if streaming else []))
-    assert_one_line(proc, expected)
+    assert_one_line_error(proc, expected, argparse=True)
 
 
 # --- out-of-range arguments -------------------------------------------------------------------------------------
@@ -325,131 +245,7 @@ def runs_with_out_of_range_arguments(tiny_checkpoint, embedded_data, tmp_path_fa
 
 @pytest.mark.parametrize("script, args, needle", OUT_OF_RANGE)
 def test_non_finite_and_out_of_range_arguments_are_one_line(runs_with_out_of_range_arguments, script, args, needle):
-    assert_one_line(runs_with_out_of_range_arguments[(script, *args)], needle)
-
-
-# --- resuming a run whose checkpoints are damaged ---------------------------------------------------------------
-
-def damage(path):
-    path.write_bytes(b"not a checkpoint" * 100)
-
-
-def test_resume_when_every_checkpoint_is_damaged_without_fresh_start_changes_nothing(run_at_step_4, embedded_data,
-                                                                                     tmp_path):
-    out = copy_run(run_at_step_4, tmp_path / "run")
-    for path in (out / "checkpoints").iterdir():
-        damage(path)
-    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
-    proc = train(embedded_data, out, "--resume", check=False)
-    assert_one_line(proc, "every checkpoint", "step_000002.pt", "step_000004.pt", "--allow-fresh-start")
-    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
-
-
-def test_resume_when_every_checkpoint_is_damaged_under_torchrun_restarts_from_step_0(run_at_step_4, embedded_data,
-                                                                                     tmp_path):
-    """As run_pre_training_e2e.sh runs it: torchrun --max-restarts ... --resume --allow-fresh-start."""
-    out = copy_run(run_at_step_4, tmp_path / "run")
-    for path in (out / "checkpoints").iterdir():
-        damage(path)
-    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
-                      "train.py", *TINY, "--data", embedded_data, "--out", out, "--ckpt-every", "2",
-                      "--max-steps", "4", "--resume", "--allow-fresh-start")
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
-    assert "already holds checkpoints" not in output
-    assert output.count("moved a damaged checkpoint aside") == 2 and "training starts from step 0" in output
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "step_000002.pt", "step_000002.pt.damaged", "step_000004.pt", "step_000004.pt.damaged"]
-    assert (out / "checkpoints" / "step_000002.pt.damaged").read_bytes() == b"not a checkpoint" * 100  # kept
-    assert sorted(train_losses(out)) == list(range(4))
-
-
-def test_damaged_newer_checkpoint_is_moved_aside_so_pruning_keeps_the_good_ones(run_at_step_4, embedded_data,
-                                                                                tmp_path):
-    out = copy_run(run_at_step_4, tmp_path / "run")
-    damage(out / "checkpoints" / "step_000004.pt")
-    train(embedded_data, out, "--resume", "--ckpt-every", "1", "--keep-checkpoints", "1", "--stop-at-step", "3")
-    # the resume continued from step 2 and saved step 3; keeping one checkpoint must keep that one, not the
-    # damaged step 4 that is newer by name
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003.pt", "step_000004.pt.damaged"]
-
-
-class NotAllowed:  # a global that weights_only refuses, as a file written by another version's code may hold
-    pass
-
-
-def test_only_a_damaged_file_is_skipped_or_set_aside(tmp_path, monkeypatch):
-    """A resume falls back past a checkpoint only when the file itself is damaged. The machine failing while it
-    loads (no memory, a disk error) or a file this torch version refuses stops the lookup with the newer file in
-    place: falling back would silently throw away the steps after the older checkpoint."""
-    import checkpoint
-    from checkpoint import newest_valid_checkpoint, save_checkpoint, set_aside
-    from cli import UserError
-    run = tmp_path / "run"
-    for step in (2, 4):
-        save_checkpoint({"model_config": {}, "model": {"w": torch.full((2,), float(step))}},
-                        checkpoint.checkpoint_path(run, step))
-    newest = checkpoint.checkpoint_path(run, 4)
-    real_load = torch.load
-    for failure in (MemoryError(), OSError(5, "Input/output error"),
-                    RuntimeError("DefaultCPUAllocator: can't allocate memory")):
-        def failing_load(path, *args, _failure=failure, **kwargs):
-            if Path(path) == newest:
-                raise _failure
-            return real_load(path, *args, **kwargs)
-        monkeypatch.setattr(torch, "load", failing_load)
-        with pytest.raises(type(failure)):
-            newest_valid_checkpoint(run)
-    monkeypatch.setattr(torch, "load", real_load)
-    torch.save({"format": checkpoint.FORMAT, "model_config": {}, "model": {}, "extra": NotAllowed()}, newest)
-    with pytest.raises(UserError, match="not damaged"):
-        newest_valid_checkpoint(run)
-    damage(newest)
-    state, path, damaged = newest_valid_checkpoint(run)
-    assert path.name == "step_000002.pt" and list(damaged) == [newest]
-    first = set_aside([newest], ".damaged")[0]
-    damage(newest)  # damaged again after a later save: the first one set aside is kept as well
-    second = set_aside([newest], ".damaged")[0]
-    assert first != second and first.exists() and second.exists()
-
-
-# --- a save killed mid-write ------------------------------------------------------------------------------------
-
-SLOW_SAVE = """
-import sys, time
-import torch
-sys.path.insert(0, {repo!r})
-from checkpoint import checkpoint_path, save_checkpoint
-
-
-class Slow:  # pickled inside torch.save, after the temporary file is open
-    def __reduce__(self):
-        print("writing", flush=True)
-        time.sleep(120)
-        return (int, (0,))
-
-
-save_checkpoint({{"model": {{"w": torch.zeros(1000)}}, "slow": Slow()}}, checkpoint_path({run!r}, 6))
-"""
-
-
-def test_save_killed_mid_write_leaves_no_orphan_after_the_next_start(run_at_step_4, embedded_data, tmp_path):
-    out = copy_run(run_at_step_4, tmp_path / "run")
-    saver = subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(repo=str(REPO), run=str(out))],
-                             stdout=subprocess.PIPE, text=True)
-    assert saver.stdout.readline() == "writing\n"
-    orphan = out / "checkpoints" / f".step_000006.pt.tmp{saver.pid}"
-    assert orphan.exists()
-    saver.kill()  # kill -9 during the save
-    saver.wait()
-    live = out / "checkpoints" / f".step_000007.pt.tmp{os.getpid()}"  # a save in progress by a live process
-    live.write_bytes(b"partial")
-    proc = train(embedded_data, out, "--resume", "--stop-at-step", "5")
-    assert f"removed {orphan}" in proc.stdout
-    assert not orphan.exists() and live.exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        live.name, "step_000002.pt", "step_000004.pt", "step_000005.pt"]
-    assert torch.load(out / "checkpoints" / "step_000005.pt", weights_only=True)["step"] == 5
+    assert_one_line_error(runs_with_out_of_range_arguments[(script, *args)], needle, argparse=True)
 
 
 # --- every train.py flag fed a bad value: refused before the first optimizer step -------------------------------
@@ -518,11 +314,11 @@ def bad_flag_cases() -> list[tuple[str, list[str], str | None]]:
     import dataclasses
     import typing
 
-    import train
-    hints = typing.get_type_hints(train.TrainConfig)
+    import config
+    hints = typing.get_type_hints(config.TrainConfig)
     cases = []
-    for field in dataclasses.fields(train.TrainConfig):
-        flag, kind = "--" + field.name.replace("_", "-"), train._flag_type(hints[field.name])
+    for field in dataclasses.fields(config.TrainConfig):
+        flag, kind = "--" + field.name.replace("_", "-"), config._flag_type(hints[field.name])
         wrong_type = {int: ["1.5"], float: ["nan", "inf", "x"]}.get(kind, [])
         for value, needle in [(v, None) for v in wrong_type] + BAD_VALUES.get(field.name, []):
             values = value if isinstance(value, list) else [value] if value else []
@@ -623,14 +419,13 @@ def test_flags_used_only_at_the_last_step_are_refused_before_anything_is_written
     runs = run_scripts(*[("train.py", *TINY, "--data", embedded_data, "--out", out, *args)
                          for out, (args, _) in zip(outs, cases)])
     for out, proc, (_, needle) in zip(outs, runs, cases):
-        assert_one_line(proc, needle, status=2)
+        assert_one_line_error(proc, needle, status=2, argparse=True)
         assert not out.exists()
 
 
 def test_a_user_error_under_torchrun_is_printed_once(embedded_data, tmp_path):
     """Every rank meets the bad flag; rank 0 prints it, rank 1 exits with the same status quietly (no traceback of a
     worker; torchrun's own report of the failed workers follows)."""
-    from test_e2e import free_port
     proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                       "train.py", *TINY, "--micro-batch", "2", "--device", "cpu", "--data", embedded_data,
                       "--out", tmp_path / "run", "--sample-temperature", "1e-45")

@@ -1,57 +1,38 @@
 """FSDP2 and sharded checkpoints (sharding.py, checkpoint.py, train.py --fsdp), all on CPU with gloo.
 
-Unit checks: one torchrun launch of tests/fsdp_worker.py (2 processes) trains, saves and reloads in every layout;
-the tests read what it left, the single-process readers among them with no process group at all. Acceptance: a few
-short train.py runs (the `runs` fixture) compared with one process accumulating the same token batch."""
+Unit checks: one torchrun launch of tests/fsdp_worker.py (2 processes, conftest's fsdp_worker fixture) trains, saves
+and reloads in every layout; the tests read what it left (test_checkpoint's readers of its sharded checkpoint too).
+Acceptance: a few short train.py runs (the `runs` fixture) compared with one process accumulating the same token
+batch."""
 import json
-import random
 import re
 import shutil
 
 import pytest
 import torch
 
-from conftest import REPO, run_script
 import checkpoint
 import sharding
-from test_train import NO_DROPOUT, TINY, assert_weights_close_relative_to_training, train_events
-
-STEP = 3  # the worker's STEPS: its sharded checkpoint is step_000003
-TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+from helpers import FSDP_WORKER_STEP as STEP
+from helpers import (NO_DROPOUT, ONE_THREAD, REPO, TINY, TORCHRUN_2, assert_same_tensors,
+                     assert_weights_close_relative_to_training, garble, run_script, train_events)
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp_worker")
-    run_script(*TORCHRUN_2, REPO / "tests" / "fsdp_worker.py", "units", out, env=ONE_THREAD, check=True)
-    return out
-
-
-def assert_same_tensors(a: dict, b: dict, where=""):
-    assert a.keys() == b.keys(), where
-    for key in a:
-        if isinstance(a[key], dict):
-            assert_same_tensors(a[key], b[key], f"{where}.{key}")
-        else:
-            assert torch.equal(a[key], b[key]), f"{where}.{key}"
-
-
-def test_fsdp_on_two_processes_clips_and_steps_like_one_process_accumulating(worker):
+def test_fsdp_on_two_processes_clips_and_steps_like_one_process_accumulating(fsdp_worker):
     """Same token batch per step (one process: 4 micro-steps of 1 sequence; FSDP: 2 micro-steps of 1 sequence on
     each of 2 processes, gradients reduce-scattered and accumulated as shards), clipped to 0.5 (every pre-clip norm here
     is larger): each step's pre-clip norm, the global one over both processes' shards, agrees to rounding (measured
     up to 7e-7 relative), so the clipping and the weights it moved agree too (step 2's norm follows two updates)."""
-    norms = json.loads((worker / "grad_norms.json").read_text())
+    norms = json.loads((fsdp_worker / "grad_norms.json").read_text())
     assert len(norms["fsdp"]) == len(norms["plain"]) == 3 and min(norms["plain"]) > 0.5
     assert norms["fsdp"] == pytest.approx(norms["plain"], rel=1e-5)
 
 
-def test_sharded_checkpoint_reloads_exactly_into_fsdp_and_plain_models_and_a_pt_into_fsdp(worker):
+def test_sharded_checkpoint_reloads_exactly_into_fsdp_and_plain_models_and_a_pt_into_fsdp(fsdp_worker):
     """Weights, AdamW moments and step counts come back bit for bit: from the sharded checkpoint into a fresh FSDP
     model on 2 processes and into a plain model on each (FSDP -> DDP), and from a plain run's .pt (optimizer state
     keyed by position) into FSDP (DDP -> FSDP). The loading run keeps its own optimizer settings."""
-    loaded = torch.load(worker / "loaded.pt", weights_only=True)
+    loaded = torch.load(fsdp_worker / "loaded.pt", weights_only=True)
     assert_same_tensors(loaded["fsdp_from_sharded"], loaded["trained"], "fsdp_from_sharded")
     assert_same_tensors(loaded["plain_from_sharded"], loaded["trained"], "plain_from_sharded")
     assert_same_tensors(loaded["fsdp_from_pt"], loaded["plain"], "fsdp_from_pt")
@@ -60,106 +41,15 @@ def test_sharded_checkpoint_reloads_exactly_into_fsdp_and_plain_models_and_a_pt_
     assert all(tuple(g["betas"]) == (0.9, 0.95) for g in loaded["fsdp_from_pt_settings"])
 
 
-def test_fsdp_holds_half_the_parameter_and_optimizer_bytes_per_process(worker):
+def test_fsdp_holds_half_the_parameter_and_optimizer_bytes_per_process(fsdp_worker):
     """Measured on each process: the bytes of its parameter tensors (its shards) and AdamW moments, FSDP vs the same
     model unsharded (what each DDP process holds). The shards add up to the whole model exactly."""
-    ranks = [json.loads((worker / f"bytes_rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((fsdp_worker / f"bytes_rank{r}.json").read_text()) for r in (0, 1)]
     plain = ranks[0]["plain"]["params"] + ranks[0]["plain"]["optimizer"]
     for rank in ranks:
         fsdp = rank["fsdp"]["params"] + rank["fsdp"]["optimizer"]
         assert 0.49 < fsdp / plain < 0.51, (fsdp, plain)
     assert sum(r["fsdp"]["params"] for r in ranks) == ranks[0]["plain"]["params"]
-
-
-def test_single_process_readers_get_the_full_model_without_a_process_group(worker):
-    """checkpoint.load_checkpoint (generate.py, hellaswag_eval.py, export_hf.py, load_model) on a sharded
-    folder, or on its run directory, gives what a .pt file holds: format, model_config, the model as full tensors
-    (the uneven embedding shards joined), and the extra state the trainer passed."""
-    trained = torch.load(worker / "loaded.pt", weights_only=True)["trained"]["model"]
-    run = worker / "run"
-    for source in (run, checkpoint.checkpoint_path(run, STEP, sharded=True)):
-        state, found = checkpoint.load_checkpoint(source)
-        assert found == checkpoint.checkpoint_path(run, STEP, sharded=True)
-        assert state["format"] == checkpoint.FORMAT and state["step"] == STEP
-        assert state["tokens_seen"] == 12345  # passed through untouched
-        assert_same_tensors(state["model"], trained)
-    model = checkpoint.load_model(run)
-    assert_same_tensors(model.state_dict(), trained)
-    assert "model" not in checkpoint.load_checkpoint_file(found, weights=False)
-
-
-@pytest.fixture
-def damaged_run(worker, tmp_path):
-    """A run with the good step 3 and a copy of it as step 5, for the test to damage."""
-    run = tmp_path / "run"
-    good = checkpoint.checkpoint_path(run, STEP, sharded=True)
-    shutil.copytree(checkpoint.checkpoint_path(worker / "run", STEP, sharded=True), good)
-    shutil.copytree(good, checkpoint.checkpoint_path(run, 5, sharded=True))
-    return run, checkpoint.checkpoint_path(run, 5, sharded=True)
-
-
-def garble(file) -> None:
-    """Overwrite the middle half of `file` with random bytes, keeping its size."""
-    data = bytearray(file.read_bytes())
-    middle = slice(len(data) // 4, 3 * len(data) // 4)
-    data[middle] = random.Random(0).randbytes(len(data[middle]))
-    file.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize("damage, needle", [("missing", "missing its shard file __1_0.distcp"),
-                                            ("truncated", "__0_0.distcp is truncated"),
-                                            ("garbled", "__1_0.distcp is corrupt or truncated"),
-                                            ("no_state", "has no train_state.pt"),
-                                            ("bad_index", ".metadata is corrupt or truncated")])
-def test_damaged_sharded_checkpoint_is_one_line_and_a_resume_falls_back(damaged_run, damage, needle):
-    run, newer = damaged_run
-    if damage == "missing":
-        (newer / "__1_0.distcp").unlink()
-    elif damage == "truncated":
-        shard = newer / "__0_0.distcp"
-        shard.write_bytes(shard.read_bytes()[:-100])
-    elif damage == "garbled":
-        garble(newer / "__1_0.distcp")
-    elif damage == "no_state":
-        (newer / "train_state.pt").unlink()
-    else:
-        (newer / ".metadata").write_bytes((newer / ".metadata").read_bytes()[:50])
-    with pytest.raises(checkpoint.CheckpointDamaged) as error:
-        checkpoint.load_checkpoint_file(newer)
-    assert needle in str(error.value) and "\n" not in str(error.value)
-    state, found, damaged = checkpoint.newest_valid_checkpoint(run, weights=False)
-    assert found.name == f"step_{STEP:06d}" and list(damaged) == [newer] and needle in damaged[newer]
-
-
-def test_reader_script_names_the_missing_shard_in_one_line(damaged_run):
-    run, newer = damaged_run
-    (newer / "__1_0.distcp").unlink()
-    proc = run_script("generate.py", "--checkpoint", newer, "--prompt", "a", "--max-new-tokens", "1")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (f"error: sharded checkpoint {newer} is missing its shard file "
-                                                    "__1_0.distcp; use an earlier checkpoint")
-
-
-def test_listing_pruning_and_setting_aside_treat_folders_like_files(tmp_path):
-    """Folders and .pt files in one run: listed by step, pruned (a folder entirely, no temporary name left),
-    quarantined and set aside by renaming."""
-    folder = checkpoint.checkpoint_dir(tmp_path)
-    for step, sharded in ((1, True), (2, False), (3, True), (4, True), (5, False)):
-        path = checkpoint.checkpoint_path(tmp_path, step, sharded)
-        if sharded:
-            path.mkdir(parents=True)
-            (path / "__0_0.distcp").write_bytes(b"x")
-        else:
-            path.write_bytes(b"x")
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
-        "step_000001", "step_000002.pt", "step_000003", "step_000004", "step_000005.pt"]
-    checkpoint.prune_checkpoints(tmp_path, keep=3, saved=folder / "step_000005.pt")
-    assert sorted(p.name for p in folder.iterdir()) == ["step_000003", "step_000004", "step_000005.pt"]
-    checkpoint.quarantine_checkpoints(tmp_path, from_step=4)
-    assert sorted(p.name for p in folder.iterdir()) == ["step_000003", "step_000004.nonfinite",
-                                                       "step_000005.pt.nonfinite"]
-    assert (folder / "step_000004.nonfinite" / "__0_0.distcp").exists()
-    assert checkpoint.list_checkpoints(tmp_path) == [folder / "step_000003"]
 
 
 # --- train.py --fsdp: acceptance ------------------------------------------------------------------------------

@@ -1,49 +1,15 @@
-import dataclasses
 import io
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from checkpoint import save_checkpoint
 from cli import UserError
 from generate import (REFERENCE_PROMPTS, TokenPrinter, check_sampling, continuation_text, encode_prompt,
                       generate_samples, sample_continuations)
+from helpers import assert_one_line_error, run_script, save_tiny_checkpoint, tiny_config
 from model import GPT, GPTConfig, Sampling, evaluating
 from tokenizer import EOT_ID, get_tokenizer
 
-
-# Helpers shared with test_hellaswag.py ----------------------------------------------------------------------------
-
-def tiny_config(**overrides) -> GPTConfig:
-    """The real GPT-2 vocabulary (prompts and HellaSwag are real text) with a tiny body: fast on CPU."""
-    return GPTConfig(**{**dict(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32, ffn_hidden=64),
-                        **overrides})
-
-
-def save_tiny_checkpoint(path, seed: int = 0, **overrides):
-    cfg = tiny_config(**overrides)
-    model = GPT(cfg, seed=seed)
-    save_checkpoint({"model_config": dataclasses.asdict(cfg), "model": model.state_dict()}, path)
-    return model
-
-
-def run_script(repo_dir, script: str, *args, launcher=(), timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *launcher, str(repo_dir / script), *map(str, args)], cwd=repo_dir,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *expected_words: str) -> None:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in expected_words:
-        assert word in lines[0], lines[0]
-
-
-# -----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def checkpoint_file(tmp_path_factory):
@@ -162,10 +128,10 @@ def is_utf8(data: bytes) -> bool:
         return False
 
 
-def test_cli_greedy_text_equals_plain_argmax_decoding(repo_dir, checkpoint_file):
+def test_cli_greedy_text_equals_plain_argmax_decoding(checkpoint_file):
     """The streamed CLI output against the definition (rerun the whole context, take the argmax), decoded here;
     30 new tokens pass the checkpoint's 24-token context."""
-    result = run_script(repo_dir, "generate.py", "--checkpoint", checkpoint_file, "--prompt", "HTML stands for",
+    result = run_script("generate.py", "--checkpoint", checkpoint_file, "--prompt", "HTML stands for",
                         "--max-new-tokens", 30, "--temperature", 0, "--no-stop-at-eot")
     assert result.returncode == 0, result.stderr
     enc = get_tokenizer()
@@ -177,9 +143,9 @@ def test_cli_greedy_text_equals_plain_argmax_decoding(repo_dir, checkpoint_file)
     assert result.stdout.split("\n", 1)[1] == "HTML stands for" + text + "\n"
 
 
-def test_cli_sampling_follows_the_seed(repo_dir, checkpoint_file):
+def test_cli_sampling_follows_the_seed(checkpoint_file):
     def sample(seed):
-        result = run_script(repo_dir, "generate.py", "--checkpoint", checkpoint_file, "--prompt", "Hello",
+        result = run_script("generate.py", "--checkpoint", checkpoint_file, "--prompt", "Hello",
                             "--max-new-tokens", 12, "--temperature", 0.9, "--top-k", 100, "--top-p", 0.9,
                             "--seed", seed, "--num-samples", 2, "--no-stop-at-eot")
         assert result.returncode == 0, result.stderr
@@ -200,15 +166,16 @@ def test_cli_sampling_follows_the_seed(repo_dir, checkpoint_file):
     (["--top-k", "-1"], ["--top-k"]),
     (["--max-new-tokens", "0"], ["--max-new-tokens"]),
 ])
-def test_cli_bad_input_is_one_line(repo_dir, checkpoint_file, args, words):
-    assert_one_line_error(run_script(repo_dir, "generate.py", "--checkpoint", checkpoint_file, *args), *words)
+def test_cli_bad_input_is_one_line(checkpoint_file, args, words):
+    assert_one_line_error(run_script("generate.py", "--checkpoint", checkpoint_file, *args), *words, alone=True)
 
 
-def test_cli_missing_or_corrupt_checkpoint_is_one_line(repo_dir, tmp_path):
-    assert_one_line_error(run_script(repo_dir, "generate.py", "--checkpoint", tmp_path / "nope.pt"), "does not exist")
+def test_cli_missing_or_corrupt_checkpoint_is_one_line(tmp_path):
+    assert_one_line_error(run_script("generate.py", "--checkpoint", tmp_path / "nope.pt"), "does not exist",
+                          alone=True)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_script(repo_dir, "generate.py", "--checkpoint", corrupt), "corrupt")
+    assert_one_line_error(run_script("generate.py", "--checkpoint", corrupt), "corrupt", alone=True)
 
 
 class SecondRowStopsGPT(GPT):

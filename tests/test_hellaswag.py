@@ -6,8 +6,8 @@ import torch
 import hellaswag_eval
 from cli import UserError
 from hellaswag_eval import SAMPLE_FILE, download_official, evaluate_hellaswag, load_examples, score_examples
+from helpers import assert_one_line_error, run_script, run_scripts, save_tiny_checkpoint, tiny_config
 from model import GPT
-from test_generate import assert_one_line_error, run_script, save_tiny_checkpoint, tiny_config
 from tokenizer import get_tokenizer
 
 
@@ -71,7 +71,6 @@ def checkpoint_file(tmp_path_factory):
 
 
 def test_cli_two_gloo_ranks_count_like_one_process(checkpoint_file, tmp_path):
-    from conftest import run_scripts
     common = ["--checkpoint", checkpoint_file, "--data", SAMPLE_FILE, "--limit", 9, "--batch-size", 2,
               "--device", "cpu"]  # 9 examples: ranks get 5 and 4
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -101,11 +100,11 @@ def test_malformed_line_names_file_and_line(tmp_path, bad_line, words):
         load_examples(path)
 
 
-def test_cli_malformed_file_is_one_line(repo_dir, checkpoint_file, tmp_path):
+def test_cli_malformed_file_is_one_line(checkpoint_file, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(SAMPLE_FILE.read_text().splitlines()[0] + "\nnot json\n")
-    result = run_script(repo_dir, "hellaswag_eval.py", "--checkpoint", checkpoint_file, "--data", path)
-    assert_one_line_error(result, f"{path}:2")
+    result = run_script("hellaswag_eval.py", "--checkpoint", checkpoint_file, "--data", path)
+    assert_one_line_error(result, f"{path}:2", alone=True)
 
 
 def test_download_checks_count_and_renames(tmp_path):
@@ -129,7 +128,6 @@ def test_offline_without_cache_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_download_only_checks_a_given_file_without_a_checkpoint():
-    from conftest import run_script
     proc = run_script("hellaswag_eval.py", "--download-only", "--data", "assets/hellaswag/hellaswag_val_head10.jsonl")
     assert proc.returncode == 0 and "10 examples ready" in proc.stdout
     proc = run_script("hellaswag_eval.py", "--data", "assets/hellaswag/hellaswag_val_head10.jsonl")

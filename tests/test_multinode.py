@@ -4,23 +4,11 @@ local rank 0) may write, and every node checks the data's sha256 once (its local
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
-
-from conftest import REPO, run_script
-from test_train import NO_DROPOUT, TINY, assert_same_weights, final_weights, train_events
-
-# One thread per process in both layouts: torchrun sets this itself only with several processes per node, and the
-# thread count can change how CPU kernels split their sums.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import (NO_DROPOUT, ONE_THREAD, REPO, TINY, assert_same_weights, final_weights, free_port, run_script,
+                     train_events)
 
 
 def run_two_nodes(nodes: list[tuple], run_id: str, timeout: int = 400) -> list[subprocess.CompletedProcess]:

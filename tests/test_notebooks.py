@@ -7,7 +7,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 from model import GPT, PRESETS
 
 NOTEBOOKS = REPO / "notebooks"

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_scripts
-from test_generate import save_tiny_checkpoint
+from helpers import REPO, run_scripts, save_tiny_checkpoint
 
 SAMPLE_HELLASWAG = REPO / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"
 TOOLS = ["hellaswag_eval.py", "bench.py train", "bench.py generate", "bench.py gpu", "bench_data_prep.py",

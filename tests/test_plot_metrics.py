@@ -6,7 +6,7 @@ import pytest
 matplotlib.use("Agg")
 
 import plot_metrics  # noqa: E402
-from conftest import run_script  # noqa: E402
+from helpers import assert_one_line_error, run_script  # noqa: E402
 
 
 def write_events(run_dir, events, partial_tail=""):
@@ -48,5 +48,4 @@ def test_plots_and_latest_values_with_evals(tmp_path):
 
 def test_cli_missing_run_is_one_line_error(tmp_path):
     proc = run_script("plot_metrics.py", tmp_path / "nothing")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error: no metrics at")
+    assert assert_one_line_error(proc, alone=True).startswith("error: no metrics at")

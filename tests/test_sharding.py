@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 
 TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 

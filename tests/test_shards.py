@@ -14,7 +14,7 @@ import pytest
 
 import shards
 from cli import UserError
-from conftest import REPO, script_env
+from helpers import REPO, make_dataset, script_env
 
 TOKENS = 50_000  # 100 kB of tokens: the 16 kB limit stops the write well after its start
 LIMIT = 16_384
@@ -61,7 +61,6 @@ def test_interrupted_rewrite_leaves_the_previous_shard_whole(tmp_path, how):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    from test_dataloader import make_dataset
     return make_dataset(tmp_path / "data", train_sizes=[50, 60], val_sizes=[40])
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from helpers import host_syncs_in_run, run_script
 
 # 6 steps of the debug model with every kind of event: train steps, validation, HellaSwag and samples at 3 and 6.
 RUN = ["--config", "debug", "--micro-batch", "4", "--seq-len", "32", "--total-batch-tokens", "256",
@@ -311,7 +311,7 @@ def test_a_tracker_that_cannot_start_stops_every_rank(embedded_data, tmp_path):
     """Only rank 0 opens the trackers: when that fails, the other ranks must stop too instead of waiting for rank 0
     in the first collective (under torchrun --max-restarts each restart would hang until the group is torn down).
     Each rank records how its main() ended; rank 0 ends after rank 1, so torchrun cannot stop rank 1 first."""
-    from conftest import REPO
+    from helpers import REPO
     script, done = tmp_path / "train_untracked.py", tmp_path / "done"
     done.mkdir()
     script.write_text(TRACKER_CANNOT_START.format(repo=str(REPO), done=str(done)))
@@ -380,7 +380,6 @@ def test_trackers_add_no_host_sync_to_the_training_steps(embedded_data, wandb_he
     """The sync test of test_bench with both trackers on: the same count as without them, and no more for 6 steps
     than for 2 (the trackers get the Python numbers the log step already read)."""
     pytest.importorskip("tensorboard")
-    from test_bench import host_syncs_in_run
     plain = host_syncs_in_run(embedded_data, tmp_path / "plain", steps=2)
     short = host_syncs_in_run(embedded_data, tmp_path / "short", steps=2, tracker="tensorboard,wandb")
     long = host_syncs_in_run(embedded_data, tmp_path / "long", steps=6, tracker="tensorboard,wandb")

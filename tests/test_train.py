@@ -10,35 +10,12 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_script
-from devices import largest_fitting
-from train import TrainConfig, grad_accum_steps, lr_at, micro_batch_candidates, parse_config
 from cli import UserError
-
-# A tiny, quick recipe on the debug model: 8 steps of 2 x 4 x 32 tokens, dropout on (the preset's).
-TINY = ["--config", "debug", "--micro-batch", "4", "--seq-len", "32", "--total-batch-tokens", "256",
-        "--max-steps", "8", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "4", "--val-tokens", "512",
-        "--hellaswag-every", "0", "--hellaswag-limit", "2", "--sample-every", "0", "--sample-tokens", "4",
-        "--ckpt-every", "0", "--keep-checkpoints", "0"]
-
-
-def train(data, out, *extra, check=True, **kw):
-    return run_script("train.py", *TINY, "--data", data, "--out", out, *extra, check=check, **kw)
-
-
-def train_losses(run_dir):
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {e["step"]: e["loss"] for e in events if "loss" in e}
-
-
-def final_weights(run_dir, step=8):
-    return torch.load(run_dir / "checkpoints" / f"step_{step:06d}.pt", weights_only=True)["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from devices import largest_fitting
+from helpers import (NO_DROPOUT, REPO, TINY, assert_one_line_error, assert_same_weights,
+                     assert_weights_close_relative_to_training, final_weights, run_script, train, train_events,
+                     train_losses)
+from train import TrainConfig, grad_accum_steps, lr_at, micro_batch_candidates, parse_config
 
 
 @pytest.fixture(scope="module")
@@ -205,30 +182,11 @@ def test_sigterm_checkpoints_then_resume_completes(straight_run, embedded_data, 
     assert_same_weights(final_weights(out), final_weights(straight_run))
 
 
-NO_DROPOUT = ["--attn-dropout", "0", "--ffn-dropout", "0"]  # compiled dropout draws other masks than eager
-
-
 @pytest.fixture(scope="module")
 def single_run_without_dropout(embedded_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "single"
     train(embedded_data, out, *NO_DROPOUT)
     return out
-
-
-def train_events(run_dir):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
-
-
-def assert_weights_close_relative_to_training(a, b, rel):
-    """Per tensor: ||a - b|| <= rel * ||a - init||, the distance between two runs small next to how far training
-    moved the weights. Elementwise tolerances do not fit here: AdamW's update m / (sqrt(v) + eps) turns a rounding
-    difference in a near-zero gradient element into a full-size step of either sign, so a handful of elements differ
-    by ~lr after a few steps without any bug, while a real bug (other data, other gradients) moves every tensor."""
-    from model import GPT, GPTConfig
-    init = GPT(GPTConfig.from_preset("debug"), seed=1337).state_dict()  # TINY's model and seed
-    assert a.keys() == b.keys()
-    for k in a:
-        assert (a[k] - b[k]).norm() <= rel * (a[k] - init[k]).norm(), k
 
 
 @pytest.mark.parametrize("speed_flags, tolerance", [([], 1e-5), (["--compile", "--activation-checkpointing"], 1e-4)],
@@ -259,8 +217,8 @@ def test_resume_under_another_process_count_and_micro_batch(single_run_without_d
     out = tmp_path / "elastic"
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
                "--data", embedded_data, "--out", out, *NO_DROPOUT, "--stop-at-step", "4", check=True)
-    one_line_error(train(embedded_data, out, *NO_DROPOUT, "--resume", "--total-batch-tokens", "512", check=False),
-                   "--total-batch-tokens 256", "--allow-token-batch-change")
+    assert_one_line_error(train(embedded_data, out, *NO_DROPOUT, "--resume", "--total-batch-tokens", "512",
+                                check=False), "--total-batch-tokens 256", "--allow-token-batch-change")
     train(embedded_data, out, *NO_DROPOUT, "--resume", "--micro-batch", "2")
     a, b = train_events(single_run_without_dropout), train_events(out)
     assert [e["step"] for e in a] == [e["step"] for e in b] == list(range(8))
@@ -319,17 +277,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(embedded_data, 
 
 # --- bad input -------------------------------------------------------------------------------------------------
 
-def one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr
-    for needle in needles:
-        assert needle in last, last
-
-
 def test_missing_data_dir_names_the_prep_command(tmp_path):
-    one_line_error(train(tmp_path / "nowhere", tmp_path / "run", check=False), "data_prep.py")
+    assert_one_line_error(train(tmp_path / "nowhere", tmp_path / "run", check=False), "data_prep.py")
 
 
 def test_other_tokenizer_refused(embedded_data, tmp_path):
@@ -339,7 +288,7 @@ def test_other_tokenizer_refused(embedded_data, tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["tokenizer_sha256"] = "0" * 64
     (data / "manifest.json").write_text(json.dumps(manifest))
-    one_line_error(train(data, tmp_path / "run", check=False), "tokenizer")
+    assert_one_line_error(train(data, tmp_path / "run", check=False), "tokenizer")
 
 
 def test_corrupt_shard_refused(embedded_data, tmp_path):
@@ -350,20 +299,20 @@ def test_corrupt_shard_refused(embedded_data, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0xFF  # same size: only the sha256 check can see it
     shard.write_bytes(bytes(raw))
-    one_line_error(train(data, tmp_path / "run", check=False), shard.name)
+    assert_one_line_error(train(data, tmp_path / "run", check=False), shard.name)
 
 
 def test_indivisible_batch_and_long_sequence_refused(embedded_data, tmp_path):
-    one_line_error(train(embedded_data, tmp_path / "a", "--micro-batch", "3", check=False),
-                   "--micro-batch 3 does not divide")
-    one_line_error(train(embedded_data, tmp_path / "b", "--seq-len", "256", "--total-batch-tokens", "1024",
-                         check=False), "context")
+    assert_one_line_error(train(embedded_data, tmp_path / "a", "--micro-batch", "3", check=False),
+                          "--micro-batch 3 does not divide")
+    assert_one_line_error(train(embedded_data, tmp_path / "b", "--seq-len", "256", "--total-batch-tokens", "1024",
+                                check=False), "context")
 
 
 @pytest.mark.parametrize("flag, value", [("--log-every", "0"), ("--pad-vocab-to", "0"), ("--attn-dropout", "2"),
                                          ("--seed", "-1"), ("--micro-batch", "many"), ("--max-lr", "0")])
 def test_impossible_flag_values_refused(embedded_data, tmp_path, flag, value):
-    one_line_error(train(embedded_data, tmp_path / "run", flag, value, check=False), flag)
+    assert_one_line_error(train(embedded_data, tmp_path / "run", flag, value, check=False), flag)
 
 
 def test_resume_from_weights_only_checkpoint_suggests_init_from(straight_run, embedded_data, tmp_path):
@@ -371,11 +320,11 @@ def test_resume_from_weights_only_checkpoint_suggests_init_from(straight_run, em
     state = torch.load(straight_run / "checkpoints" / "step_000008.pt", weights_only=True)
     save_checkpoint({"model_config": state["model_config"], "model": state["model"]},
                     checkpoint_path(tmp_path / "w", 0))
-    one_line_error(train(embedded_data, tmp_path / "w", "--resume", check=False), "--init-from")
+    assert_one_line_error(train(embedded_data, tmp_path / "w", "--resume", check=False), "--init-from")
 
 
 def test_resume_without_checkpoint_refused(embedded_data, tmp_path):
-    one_line_error(train(embedded_data, tmp_path / "run", "--resume", check=False), "--allow-fresh-start")
+    assert_one_line_error(train(embedded_data, tmp_path / "run", "--resume", check=False), "--allow-fresh-start")
 
 
 def test_init_from_starts_a_new_run_from_the_weights(straight_run, embedded_data, tmp_path):
@@ -388,8 +337,8 @@ def test_init_from_starts_a_new_run_from_the_weights(straight_run, embedded_data
 
 
 def test_checkpoint_of_other_model_config_refused(straight_run, embedded_data, tmp_path):
-    one_line_error(train(embedded_data, tmp_path / "run", "--init-from", straight_run, "--pad-vocab-to", "64",
-                         check=False), "different model config")
+    assert_one_line_error(train(embedded_data, tmp_path / "run", "--init-from", straight_run, "--pad-vocab-to", "64",
+                                check=False), "different model config")
 
 
 def test_out_of_gpu_memory_is_one_line_naming_the_memory_flags(embedded_data, tmp_path, monkeypatch, capsys):
@@ -405,29 +354,6 @@ def test_out_of_gpu_memory_is_one_line_naming_the_memory_flags(embedded_data, tm
     assert error[-1].startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 3.07 GiB)")
     assert " in train.py:" in error[-1] and "(run);" in error[-1]  # where it happened: the innermost repo frame
     assert "--micro-batch auto" in error[-1] and "--activation-checkpointing" in error[-1]
-
-
-def test_resumed_optimizer_keeps_saved_moments_under_this_runs_settings():
-    """A checkpoint's AdamW state (here: plain for-loop AdamW, other betas and weight decay) loaded into this run's
-    optimizer (fused, as on CUDA): the moments and step counts come from the checkpoint, every setting from the run."""
-    from model import GPT, GPTConfig
-    from sharding import load_training_state
-    model = GPT(GPTConfig.from_preset("debug"))
-    saved_optimizer = torch.optim.AdamW(model.param_groups(0.2), lr=1e-3, betas=(0.8, 0.9), foreach=False)
-    model(torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8), dtype=torch.long))[1].backward()
-    saved_optimizer.step()
-    saved = saved_optimizer.state_dict()
-    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=True)
-    load_training_state(model, optimizer, {"model": model.state_dict(), "optimizer": saved}, "step_000001.pt")
-    for group in optimizer.param_groups:
-        assert group["fused"] is True and group["foreach"] is None and tuple(group["betas"]) == (0.9, 0.95)
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
-    first = model.wte.weight
-    assert torch.equal(optimizer.state[first]["exp_avg"], saved_optimizer.state[first]["exp_avg"])
-    assert float(optimizer.state[first]["step"]) == 1.0
-    model(torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8), dtype=torch.long))[1].backward()
-    optimizer.step()  # the fused kernel accepts the loaded state
-    assert float(optimizer.state[first]["step"]) == 2.0
 
 
 def test_out_of_gpu_memory_without_a_message_is_still_one_line(capsys):
