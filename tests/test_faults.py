@@ -4,7 +4,6 @@ exit, and leaves nothing behind that looks finished. (A checkpoint on a full dis
 test_checkpoint.py.)"""
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys

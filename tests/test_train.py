@@ -1,7 +1,7 @@
 """train.py: schedule, batch derivation, exact resume, DDP equivalence, preemption, restarts, bad input."""
 import json
-import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,22 +27,55 @@ def straight_run(embedded_data, tmp_path_factory):
 
 # --- pure functions -------------------------------------------------------------------------------------------
 
-def test_reference_recipe_defaults():
+def test_the_readmes_recipe_table_states_the_defaults():
+    """The README's recipe table is TrainConfig's defaults and what follows from them, each figure read from the
+    table: the token batch (a power of two), the micro-batch and the accumulation on 8 GPUs it gives, max_steps as
+    the whole batches in the stated token count, the optimizer and the schedule (min_lr a tenth of max_lr)."""
     cfg = TrainConfig()
-    assert cfg.total_batch_tokens == 2 ** 19 and cfg.max_steps == int(10e9 / 2 ** 19) == 19_073
-    assert cfg.warmup_steps == 226 and cfg.max_lr == 2.1e-3 and cfg.min_lr == pytest.approx(0.1 * cfg.max_lr)
-    assert grad_accum_steps(cfg.total_batch_tokens, int(cfg.micro_batch), cfg.seq_len, world_size=8) == 2
+    readme = (REPO / "README.md").read_text()
+
+    def row(name: str) -> str:
+        return re.search(rf"^\| {name} \| (.*) \|$", readme, re.MULTILINE).group(1)
+
+    def number(text: str) -> float:
+        return float(text.replace(",", ""))
+    batch = re.fullmatch(r"([\d,]+) tokens per optimizer step \(2\^(\d+)\): micro-batch (\d+) x ([\d,]+) per GPU, "
+                         r"accumulation derived from the GPU count \((\d+) on (\d+) GPUs\)", row("batch"))
+    assert cfg.total_batch_tokens == number(batch[1]) == 2 ** int(batch[2])
+    assert int(cfg.micro_batch) == int(batch[3]) and cfg.seq_len == number(batch[4])
+    assert grad_accum_steps(cfg.total_batch_tokens, int(cfg.micro_batch), cfg.seq_len, int(batch[6])) == int(batch[5])
+    steps = re.fullmatch(r"([\d,]+) \((\d+)B tokens\)", row("steps"))
+    assert cfg.max_steps == number(steps[1]) == int(steps[2]) * 10 ** 9 // cfg.total_batch_tokens
+    optimizer = re.match(r"AdamW, betas \(([\d.]+), ([\d.]+)\), eps ([\d.e-]+), weight decay ([\d.]+) ",
+                         row("optimizer"))
+    assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay) == tuple(map(float, optimizer.groups()))
+    assert row("other").startswith(f"gradient clipping at {cfg.grad_clip}, ")
+    schedule = re.fullmatch(r"linear warmup over (\d+) steps \((\d+)M tokens\) to ([\d.e-]+), cosine decay to "
+                            r"([\d.e-]+) at the last step", row("schedule"))
+    assert cfg.warmup_steps == int(schedule[1])
+    assert cfg.warmup_steps * cfg.total_batch_tokens == pytest.approx(int(schedule[2]) * 1e6, rel=0.01)
+    assert (cfg.max_lr, cfg.min_lr) == (float(schedule[3]), float(schedule[4]))
+    assert cfg.min_lr == pytest.approx(0.1 * cfg.max_lr)
 
 
-def test_lr_schedule_formula():
+def test_lr_schedule_warms_up_linearly_then_decays_like_a_half_cosine_to_min_lr():
+    """The schedule's properties rather than its formula: over warmup_steps a linear rise from max_lr / warmup_steps
+    to max_lr; from there to the last step a non-increasing curve from max_lr down to exactly min_lr, symmetric about
+    its middle (lr(k) + lr(n - k) = max_lr + min_lr, k steps into a decay of n), above the straight line between its
+    ends in the first half and below it in the second (a half cosine, not a linear decay)."""
     cfg = TrainConfig()
-    assert lr_at(0, cfg) == pytest.approx(2.1e-3 / 226)
-    assert lr_at(225, cfg) == pytest.approx(2.1e-3)
-    assert lr_at(226, cfg) == pytest.approx(2.1e-3)  # cosine starts at the peak
-    assert lr_at(19_072, cfg) == pytest.approx(2.1e-4)  # and reaches 10% of it at the last step
-    mid = 226 + (19_072 - 226) // 2
-    progress = (mid - 226) / (19_072 - 226)
-    assert lr_at(mid, cfg) == pytest.approx(2.1e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * 1.89e-3)
+    warm, last = cfg.warmup_steps, cfg.max_steps - 1
+    lrs = [lr_at(step, cfg) for step in range(cfg.max_steps)]
+    assert lrs[0] == pytest.approx(cfg.max_lr / warm)
+    assert all(b - a == pytest.approx(cfg.max_lr / warm) for a, b in zip(lrs[:warm - 1], lrs[1:warm]))
+    assert lrs[warm - 1] == pytest.approx(cfg.max_lr) and lrs[warm] == pytest.approx(cfg.max_lr)
+    assert lrs[last] == cfg.min_lr  # reached exactly at the last step
+    decay, n = lrs[warm:], last - warm
+    assert all(b <= a for a, b in zip(decay, decay[1:]))
+    for k in range(1, n):
+        assert decay[k] + decay[n - k] == pytest.approx(cfg.max_lr + cfg.min_lr), k
+        straight = cfg.max_lr + (cfg.min_lr - cfg.max_lr) * k / n
+        assert decay[k] > straight if 2 * k < n else decay[k] < straight if 2 * k > n else True, k
 
 
 def test_grad_accum_derivation_and_error():
