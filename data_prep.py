@@ -353,7 +353,13 @@ class ConfigFiles(NamedTuple):
 def config_files(args, what: str) -> ConfigFiles:
     """The files of --name/--split as datasets.load_dataset_builder resolves them from the `configs:` of the dataset
     card (from the layout when it lists none), for a local copy or a hub dataset at the commit pinned first. What
-    datasets raises for a card it cannot read becomes one line naming the card."""
+    datasets raises for a card it cannot read becomes one line naming the card. Run in a child process: `datasets`
+    (~90 MB once imported) stays out of this one and of the workers forked from it."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as child:
+        return child.submit(resolve_config_files, args, what).result()
+
+
+def resolve_config_files(args, what: str) -> ConfigFiles:
     import datasets  # only here: the rest of the repo must run on machines without `datasets`
     revision = None if Path(args.dataset).is_dir() else hub_commit(args.dataset)
     # the builder only resolves the files (nothing is built): its cache folder, which gets a lock file, is scratch
