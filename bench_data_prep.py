@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import data_prep
+import data_sources
 import shards
 from cli import REPO_DIR, UserError, ensure_writable_dir, finite_float, main_entry, run_and_write_result
 from tokenizer import EOT_ID, get_tokenizer
@@ -79,7 +80,7 @@ def local_documents(roots: list[str]):
             except (OSError, UnicodeDecodeError):
                 continue
             doc = []
-            for paragraph in data_prep.split_paragraphs(text):
+            for paragraph in data_sources.split_paragraphs(text):
                 doc.append(paragraph)
                 if sum(map(len, doc)) >= 4000:
                     yield "\n\n".join(doc)
@@ -97,7 +98,7 @@ def write_bench_corpus(folder: Path, megabytes: float, text_roots: list[str] | N
                                       "    path: sample/10BT/*.parquet\n---\n")
     docs, size = [], 0
     for repeat in itertools.count():
-        for doc in (local_documents(text_roots) if text_roots else data_prep.embedded_documents()):
+        for doc in (local_documents(text_roots) if text_roots else data_sources.embedded_documents()):
             doc = f"({repeat}) {doc}" if repeat else doc
             docs.append(doc)
             size += len(doc.encode("utf-8"))

@@ -10,6 +10,7 @@ Shard file (`train_000000.bin`, `val_000000.bin`, ...), little-endian, HEADER_BY
 `manifest.json` beside the shards lists them (file, split, tokens, sha256 of the whole file) with the tokenizer's
 hash; data_prep.py writes it last, so a directory without one is an unfinished build.
 """
+import concurrent.futures
 import hashlib
 import json
 import struct
@@ -157,3 +158,63 @@ def validate_shards(data_dir, manifest: dict, verify_sha256: bool = False) -> di
             raise UserError(f"{data_dir} has no {split} shards; "
                             f"{rebuild_advice(data_dir, ' and a --val-tokens that leaves tokens for both splits')}")
     return splits
+
+
+class ShardWriter:
+    """Cuts the token stream into val shards (the first `val_tokens`) then train shards of `shard_tokens`, and
+    writes each finished shard in a background thread (hashing and disk I/O release the GIL) while the next fills.
+    With `val_share`, a stream that ends before `val_tokens` (held in one buffer) gives that share to val instead."""
+
+    def __init__(self, out_dir: Path, shard_tokens: int, val_tokens: int, val_share: float | None = None):
+        self.out_dir, self.shard_tokens, self.val_left = out_dir, shard_tokens, val_tokens
+        self.val_share, self.val_shrunk = val_share, False
+        self.counts = {"val": 0, "train": 0}
+        self.buffer, self.fill = None, 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.written = []  # futures of shard records, in order
+
+    @property
+    def split(self) -> str:
+        return "val" if self.val_left else "train"
+
+    def add(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self.buffer is None:
+                self.buffer = np.empty(min(self.shard_tokens, self.val_left or self.shard_tokens), np.uint16)
+            n = min(tokens.size, self.buffer.size - self.fill)
+            self.buffer[self.fill:self.fill + n] = tokens[:n]
+            self.fill, tokens = self.fill + n, tokens[n:]
+            if self.fill == self.buffer.size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.fill:
+            return
+        if self.written:  # at most one shard waits for the writer: two buffers in memory at any time
+            self.written[-1].result()
+        name = f"{self.split}_{self.counts[self.split]:06d}.bin"
+        self.written.append(self.pool.submit(self._write, name, self.split, self.buffer[:self.fill]))
+        self.counts[self.split] += 1
+        if self.split == "val":
+            self.val_left -= self.fill
+        self.buffer, self.fill = None, 0
+
+    def _shrink_val(self) -> None:
+        """The whole stream is in the val buffer: its first `val_share` becomes the val split, the rest train."""
+        tokens = self.buffer[:self.fill]
+        self.buffer, self.fill = None, 0
+        self.val_left, self.val_shrunk = max(1, int(tokens.size * self.val_share)), True
+        self.add(tokens)
+
+    def _write(self, name: str, split: str, tokens: np.ndarray) -> dict:
+        sha256 = write_shard(self.out_dir / name, tokens)
+        return {"file": name, "split": split, "tokens": int(tokens.size), "sha256": sha256}
+
+    def close(self) -> list[dict]:
+        if self.val_share and self.val_left and self.fill and not self.counts["val"]:
+            self._shrink_val()
+        self.flush()
+        try:
+            return [future.result() for future in self.written]
+        finally:
+            self.pool.shutdown()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import data_prep
+import data_sources
 import shards
 import tokenizer
 from cli import UserError
@@ -47,7 +48,7 @@ def shard_hashes(out) -> list[tuple[str, str]]:
 def test_embedded_corpus_round_trip(tmp_path):
     out = tmp_path / "shakespeare"
     manifest = prepare(out, "--source", "embedded", "--shard-tokens", "100000", "--val-tokens", "30000")
-    corpus = data_prep.EMBEDDED_CORPUS.read_text(encoding="utf-8")
+    corpus = data_sources.EMBEDDED_CORPUS.read_text(encoding="utf-8")
     docs = decoded_documents(out)
     assert "\n\n".join(docs) == corpus  # nothing lost or reordered; documents cut only at blank lines
     assert all(doc and "\n\n" not in doc for doc in docs)
@@ -109,7 +110,7 @@ def test_local_files_round_trip(tmp_path, kind, streaming):
 def test_text_files_match_the_embedded_source(tmp_path):
     common = ["--shard-tokens", "100000", "--val-tokens", "30000"]
     prepare(tmp_path / "embedded", "--source", "embedded", *common)
-    prepare(tmp_path / "files", "--source", "files", "--files", str(data_prep.EMBEDDED_CORPUS), *common,
+    prepare(tmp_path / "files", "--source", "files", "--files", str(data_sources.EMBEDDED_CORPUS), *common,
             cache=tmp_path / "cache")
     assert shard_hashes(tmp_path / "files") == shard_hashes(tmp_path / "embedded")
 
@@ -120,7 +121,7 @@ def test_max_docs_and_max_tokens_slice_the_stream(tmp_path):
     manifest = prepare(tmp_path / "tokens", "--source", "embedded", "--max-tokens", "12345", "--val-tokens", "2000")
     assert manifest["total_tokens"] == 12345
     docs = decoded_documents(tmp_path / "tokens")
-    assert manifest["documents"] == len(docs) and docs[-1] != data_prep.embedded_documents()[len(docs) - 1]  # cut
+    assert manifest["documents"] == len(docs) and docs[-1] != data_sources.embedded_documents()[len(docs) - 1]  # cut
 
 
 def test_rerun_on_finished_output_and_overwrite(tmp_path, capsys):
@@ -277,7 +278,7 @@ def fineweb_copy(tmp_path_factory):
     task, so tasks cut row groups and stop at their ends), and a file of another config that must not be read."""
     root = tmp_path_factory.mktemp("fineweb-edu")
     (root / "README.md").write_text(FINEWEB_CARD)
-    speeches = data_prep.embedded_documents()
+    speeches = data_sources.embedded_documents()
     files = {"000_00000.parquet": (speeches[:2600] + ["", None, *DOCS], 2500),
              "001_00000.parquet": (speeches[2600:3800], 300)}
     for name, (docs, row_group_size) in files.items():
@@ -404,7 +405,7 @@ def test_small_text_file_just_works(tmp_path, repo_dir):
     """The command with no other flag on a ~1 MB .txt file: validation shrinks to VAL_SHARE of the tokens, said
     before tokenizing and recorded in the manifest, instead of the default 100M tokens taking everything."""
     small = tmp_path / "my_small.txt"
-    small.write_bytes(data_prep.EMBEDDED_CORPUS.read_bytes())  # 1.1 MB
+    small.write_bytes(data_sources.EMBEDDED_CORPUS.read_bytes())  # 1.1 MB
     result = subprocess.run([sys.executable, str(repo_dir / "data_prep.py"), "--source", "files", "--files",
                              "my_small.txt", "--out", "d"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
@@ -421,7 +422,7 @@ def test_small_text_file_just_works(tmp_path, repo_dir):
 
 def test_small_stream_shrinks_validation_at_its_end(tmp_path):
     """A stream's size is unknown before it is read: the split is decided when it ends, the same way."""
-    write_jsonl(tmp_path / "a.jsonl", data_prep.embedded_documents()[:300])
+    write_jsonl(tmp_path / "a.jsonl", data_sources.embedded_documents()[:300])
     manifest = prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "a.jsonl"), "--streaming",
                        cache=tmp_path / "cache")
     assert manifest["val_share"] == 0.1 and manifest["val_tokens"] == int(manifest["total_tokens"] * 0.1)
@@ -482,7 +483,7 @@ def test_a_malformed_dataset_card_is_one_line_naming_it(case, tmp_path):
     (root / "README.md").write_bytes(CARD_DAMAGES[case])
     args = argparse.Namespace(dataset=str(root), name="sample-10BT", split="train")
     try:
-        assert isinstance(data_prep.config_files(args, "--dataset x").files, list)
+        assert isinstance(data_sources.config_files(args, "--dataset x").files, list)
         assert case not in FIVE_CARDS
     except UserError as e:
         assert "\n" not in str(e)
