@@ -114,9 +114,12 @@ def test_ctrl_c_stops_data_prep_and_its_pool_with_one_line(tmp_path):
     corpus.write_text((REPO / "assets" / "corpus" / "tinyshakespeare.txt").read_text() * 120)
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
     with open(log, "wb") as stderr:  # a file, not a pipe: every wait below has a deadline, a hung process included
+        # SIGINT at its default, as in a terminal: a suite started in the background (`./run_tests.sh &`) passes on
+        # SIGINT ignored, and Python then never turns it into KeyboardInterrupt
         proc = subprocess.Popen([sys.executable, "data_prep.py", "--source", "files", "--files", corpus, "--out",
                                  out, "--workers", "2", "--shard-tokens", "50000", "--val-tokens", "50000"],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
     try:
         deadline = time.monotonic() + 300
