@@ -287,11 +287,12 @@ import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 import train
+import trackers
 from cli import UserError
 
 def cannot_start(*args, **kwargs):
     raise UserError("--tracker wandb could not start: not logged in")
-train.open_trackers = cannot_start
+trackers.open_trackers = cannot_start
 rank, done = os.environ["RANK"], Path({done!r})
 try:
     status = train.main(sys.argv[1:])
