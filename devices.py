@@ -54,9 +54,14 @@ class Dist:
         return value / self.world_size
 
 
-def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
+def launched_by_torchrun() -> bool:
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE (global rank across nodes, local rank on this node)."""
-    if "RANK" not in os.environ:
+    return "RANK" in os.environ
+
+
+def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
+    """This process's place in torchrun's process group (joined here), or a single process."""
+    if not launched_by_torchrun():
         return Dist(), pick_device(device_flag)
     d = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     device = pick_device(device_flag, d.local_rank)
@@ -76,7 +81,7 @@ def exit_with(main) -> None:
         status = main()
     except SystemExit as e:
         status = e.code
-    if "RANK" not in os.environ:
+    if not launched_by_torchrun():
         sys.exit(status)
     if status is not None and not isinstance(status, int):
         print(status, file=sys.stderr)  # as sys.exit shows a message
