@@ -98,6 +98,9 @@ def write_bench_corpus(folder: Path, megabytes: float, text_roots: list[str] | N
                                       "    path: sample/10BT/*.parquet\n---\n")
     docs, size = [], 0
     for repeat in itertools.count():
+        if repeat and not docs:
+            raise UserError(f"--text-root {' '.join(text_roots)}: no UTF-8 text file ({', '.join(TEXT_SUFFIXES)}) "
+                            "under it; give folders that hold some")
         for doc in (local_documents(text_roots) if text_roots else data_sources.embedded_documents()):
             doc = f"({repeat}) {doc}" if repeat else doc
             docs.append(doc)
@@ -330,12 +333,23 @@ def claim_work_dir(root: Path) -> Path:
     return root
 
 
+def check_flags(args) -> None:
+    """Every flag value that cannot work, all in one line, before any work."""
+    problems = [f"--corpus-mb {args.corpus_mb}: must be > 0"] if args.corpus_mb <= 0 else []
+    problems += [f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
+                 for name in ("workers", "shard_tokens", "repeats") if getattr(args, name) < 1]
+    if not set(args.schemes.split(",")) <= set(SCHEMES):
+        problems.append(f"--schemes {args.schemes}: choose from {', '.join(SCHEMES)}")
+    missing = [root for root in args.text_root or [] if not Path(root).is_dir()]
+    if missing:  # (the corpus is built by repeating what they hold: from nothing it would never end)
+        problems.append(f"--text-root {' '.join(missing)}: no such folder")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def race(args) -> dict:
-    if args.corpus_mb <= 0 or args.workers < 1 or args.shard_tokens < 1 or args.repeats < 1:
-        raise UserError("--corpus-mb must be > 0, --workers, --shard-tokens and --repeats >= 1")
+    check_flags(args)
     schemes = args.schemes.split(",")
-    if not set(schemes) <= set(SCHEMES):
-        raise UserError(f"--schemes {args.schemes}: choose from {', '.join(SCHEMES)}")
     root = claim_work_dir(Path(args.work_dir))
     os.environ.update(OFFLINE)  # each run's process inherits it
     runs = {scheme: [] for scheme in schemes}

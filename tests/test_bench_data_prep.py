@@ -24,3 +24,31 @@ def test_whole_runs_are_compared_on_the_same_tokens(tmp_path):
     assert runs["data_prep"]["cache_bytes"] == 0 < runs["pool"]["cache_bytes"]  # parquet read in place, no Arrow
     assert 0 < runs["data_prep"]["first_document_s"] < runs["data_prep"]["seconds"]
     assert not work.exists()  # corpus, caches and outputs removed
+
+
+def test_every_bad_flag_is_named_in_one_line_before_any_work(tmp_path, capsys):
+    """All of them at once, each with its value; a --text-root that is not a folder among them (the corpus repeats
+    what the roots hold, so from nothing it would be built forever)."""
+    import bench_data_prep
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as exit_info:
+        bench_data_prep.main(["--corpus-mb", "0", "--workers", "0", "--repeats", "0", "--schemes", "foo",
+                              "--text-root", str(tmp_path / "missing"), "--work-dir", str(work)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for needle in ("--corpus-mb 0.0", "--workers 0", "--repeats 0", "--schemes foo", f"--text-root {tmp_path}/missing"):
+        assert needle in err[0], err[0]
+    assert not work.exists()
+
+
+def test_text_roots_without_text_files_are_one_line_not_a_corpus_built_forever(tmp_path, capsys):
+    import bench_data_prep
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        bench_data_prep.main(["--corpus-mb", "1", "--schemes", "loop", "--text-root", str(tmp_path / "empty"),
+                              "--work-dir", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --text-root {tmp_path}/empty: no UTF-8 text file"), err
+    assert not (tmp_path / "work").exists()
