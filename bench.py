@@ -195,8 +195,8 @@ def run_hf_peer(weights: dict, model_config, dataset, cfg, micro_batch: int, acc
 
 
 def profile_step(step, sync, on_cuda: bool, top: int = 20) -> dict:
-    """One step under torch.profiler: the `top` kernels by GPU self time (on CPU: operators by CPU self time) with
-    their share of the total, and the names of the attention operators and kernels that ran."""
+    """One call of `step` under torch.profiler: the `top` kernels by GPU self time (on CPU: operators by CPU self
+    time) with their share of the total, and the names of the attention operators and kernels that ran."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         step()
@@ -217,8 +217,8 @@ def profile_step(step, sync, on_cuda: bool, top: int = 20) -> dict:
             "attention": sorted({e.key for e in events if any(w in e.key.lower() for w in words)})}
 
 
-def print_profile(profile: dict) -> None:
-    print(f"profile of one step ({profile['unit']}, {profile['total_ms']:.1f} ms in all), top {len(profile['top'])}:")
+def print_profile(profile: dict, of: str = "one step") -> None:
+    print(f"profile of {of} ({profile['unit']}, {profile['total_ms']:.1f} ms in all), top {len(profile['top'])}:")
     for e in profile["top"]:
         print(f"{100 * e['share']:6.2f}% {e['ms']:9.2f} ms {e['calls']:6d}x  {e['name'][:120]}")
     print("attention operators and kernels that ran: " + ("; ".join(profile["attention"]) or "none found"))
@@ -267,6 +267,10 @@ def add_generate_arguments(parser):
     parser.add_argument("--peer", action="store_true",
                         help="also time transformers' LlamaForCausalLM.generate (greedy, its default dynamic cache) "
                              "with the same weights (export_hf's conversion), built locally, on the same device")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more KV-cache run (torch.profiler): the top kernels by GPU time (on CPU "
+                             "operators by CPU time) and their time per token beside the timed wall time per token, "
+                             "which tells whether the device or the host (Python, launches) bounds decoding")
 
 
 def generate_without_cache(model, idx, new_tokens: int):
@@ -314,6 +318,12 @@ def run_generate(args) -> dict:
         "dtype": str(dtype).removeprefix("torch."), "compiled": compile,
         "warmup_s": warmup_s, "ms_per_token": {path: 1000 / rate for path, rate in tokens_per_s.items()},
     }
+    if compile and device.type == "cuda":  # > 0: a graph ran without its CUDA graph (TORCH_LOGS=cudagraphs: why)
+        result["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    if args.profile:
+        result["profile"] = profile_step(lambda: paths["kv_cache"](args.new_tokens), sync, device.type == "cuda")
+        result["profile"]["ms_per_token"] = result["profile"]["total_ms"] / args.new_tokens
+        result["profile"]["per_token"] = generation_profile_line(result)
     if args.peer:
         result.update(peer_tokens_per_s=tokens_per_s["transformers"],
                       peer_speedup=tokens_per_s["kv_cache"] / tokens_per_s["transformers"],
@@ -330,7 +340,20 @@ def run_generate(args) -> dict:
     if args.peer:
         print(f"ours / transformers {result['peer_speedup']:.2f}x ({result['peer_same_prefix_tokens']} tokens equal "
               f"before the first difference)")
+    if "cudagraph_skips" in result:
+        print(f"decode graphs run without a CUDA graph: {result['cudagraph_skips']}")
+    if args.profile:
+        print_profile(result["profile"], of=f"one KV-cache run of {args.new_tokens} tokens")
+        print(result["profile"]["per_token"])
     return result
+
+
+def generation_profile_line(result: dict) -> str:
+    """A token's time on the device (the profiled run's kernel time over its tokens) beside its timed wall time:
+    near 100% the kernels bound decoding, far below it the host does (Python, launches, a graph's replay)."""
+    profiled, wall = result["profile"]["ms_per_token"], result["ms_per_token"]["kv_cache"]
+    return (f"KV cache per token: {wall:.3f} ms wall (timed), {profiled:.3f} ms of {result['profile']['unit']} "
+            f"(profiled run): {100 * profiled / wall:.0f}%")
 
 
 def same_prefix(a, b, prompt_len: int) -> int:

@@ -26,7 +26,7 @@ from config import TrainConfig
 
 GPU_ROWS = [  # (name, mode, kind (for the time estimate), the row's own flags), most important first
     ("train_compiled", "train", "compiled", ["--compile", "--profile"]),
-    ("generate", "generate", "generate", []),
+    ("generate", "generate", "generate", ["--profile"]),
     ("attn_cudnn", "train", "compiled", ["--compile", "--attn-backend", "cudnn", "--profile"]),
     ("attn_flash", "train", "compiled", ["--compile", "--attn-backend", "flash", "--profile"]),
     ("chunked_loss", "train", "compiled", ["--compile", "--loss-chunk-rows", "CHUNK"]),
@@ -124,9 +124,13 @@ def gpu_report_lines(rows: list[dict]) -> list[str]:
                 lines.append(f"{row['name']}: transformers {r['peer']['tokens_per_s']:,.0f} tokens/s, ours "
                              f"{r['tokens_per_s']:,.0f}: {r['peer_speedup']:.2f}x")
         else:
-            figures = {k: v for k, v in r.items() if "tokens_per_s" in k or k in ("speedup", "same_tokens")}
+            figures = {k: v for k, v in r.items()
+                       if "tokens_per_s" in k or k in ("speedup", "same_tokens", "cudagraph_skips")}
             lines.append(f"{row['name']}: " + ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in figures.items()))
+            if "profile" in r:
+                top = "; ".join(f"{e['name'][:60]} {100 * e['share']:.0f}%" for e in r["profile"]["top"][:3])
+                lines.append(f"{row['name']}: {r['profile']['per_token']}; top: {top}")
     return lines
 
 

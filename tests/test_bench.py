@@ -78,11 +78,21 @@ def test_training_forward_compiles_to_one_graph(checkpointing):
 
 
 def test_generate_mode_compares_cache_with_recompute(tmp_path):
+    """Both paths decode the same greedy continuation; --profile profiles one more KV-cache run of --new-tokens
+    tokens and sets its operator time per token beside the timed wall time per token."""
     out = tmp_path / "gen.json"
-    run_script("bench.py", "generate", "--new-tokens", "8", "--repeats", "1", "--out", out, check=True)
+    proc = run_script("bench.py", "generate", "--new-tokens", "8", "--repeats", "1", "--profile", "--out", out,
+                      check=True)
     result = json.loads(out.read_text())
     assert result["kv_cache_tokens_per_s"] > 0 and result["recompute_tokens_per_s"] > 0
-    assert result["same_tokens"] is True  # both paths decode the same greedy continuation
+    assert result["same_tokens"] is True
+    assert "cudagraph_skips" not in result  # a CUDA-graph figure only
+    profile = result["profile"]
+    assert profile["unit"] == "CPU operator self time" and 0 < len(profile["top"]) <= 20
+    assert profile["ms_per_token"] == pytest.approx(profile["total_ms"] / 8)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in profile["attention"]
+    share = 100 * profile["ms_per_token"] / result["ms_per_token"]["kv_cache"]
+    assert profile["per_token"].endswith(f"(profiled run): {share:.0f}%") and profile["per_token"] in proc.stdout
 
 
 def test_bad_flag_values_are_one_line_errors(embedded_data):
@@ -185,10 +195,11 @@ def test_gpu_mode_rows_errors_skips_and_deadline(embedded_data, tmp_path):
     a running row is killed at it and the others are recorded as skipped, and the JSON holds every row."""
     out = tmp_path / "gpu.json"
     proc = run_script("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--data", embedded_data,
-                      "--rows", "train_compiled,attn_cudnn,attn_flash", "--steps", "1", "--warmup", "0",
+                      "--rows", "train_compiled,generate,attn_cudnn,attn_flash", "--steps", "1", "--warmup", "0",
                       "--deadline-s", "240", "--out", out, check=True)
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["train_compiled", "attn_cudnn", "attn_flash"]
+    assert list(rows) == ["train_compiled", "generate", "attn_cudnn", "attn_flash"]
+    assert "generate: KV cache per token: " in proc.stdout  # the generate row is profiled and reported
     assert rows["train_compiled"]["status"] == "ok" and rows["train_compiled"]["result"]["tokens_per_s"] > 0
     assert rows["attn_cudnn"]["status"] == "error" and "is a CUDA kernel" in rows["attn_cudnn"]["error"]
     assert rows["attn_flash"]["status"] == "skipped" and "already ran flash" in rows["attn_flash"]["reason"]
