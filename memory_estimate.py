@@ -142,12 +142,26 @@ def memory_per_gpu(model, acts: dict, micro_batch: int, gpus: int) -> dict:
             for name, act in activations.items()}
 
 
+def check_flags(args) -> None:
+    """Every flag value that cannot work, all in one line, before anything is measured or written."""
+    names = args.configs.split(",")
+    unknown = [name for name in names if name not in PRESETS]
+    problems = [f"--configs {args.configs!r}: unknown {', '.join(map(repr, unknown))}; valid presets are "
+                f"{', '.join(PRESETS)}"] if unknown else []
+    problems += [f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
+                 for name in ("micro_batch", "seq_len", "gpus") if getattr(args, name) < 1]
+    if not 0 < args.gpu_gib < float("inf"):
+        problems.append(f"--gpu-gib {args.gpu_gib}: must be a finite number > 0")
+    longer = [f"{name}'s context ({PRESETS[name].block_size})" for name in dict.fromkeys(names)
+              if name in PRESETS and args.seq_len > PRESETS[name].block_size]
+    if longer:
+        problems.append(f"--seq-len {args.seq_len}: longer than {', '.join(longer)}; lower it")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def estimate(args) -> dict:
     names = args.configs.split(",")
-    if any(n not in PRESETS for n in names):
-        raise UserError(f"--configs {args.configs!r}: valid presets are {', '.join(PRESETS)}")
-    if min(args.micro_batch, args.seq_len, args.gpus) < 1 or not 0 < args.gpu_gib < float("inf"):
-        raise UserError("--micro-batch, --seq-len and --gpus must be >= 1, --gpu-gib a number > 0")
     budget = args.gpu_gib * 2 ** 30
     result = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "gpus": args.gpus, "gpu_gib": args.gpu_gib,
               "torch": torch.__version__, "measured_on": hardware_name(torch.device("cpu")), "configs": {}}
@@ -155,8 +169,6 @@ def estimate(args) -> dict:
               "fsdp_ac": f"FSDP over {args.gpus} + activation ckpt"}
     for name in names:
         cfg = GPTConfig.from_preset(name)
-        if args.seq_len > cfg.block_size:
-            raise UserError(f"--seq-len {args.seq_len} is longer than {name}'s context ({cfg.block_size})")
         with torch.device("meta"):
             model = GPT(cfg)
         acts = measure_activations(cfg, args.seq_len)
@@ -180,7 +192,9 @@ def estimate(args) -> dict:
 
 @main_entry(memory_hint="try a lower --seq-len (activations are measured at one sequence of that length)")
 def main(argv=None):
-    run_and_write_result(estimate, parse_args(argv), WRITTEN_BY)
+    args = parse_args(argv)
+    check_flags(args)  # before run_and_write_result makes --out's folder
+    run_and_write_result(estimate, args, WRITTEN_BY)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """memory_estimate.py: memory per GPU, DDP vs FSDP, against counts by hand."""
 import json
+import subprocess
+
+import pytest
 
 from conftest import run_script
+from helpers import assert_one_line_error
 
 
 def test_figures_against_hand_counts(tmp_path):
@@ -47,3 +51,36 @@ def test_figures_against_hand_counts(tmp_path):
     assert fsdp_ac["activations"] < fsdp["activations"] and ddp_ac["activations"] < ddp["activations"]
     for row in r["per_gpu"].values():
         assert row["total"] == row["weights"] + row["gradients"] + row["adamw"] + row["activations"]
+
+
+# --- bad flags: every one named, in one line, before anything is measured or written -------------------------------
+
+BAD_FLAGS = {"--configs": ["debug,nope", "nope,debug,nope2"], "--micro-batch": ["0", "-2"], "--seq-len": ["0", "129"],
+             "--gpus": ["0", "-1"], "--gpu-gib": ["0", "-1", "nan", "inf"]}  # --seq-len 129: past debug's 128
+
+
+def bad_flag_combinations() -> list[list[str]]:
+    """Every non-empty set of the flags, each given a bad value (the values taking turns); --configs always holds
+    debug, whose context --seq-len 129 is past."""
+    import itertools
+    flags, cases = list(BAD_FLAGS), []
+    for size in range(1, len(flags) + 1):
+        for i, chosen in enumerate(itertools.combinations(flags, size)):
+            cases.append([part for flag in chosen for part in (flag, BAD_FLAGS[flag][i % len(BAD_FLAGS[flag])])])
+    return cases
+
+
+@pytest.mark.parametrize("bad", bad_flag_combinations(), ids=" ".join)
+def test_every_bad_flag_is_named_in_one_line_and_nothing_is_written(bad, tmp_path, capsys):
+    """(It named only the first, without its value, and made --out's folder first.)"""
+    import memory_estimate
+    out = tmp_path / "new" / "memory.json"
+    argv = ["--configs", "debug", *bad, "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        memory_estimate.main(argv)
+    err = capsys.readouterr().err
+    line = assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "", err), status=2,
+                                 alone=True)
+    for flag, value in zip(bad[::2], bad[1::2]):
+        assert f"{flag} {float(value) if flag == '--gpu-gib' else value}" in line or f"{flag} {value!r}" in line, line
+    assert not (tmp_path / "new").exists()
