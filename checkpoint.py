@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -174,19 +175,25 @@ def set_aside(paths: list[Path], suffix: str) -> list[Path]:
     return moved
 
 
-def load_checkpoint_file(path, map_location="cpu", weights: bool = True) -> dict:
+def load_checkpoint_file(path, map_location="cpu", weights: bool = True, peek: bool = False) -> dict:
     """Load and validate one checkpoint file or sharded checkpoint folder; UserError when it is missing, truncated
     or not one of ours. weights=False leaves a sharded checkpoint's model and optimizer state on disk (no 'model'
-    key): load_training_state reads them straight into a run's shards."""
+    key): load_training_state reads them straight into a run's shards. peek=True checks as much as can be seen
+    without reading the tensors (a check before a run starts, cheap for any size): a file that is no torch.save
+    archive is refused unread, the tensors of one are memory-mapped (never read, so their bytes are not checked), a
+    sharded folder's shard files are only looked for; the dict and its entries are validated as a load does."""
     path = Path(path)
     if is_sharded_checkpoint(path):
-        return load_sharded_checkpoint(path, map_location, weights)
+        return load_sharded_checkpoint(path, map_location, weights=weights and not peek, peek=peek)
     if path.is_symlink() and not path.exists():  # dangling, or a loop: a damaged entry under a checkpoint name
         raise CheckpointDamaged(f"checkpoint {path} is a symbolic link that does not resolve (to {_link_target(path)}); "
                                 "use an earlier checkpoint")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    state = _torch_load(path, path, map_location)
+    if peek and not zipfile.is_zipfile(path):  # (torch.load's mmap refuses one, but not as a damaged file)
+        raise CheckpointDamaged(f"checkpoint {path} is not a torch.save archive (another kind of file, or one cut "
+                                "short); use an earlier checkpoint")
+    state = _torch_load(path, path, "cpu" if peek else map_location, mmap=peek)
     if not isinstance(state, dict) or state.get("format") != FORMAT or not {"model", "model_config"} <= state.keys():
         raise CheckpointDamaged(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
     _check_schema(state, path)
@@ -303,14 +310,15 @@ def state_problems(state: dict) -> list[str]:
     return problems
 
 
-def _torch_load(source, path: Path, map_location):
+def _torch_load(source, path: Path, map_location, mmap: bool = False):
     """torch.load (weights only) of a checkpoint's file, or of `source` (bytes of `path`, a sharded checkpoint's
     shard file): CheckpointDamaged naming `path` when the file is damaged or not one of ours. The one classification
-    of a checkpoint file's damage, for .pt files and every file of a sharded folder."""
+    of a checkpoint file's damage, for .pt files and every file of a sharded folder. `mmap`: the tensors are mapped
+    from the file, not read (a zip archive only)."""
     try:
         with warnings.catch_warnings():  # (a pickle of another protocol than torch's: refused below, if not ours)
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(source, map_location=map_location, weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated/garbled files
         if not is_damaged_file_error(e):
             raise  # the disk or the machine failed, not the file: never a reason to fall back to an older checkpoint
@@ -322,11 +330,12 @@ def _torch_load(source, path: Path, map_location):
                                 "checkpoint") from None
 
 
-def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = True) -> dict:
+def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = True, peek: bool = False) -> dict:
     """A sharded checkpoint's dict: train_state.pt's content plus, unless weights=False, the model as one plain
     state_dict of full tensors (what a .pt file holds). Needs no process group. Every shard file the index names must
-    be there at its full length, with every entry loadable: else CheckpointDamaged naming the file."""
-    metadata = _sharded_metadata(folder)
+    be there at its full length, with every entry loadable: else CheckpointDamaged naming the file. peek=True (with
+    weights=False): the index and train_state.pt are only looked for, no shard file is read."""
+    metadata = _sharded_files_present(folder) if peek else _sharded_metadata(folder)
     state = _torch_load(folder / STATE_FILE, folder / STATE_FILE, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model_config" not in state:
         raise CheckpointDamaged(f"{folder / STATE_FILE} is not a checkpoint of this repo (no '{FORMAT}' state in it)")
@@ -341,9 +350,7 @@ def _sharded_metadata(folder: Path):
     every entry of every shard file loads (each is a torch.save of its own: all of the folder is read once)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata
-    for name in (METADATA_FILE, STATE_FILE):
-        if not (folder / name).is_file():
-            raise CheckpointDamaged(f"sharded checkpoint {folder} has no {name}; use an earlier checkpoint")
+    _sharded_files_present(folder)
     try:
         metadata = FileSystemReader(folder).read_metadata()
     except (OSError, MemoryError):
@@ -372,6 +379,13 @@ def _sharded_metadata(folder: Path):
     return metadata
 
 
+def _sharded_files_present(folder: Path) -> None:
+    """CheckpointDamaged unless the sharded checkpoint `folder` holds its index and train_state.pt."""
+    for name in (METADATA_FILE, STATE_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointDamaged(f"sharded checkpoint {folder} has no {name}; use an earlier checkpoint")
+
+
 def _read_full_model(folder: Path, metadata, map_location) -> dict:
     """The model's state_dict from a sharded checkpoint as full tensors, in this process alone (no_dist): every
     shard's piece of each tensor is read into one tensor of the saved shape."""
@@ -387,6 +401,11 @@ def _read_full_model(folder: Path, metadata, map_location) -> dict:
     return state["model"]
 
 
+# torch.load's RuntimeErrors that mean a damaged file: its zip reader's, and (reading tensors memory-mapped) a
+# tensor larger than the record a garbled zip header gives it
+DAMAGE_MESSAGES = ("PytorchStreamReader", "zip archive", "Trying to resize storage that is not resizable")
+
+
 def is_damaged_file_error(error: Exception) -> bool:
     """Whether torch.load's error says the file itself is damaged (truncated zip, garbled pickle or header), as
     opposed to the disk (an OSError) or the machine (out of memory: a RuntimeError from the allocator)."""
@@ -395,19 +414,19 @@ def is_damaged_file_error(error: Exception) -> bool:
     if isinstance(error, MemoryError):
         return False
     if isinstance(error, RuntimeError):
-        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)
+        return any(message in str(error) for message in DAMAGE_MESSAGES)
     return True
 
 
-def newest_valid_checkpoint(run_dir, map_location="cpu",
-                            weights: bool = True) -> tuple[dict | None, Path | None, dict[Path, str]]:
+def newest_valid_checkpoint(run_dir, map_location="cpu", weights: bool = True,
+                            peek: bool = False) -> tuple[dict | None, Path | None, dict[Path, str]]:
     """(state, path) of the newest checkpoint of a run directory that loads and validates, or (None, None) when
-    none does, and {path: what is wrong} of the newer ones that did not (newest first). `weights`: as in
+    none does, and {path: what is wrong} of the newer ones that did not (newest first). `weights`, `peek`: as in
     load_checkpoint_file."""
     damaged = {}
     for candidate in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint_file(candidate, map_location, weights), candidate, damaged
+            return load_checkpoint_file(candidate, map_location, weights, peek), candidate, damaged
         except CheckpointDamaged as e:  # anything else (the disk, memory, a version) stops the lookup
             damaged[candidate] = str(e)
     return None, None, damaged
@@ -434,18 +453,23 @@ def steps_left(saved_step: int, path, max_steps: int, stop_at_step: int) -> int:
     return left
 
 
-def load_checkpoint(path, map_location="cpu") -> tuple[dict, Path]:
+def load_checkpoint(path, map_location="cpu", peek: bool = False) -> tuple[dict, Path]:
     """Load a checkpoint file (or sharded checkpoint folder), or the newest valid checkpoint of a run directory
-    (corrupt ones skipped, with a warning). Returns (state, file path)."""
+    (corrupt ones skipped, with a warning). Returns (state, file path). peek=True: the check before a run that will
+    load it (load_checkpoint_file's peek; read-only, cheap, no warning: the load warns)."""
     path = Path(path)
     if not path.is_dir() or is_sharded_checkpoint(path):
-        return load_checkpoint_file(path, map_location), path
-    state, found, damaged = newest_valid_checkpoint(path, map_location)
-    for candidate, error in damaged.items():  # once per node under torchrun, not once per process
+        return load_checkpoint_file(path, map_location, peek=peek), path
+    state, found, damaged = newest_valid_checkpoint(path, map_location, peek=peek)
+    for candidate, error in damaged.items() if not peek else ():  # once per node under torchrun, not per process
         warn(f"skipping {candidate}: {error}")
     if state is None:
-        raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run" if damaged else
-                        f"no checkpoint in {checkpoint_dir(path)}; train first, or pass a checkpoint file")
+        if damaged:
+            raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run")
+        if path.name == "checkpoints" and list_checkpoints(path.parent):  # a run's checkpoint folder itself
+            raise UserError(f"no checkpoint in {checkpoint_dir(path)}: {path} is the checkpoint folder of the run "
+                            f"directory {path.parent}; give that, or one checkpoint in it")
+        raise UserError(f"no checkpoint in {checkpoint_dir(path)}; train first, or pass a checkpoint file")
     return state, found
 
 

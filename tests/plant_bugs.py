@@ -164,7 +164,7 @@ BUGS = [
     bug("checkpoint-newest-is-oldest", "checkpoint.py", "for candidate in reversed(list_checkpoints(run_dir)):",
         "for candidate in list_checkpoints(run_dir):", CK_DAMAGED, "a resume picks the oldest valid checkpoint"),
     bug("checkpoint-oom-is-damage", "checkpoint.py",
-        '        return "PytorchStreamReader" in str(error) or "zip archive" in str(error)', "        return True",
+        "        return any(message in str(error) for message in DAMAGE_MESSAGES)", "        return True",
         CK_DAMAGED, "running out of memory while loading counts as a damaged file (a resume falls back)"),
     bug("checkpoint-shard-size-wrong-end", "checkpoint.py",
         "max(entry.offset + entry.length for entry in items)", "max(entry.offset for entry in items)",

@@ -142,6 +142,48 @@ def test_a_damaged_checkpoint_is_one_line_naming_its_file(reader, damage, kind, 
     assert not (tmp_path / "export").exists()
 
 
+# What train.py's check before a run sees of a checkpoint without reading its tensors (load_checkpoint's peek): a
+# damage in tensor bytes (a .pt file's middle) or in a sharded folder's shard files and index (the load reads those)
+# may pass it; anything else is refused as a load refuses it. Whatever passes, the load still refuses.
+PEEK_BLIND = {("pt", "", "garbled"), *(("sharded", name, damage.__name__) for damage in DAMAGES
+                                      for name in (checkpoint.METADATA_FILE, "__0_0.distcp")
+                                      if (name, damage) != (checkpoint.METADATA_FILE, missing))}
+
+
+@pytest.mark.parametrize("kind, name", TARGETS, ids=[f"{k}:{n or 'file'}" for k, n in TARGETS])
+@pytest.mark.parametrize("damage", DAMAGES, ids=[d.__name__ for d in DAMAGES])
+def test_a_peek_refuses_a_damaged_checkpoint_as_the_load_does_unless_the_damage_is_in_bytes_it_does_not_read(
+        damage, kind, name, runs, tmp_path):
+    run, ckpt, file = damaged_copy(runs, kind, name, damage, tmp_path)
+    try:
+        checkpoint.load_checkpoint(ckpt, peek=True)
+        passed = True
+    except UserError as error:
+        assert_names_file(str(error), file)
+        passed = False
+    if passed:
+        assert (kind, name, damage.__name__) in PEEK_BLIND
+        with pytest.raises(UserError) as error:
+            checkpoint.load_checkpoint(ckpt)
+        assert_names_file(str(error.value), file)
+    state, found = checkpoint.load_checkpoint(run, peek=True)  # the run directory: the newest that passes
+    assert found == checkpoint.checkpoint_path(run, DAMAGED if passed else GOOD, sharded=kind == "sharded")
+    assert state["step"] == checkpoint.checkpoint_step(found)
+
+
+def test_a_peek_passes_good_checkpoints_and_reads_no_shard_file(runs, tmp_path):
+    for kind in ("pt", "sharded"):
+        state, found = checkpoint.load_checkpoint(runs[kind], peek=True)
+        assert found == checkpoint.checkpoint_path(runs[kind], DAMAGED, sharded=kind == "sharded")
+        assert state["step"] == DAMAGED and state["model_config"] == dataclasses.asdict(CONFIG)
+    folder = shutil.copytree(checkpoint.checkpoint_path(runs["sharded"], GOOD, sharded=True), tmp_path / "step_000002")
+    for file in [*folder.glob("*.distcp"), folder / checkpoint.METADATA_FILE]:
+        file.write_bytes(b"")  # a peek that read one would fail, as the load does
+    assert checkpoint.load_checkpoint(folder, peek=True)[0]["step"] == GOOD
+    with pytest.raises(checkpoint.CheckpointDamaged):
+        checkpoint.load_checkpoint(folder)
+
+
 # --- readers of a run directory: --resume (one process, DDP, FSDP: checkpoint.newest_valid_checkpoint, weights on
 # disk) and the scripts given a run directory (checkpoint.load_checkpoint) -----------------------------------------
 
