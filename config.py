@@ -7,7 +7,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpoint import load_checkpoint
 from cli import UserError
+from dataloader import ShardDataset
 from generate import REFERENCE_PROMPTS, encode_prompt
 from hellaswag_eval import SAMPLE_FILE, load_examples
 from model import ATTENTION_BACKENDS, PRESETS, GPTConfig, Sampling
@@ -163,17 +165,29 @@ TRAIN_PRESETS = {
 
 
 def input_problems(cfg: TrainConfig) -> list[str]:
-    """What the configuration names that cannot be used, as problems() words them: --out a file, a missing
-    --init-from, and what is read only at the last step, after the whole run (the HellaSwag file, the sample
-    prompts, which must fit the context once tokenized), read now."""
+    """What the configuration names that cannot be used, as problems() words them: --out a file, a --data that is
+    no data_prep.py output (ShardDataset.open without the sha256 pass), an --init-from that names no usable
+    checkpoint (missing, a folder without one, a file that is none: load_checkpoint's peek, which reads no tensor),
+    and what is read only at the last step, after the whole run (the HellaSwag file, the sample prompts, which must
+    fit the context once tokenized), read now. Found before the run directory is made: nothing is written."""
     found = {}
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         found["out"] = f"--out {cfg.out!r}: is a file; give a directory"
+    try:  # the manifest and every shard's header (the run checks their sha256 too: minutes for 10B tokens)
+        ShardDataset.open(cfg.data)
+    except UserError as e:
+        found["data"] = f"--data {cfg.data!r}: {e}"
     if cfg.init_from and not Path(cfg.init_from).exists():
         found["init_from"] = (f"--init-from {cfg.init_from!r}: no such file or folder; give a checkpoint file or a run "
                               "directory")
+    elif cfg.init_from:  # the checkpoint the run will load, looked at without reading its tensors
+        try:
+            load_checkpoint(cfg.init_from, peek=True)
+        except UserError as e:
+            found["init_from"] = f"--init-from {cfg.init_from!r}: {e}"
     if cfg.hellaswag_data and not Path(cfg.hellaswag_data).is_file():
-        found["hellaswag_data"] = (f"--hellaswag-data {cfg.hellaswag_data!r}: no such file; give a HellaSwag jsonl "
+        what = "is a folder" if Path(cfg.hellaswag_data).is_dir() else "no such file"
+        found["hellaswag_data"] = (f"--hellaswag-data {cfg.hellaswag_data!r}: {what}; give a HellaSwag .jsonl "
                                    f"file (e.g. {SAMPLE_FILE.relative_to(Path(__file__).parent)}), or leave it out for "
                                    "the official validation split")
     elif cfg.hellaswag_data:
@@ -182,11 +196,12 @@ def input_problems(cfg: TrainConfig) -> list[str]:
         except UserError as e:
             found["hellaswag_data"] = str(e)
     if cfg.model in PRESETS:
-        for prompt in cfg.sample_prompts:
+        for number, prompt in enumerate(cfg.sample_prompts, start=1):
             try:
                 encode_prompt(prompt, PRESETS[cfg.model].block_size)
-            except UserError as e:
-                found.setdefault("sample_prompts", f"--sample-prompts {cfg.sample_prompts!r}: {e}")
+            except UserError as e:  # (its message shows the prompt's start, not all of it: a prompt can be long)
+                found.setdefault("sample_prompts", f"--sample-prompts, entry {number} of {len(cfg.sample_prompts)}: "
+                                                   f"{e}")
     return list(found.values())
 
 

@@ -30,13 +30,16 @@ def parse_trackers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_installed(names: list[str]) -> None:
-    """Import each chosen tracker's package now, so that a missing one stops the run before it starts."""
+def missing_packages(names: list[str]) -> list[str]:
+    """Import each chosen tracker's package now, so that a missing one stops the run before it starts: one problem
+    per package that does not import (train.check_run names them with every other problem of the run)."""
+    problems = []
     for name in names:
         try:
             _import(name)
         except ImportError as e:
-            raise UserError(f"--tracker {name} needs the {name} package ({e}); install it with: pip install {name}")
+            problems.append(f"--tracker {name} needs the {name} package ({e}); install it with: pip install {name}")
+    return problems
 
 
 def _import(name: str):

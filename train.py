@@ -36,7 +36,7 @@ from hellaswag_eval import evaluate_hellaswag, load_examples
 from model import GPT, evaluating
 from sharding import clip_grad_norm, evaluated, is_sharded, load_weights, parallelize, require_fsdp, \
     training_state_bytes
-from trackers import RunLog, check_installed, drop_metrics_after, parse_trackers
+from trackers import RunLog, drop_metrics_after, missing_packages, parse_trackers
 
 # ----------------------------------------------------------------------------------------------------------------
 # The schedule, the batch split, and the checks before a run
@@ -107,13 +107,14 @@ def choose_micro_batch(cfg: TrainConfig, d: Dist, model: GPT, device: torch.devi
 
 def check_run(cfg: TrainConfig, device: torch.device, under_torchrun: bool) -> None:
     """Everything a run refuses before it starts, checked here once: every flag value and pair of flags
-    (TrainConfig.problems, no I/O) and what the flags name on disk (input_problems), all in one line; then the
-    tracker packages (imported now: every rank stops before the first collective); then what this device and launch
+    (TrainConfig.problems, no I/O), what the flags name on disk (input_problems) and the chosen tracker packages
+    (imported now: every rank stops before the first collective), all in one line; then what this device and launch
     cannot run."""
     problems = cfg.problems() + input_problems(cfg)
+    with contextlib.suppress(UserError):  # (an unknown tracker name is one of cfg.problems())
+        problems += missing_packages(parse_trackers(cfg.tracker))
     if problems:
         raise UserError("; ".join(problems))
-    check_installed(parse_trackers(cfg.tracker))
     check_device_levers(cfg, device, under_torchrun)
 
 
@@ -168,13 +169,13 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
 
 def check_config(cfg: TrainConfig, processes: int) -> None:
     """--check: what a run of `cfg` on `processes` processes refuses at its start, found without writing anything
-    or starting processes: every flag's rule, the device, the split of the token batch, the data directory."""
+    or starting processes: every flag's rule, the data directory (check_run), the device, the split of the token
+    batch."""
     check_run(cfg, pick_device(cfg.device), under_torchrun=True)  # (the processes a launcher then starts)
     if cfg.micro_batch == "auto":
         micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, processes)
     else:
         grad_accum_steps(cfg.total_batch_tokens, int(cfg.micro_batch), cfg.seq_len, processes)
-    ShardDataset.open(cfg.data)
     if cfg.resume and cfg.out:  # the checkpoint the run would resume from: none, damaged, past the last step
         checkpoint_to_resume(cfg.out, cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
     if cfg.init_from:  # the checkpoint the run would start from, resolved as the run does (read, nothing moved)

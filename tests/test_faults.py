@@ -284,7 +284,8 @@ BAD_VALUES = {  # field: [(the flag's arguments, what the error line names when 
     "val_tokens": [("-1", None)],
     "final_val_tokens": [("-1", None)],
     "hellaswag_every": [("-1", None)],
-    "hellaswag_data": [("{missing}", None), ("{not_hellaswag}", "{not_hellaswag}")],  # evaluated at the last step
+    "hellaswag_data": [("{missing}", None), ("{not_hellaswag}", "{not_hellaswag}"),  # evaluated at the last step
+                       ("{empty}", "is a folder")],
     "hellaswag_limit": [("-1", None)],
     "sample_every": [("-1", None)],
     "sample_prompts": [(["hello", ""], None)],  # an empty prompt, sampled at the last step
@@ -300,7 +301,10 @@ BAD_VALUES = {  # field: [(the flag's arguments, what the error line names when 
     "resume": [("", "--allow-fresh-start")],  # no checkpoint to resume
     "allow_fresh_start": [("", None)],  # without --resume
     "allow_token_batch_change": [("", None)],  # without --resume
-    "init_from": [("{missing}", "{missing}"), (["{file}", "--resume"], None)],
+    "init_from": [("{missing}", "{missing}"), (["{file}", "--resume"], None), ("{empty}", "no checkpoint in"),
+                  ("{file}", "not a torch.save archive"), ("{foreign}", "not a checkpoint of this repo"),
+                  ("{cut}", "not a torch.save archive"), ("{damaged_run}", "every checkpoint in"),
+                  ("{run_checkpoints}", "is the checkpoint folder of the run directory")],
 }
 ANY_VALUE_WORKS = {  # field: why no value of it is wrong
     "compile": "on or off, on every device", "autocast": "on or off (used on CUDA only)",
@@ -356,12 +360,24 @@ def train_until_step_1(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
-    """{placeholder: path} for the cases: a missing path, a plain file, a file that is not HellaSwag's jsonl."""
+    """{placeholder: path} for the cases: a missing path, a plain file, a file that is not HellaSwag's jsonl, an
+    empty folder, and what --init-from cannot start from: a torch file of another program, a checkpoint cut short, a
+    run directory whose only checkpoint is damaged, a run's checkpoints/ folder given for the run."""
+    import torch
     folder = tmp_path_factory.mktemp("bad_inputs")
     (folder / "a_file").write_text("not a folder, not a checkpoint\n")
     (folder / "not_hellaswag.jsonl").write_text('{"ctx": "only a context"}\n')
+    (folder / "empty").mkdir()
+    torch.save({"weights": torch.ones(2)}, folder / "foreign.pt")
+    save_tiny_checkpoint(folder / "cut.pt")
+    (folder / "cut.pt").write_bytes((folder / "cut.pt").read_bytes()[:(folder / "cut.pt").stat().st_size // 2])
+    (folder / "damaged_run" / "checkpoints").mkdir(parents=True)
+    (folder / "damaged_run" / "checkpoints" / "step_000002.pt").write_text("not a checkpoint\n")
+    save_tiny_checkpoint(folder / "run" / "checkpoints" / "step_000002.pt")
     return {"{missing}": str(folder / "missing"), "{file}": str(folder / "a_file"),
-            "{not_hellaswag}": str(folder / "not_hellaswag.jsonl")}
+            "{not_hellaswag}": str(folder / "not_hellaswag.jsonl"), "{empty}": str(folder / "empty"),
+            "{foreign}": str(folder / "foreign.pt"), "{cut}": str(folder / "cut.pt"),
+            "{damaged_run}": str(folder / "damaged_run"), "{run_checkpoints}": str(folder / "run" / "checkpoints")}
 
 
 def fill(args, paths: dict) -> list[str]:
@@ -423,6 +439,59 @@ def test_flags_used_only_at_the_last_step_are_refused_before_anything_is_written
     for out, proc, (_, needle) in zip(outs, runs, cases):
         assert_one_line_error(proc, needle, status=2, argparse=True)
         assert not out.exists()
+
+
+# What check_run finds, one kind per flag (several for some): (its arguments, what the line must hold). Every case
+# below is some of them at once: all named in one line, before the run directory is made.
+LONG_PROMPT = "a long prompt " * 220  # ~3 KB, 661 tokens: past the debug model's context of 128
+RUN_PROBLEMS = {
+    "tracker": [(["--tracker", "typo"], ["--tracker 'typo': unknown typo"]),
+                (["--tracker", "wandb"], ["--tracker wandb needs the wandb package"])],  # (imports as missing here)
+    "data": [(["--data", "{missing}"], ["--data '{missing}'", "data_prep.py"])],
+    "init_from": [(["--init-from", "{empty}"], ["--init-from '{empty}': no checkpoint in {empty}/checkpoints"]),
+                  (["--init-from", "{file}"], ["--init-from '{file}'", "{file} is not a torch.save archive"]),
+                  (["--init-from", "{foreign}"], ["--init-from '{foreign}'", "not a checkpoint of this repo"]),
+                  (["--init-from", "{cut}"], ["--init-from '{cut}'", "{cut} is not a torch.save archive"]),
+                  (["--init-from", "{damaged_run}"], ["every checkpoint in {damaged_run}/checkpoints is corrupt"]),
+                  (["--init-from", "{run_checkpoints}"], ["is the checkpoint folder of the run directory"])],
+    "hellaswag_data": [(["--hellaswag-data", "{empty}"], ["--hellaswag-data '{empty}': is a folder", ".jsonl file"])],
+    "sample_prompts": [(["--sample-prompts", "hello", LONG_PROMPT],
+                        ["--sample-prompts, entry 2 of 2", f"{LONG_PROMPT[:30]!r}...", "661 tokens"])],
+    "max_lr": [(["--max-lr", "0"], ["--max-lr 0.0: must be > 0"])],
+}
+
+
+def run_problem_cases() -> list[list[tuple[list[str], list[str]]]]:
+    """Each problem alone; every pair of flags; every flag at once (the kinds of a flag taking turns)."""
+    import itertools
+    alone = [[kind] for kinds in RUN_PROBLEMS.values() for kind in kinds]
+    pairs = [[RUN_PROBLEMS[a][i % len(RUN_PROBLEMS[a])], RUN_PROBLEMS[b][i % len(RUN_PROBLEMS[b])]]
+             for i, (a, b) in enumerate(itertools.combinations(RUN_PROBLEMS, 2))]
+    every = [[kinds[i % len(kinds)] for kinds in RUN_PROBLEMS.values()] for i in range(6)]
+    return alone + pairs + every
+
+
+@pytest.mark.parametrize("problems", run_problem_cases(),
+                         ids=lambda ps: " ".join("LONG" if a == LONG_PROMPT else a for args, _ in ps for a in args))
+def test_every_problem_a_run_can_see_up_front_is_in_one_line_and_nothing_is_written(problems, bad_inputs,
+                                                                                    embedded_data, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """An --init-from folder without a checkpoint was found when loaded, after the run directory was made (it was
+    left holding an empty checkpoints/ and train.log), and beside a bad --tracker only the tracker was named; a
+    --hellaswag-data folder was 'no such file'; an over-long --sample-prompts entry was echoed whole (~3 KB)."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, as where it is not installed
+    out = tmp_path / "run"
+    args = [arg for arguments, _ in problems for arg in fill(arguments, bad_inputs)]
+    status, err = train_until_step_1(monkeypatch, capsys, [*TINY, "--data", str(embedded_data), "--out", str(out),
+                                                           *args])
+    line = assert_one_line_error(subprocess.CompletedProcess(args, status, "", err), status=2, alone=True)
+    for _, needles in problems:
+        for needle in needles:
+            for placeholder, path in bad_inputs.items():
+                needle = needle.replace(placeholder, path)
+            assert needle in line, (needle, line)
+    assert LONG_PROMPT not in line and len(line) < 1500, line
+    assert not out.exists()
 
 
 def test_a_user_error_under_torchrun_is_printed_once(embedded_data, tmp_path):
