@@ -314,7 +314,11 @@ def _torch_load(source, path: Path, map_location, mmap: bool = False):
     """torch.load (weights only) of a checkpoint's file, or of `source` (bytes of `path`, a sharded checkpoint's
     shard file): CheckpointDamaged naming `path` when the file is damaged or not one of ours. The one classification
     of a checkpoint file's damage, for .pt files and every file of a sharded folder. `mmap`: the tensors are mapped
-    from the file, not read (a zip archive only)."""
+    from the file, not read (a zip archive only), and their bytes go unchecked."""
+    garbled = None if mmap else _first_garbled_record(source)
+    if garbled:
+        raise CheckpointDamaged(f"checkpoint {path} is garbled: its record {garbled} fails the CRC-32 check of its "
+                                "bytes; use an earlier checkpoint")
     try:
         with warnings.catch_warnings():  # (a pickle of another protocol than torch's: refused below, if not ours)
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -328,6 +332,20 @@ def _torch_load(source, path: Path, map_location, mmap: bool = False):
                             "wrote it") from None
         raise CheckpointDamaged(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); use an earlier "
                                 "checkpoint") from None
+
+
+def _first_garbled_record(source) -> str | None:
+    """The first record of a torch.save zip archive (a path, or a file object) whose bytes no longer match the
+    CRC-32 written with them, or None. torch.load does not check them: a flipped byte inside a tensor loads as a
+    wrong weight. One more read of the file (seconds for gigabytes). What is no zip archive is left to torch.load."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            return archive.testzip()  # (the name of the first record that fails its CRC or cannot be read back)
+    except (zipfile.BadZipFile, EOFError, ValueError):  # (an OSError is the disk's: raised, as torch.load's is)
+        return None
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
 
 
 def load_sharded_checkpoint(folder: Path, map_location="cpu", weights: bool = True, peek: bool = False) -> dict:

@@ -88,6 +88,14 @@ def garbled(file: Path) -> None:
     file.write_bytes(bytes(data))
 
 
+def flipped_bytes(file: Path) -> None:
+    """64 bytes in the middle inverted, nothing else: inside a tensor's data, where a load sees no broken structure
+    (only the CRC-32 stored with each record of a torch.save archive tells)."""
+    data, middle = bytearray(file.read_bytes()), file.stat().st_size // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    file.write_bytes(bytes(data))
+
+
 def missing(file: Path) -> None:
     file.unlink()
 
@@ -99,7 +107,7 @@ def foreign_pickle(file: Path) -> None:
     file.write_bytes(pickle.dumps(Namespace(weights=[1.0, 2.0])))
 
 
-DAMAGES = [truncated, zero_bytes, garbled, missing, foreign_pickle]
+DAMAGES = [truncated, zero_bytes, garbled, flipped_bytes, missing, foreign_pickle]
 # (format, the file of a checkpoint to damage: "" = the .pt file itself)
 TARGETS = [("pt", ""), ("sharded", checkpoint.METADATA_FILE), ("sharded", "__0_0.distcp"),
            ("sharded", checkpoint.STATE_FILE)]
@@ -145,7 +153,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_its_file(reader, damage, kind, 
 # What train.py's check before a run sees of a checkpoint without reading its tensors (load_checkpoint's peek): a
 # damage in tensor bytes (a .pt file's middle) or in a sharded folder's shard files and index (the load reads those)
 # may pass it; anything else is refused as a load refuses it. Whatever passes, the load still refuses.
-PEEK_BLIND = {("pt", "", "garbled"), *(("sharded", name, damage.__name__) for damage in DAMAGES
+PEEK_BLIND = {("pt", "", "garbled"), ("pt", "", "flipped_bytes"), *(("sharded", name, damage.__name__) for damage in DAMAGES
                                       for name in (checkpoint.METADATA_FILE, "__0_0.distcp")
                                       if (name, damage) != (checkpoint.METADATA_FILE, missing))}
 
