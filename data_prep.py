@@ -34,6 +34,7 @@ import argparse
 import cli
 import collections
 import contextlib
+import math
 import multiprocessing
 import os
 import re
@@ -48,7 +49,7 @@ from tqdm import tqdm
 import shards
 import tokenizer
 from cli import UserError, ensure_writable_dir, main_entry, positive_int
-from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, source_record, token_bound
+from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, parquet_problems, source_record, token_bound
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
 # ~10% of the embedded corpus's ~338k tokens: one shard's worth (the default elsewhere) would leave no train split.
@@ -56,6 +57,9 @@ EMBEDDED_VAL_TOKENS = 32_768
 DEFAULT_SHARD_TOKENS = 100_000_000
 POOL_STOP_WAIT_S = 30  # how long an early stop waits for the tasks the workers hold
 VAL_SHARE = 0.1  # of a corpus smaller than the default --val-tokens, taken for validation
+# The least a split must hold to be used: one window of the smallest preset's context (debug, 128 tokens) plus the
+# token after it, the last target (data_prep imports no model code: test_data_prep checks it against model.PRESETS)
+MIN_SPLIT_TOKENS = 129
 _OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|manifest\.json|\.manifest\.json\.tmp\d*)$")
 
 
@@ -92,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer processes (default: all cores, here %(default)s)")
     p.add_argument("--max-docs", type=positive_int, help="read at most this many documents (default: all)")
     p.add_argument("--max-tokens", type=positive_int,
-                   help="stop after this many tokens, cutting the last document (default: no limit)")
+                   help="stop after this many tokens, cutting the last document (default: no limit). It must leave "
+                        f"each split at least {MIN_SPLIT_TOKENS} tokens, one window of the smallest preset's context "
+                        f"(debug: {MIN_SPLIT_TOKENS - 1}) plus its last target: with --val-tokens V at least V + "
+                        f"{MIN_SPLIT_TOKENS} (the split V itself is not judged); without, at least "
+                        f"{smallest_shrunk_stream()} (validation then takes {VAL_SHARE * 100:.0f}%% of a stream "
+                        "shorter than the default --val-tokens)")
     p.add_argument("--cache-dir", help="cache folder of the downloads (huggingface_hub) and of datasets' Arrow files "
                                        "(default: the libraries' own, under HF_HOME or ~/.cache/huggingface)")
     p.add_argument("--overwrite", action="store_true", help="rebuild --out even if it holds a finished dataset")
@@ -101,12 +110,68 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if (args.source == "files") != bool(args.files):
-        raise UserError("--files is required with --source files, and only used with it")
     args.val_share = VAL_SHARE if args.val_tokens is None else None  # only a default shrinks for a small corpus
     if args.val_tokens is None:
         args.val_tokens = EMBEDDED_VAL_TOKENS if args.source == "embedded" else args.shard_tokens
     return args
+
+
+def checked_source(args) -> dict:
+    """The source (source_record) once everything that can be checked before the output folder is made and the
+    pool starts has been, every problem in one line: --files with --source files only, a --max-tokens too small for
+    a usable dataset, the --files patterns, and each local parquet file's footer (its schema: the --text-field)."""
+    problems = []
+    if (args.source == "files") != bool(args.files):
+        problems.append("--files is required with --source files, and only used with it")
+    if (problem := max_tokens_problem(args)) is not None:
+        problems.append(problem)
+    source = None
+    if args.source != "files" or args.files:
+        try:
+            source = source_record(args)
+        except UserError as e:
+            problems.append(str(e))
+    if source is not None and source["type"] == "files" and source["reader"] == "parquet":
+        problems += parquet_problems(source["files"], args.text_field)
+    if problems:
+        raise UserError("; ".join(problems))
+    return source
+
+
+def split_sizes(tokens: int, args) -> tuple[int, int]:
+    """(validation, training) tokens of a stream of `tokens` tokens, as shards.ShardWriter cuts it: the first
+    --val-tokens, or with the default val_share that share when the stream ends before the first val shard does."""
+    if args.val_share and tokens < min(args.shard_tokens, args.val_tokens):
+        val = max(1, int(tokens * args.val_share))
+        return val, tokens - val
+    val = min(tokens, args.val_tokens)
+    return val, tokens - val
+
+
+def smallest_shrunk_stream(share: float = VAL_SHARE) -> int:
+    """The fewest tokens whose `share` holds MIN_SPLIT_TOKENS (the rest then holds more)."""
+    tokens = math.ceil(MIN_SPLIT_TOKENS / share)
+    while int(tokens * share) < MIN_SPLIT_TOKENS:  # (float rounding)
+        tokens += 1
+    return tokens
+
+
+def max_tokens_problem(args) -> str | None:
+    """A --max-tokens that cannot give each split MIN_SPLIT_TOKENS (an explicit --val-tokens is the user's own
+    choice: then only the train split is judged), with the smallest --max-tokens above it that can."""
+    if args.max_tokens is None:
+        return None
+    val, train = split_sizes(args.max_tokens, args)
+    if train >= MIN_SPLIT_TOKENS and (val >= MIN_SPLIT_TOKENS or not args.val_share):
+        return None
+    shrunk = smallest_shrunk_stream(args.val_share) if args.val_share else None
+    least = (shrunk if shrunk is not None and args.max_tokens < shrunk < min(args.shard_tokens, args.val_tokens)
+             else args.val_tokens + MIN_SPLIT_TOKENS)
+    needs = "each split needs" if args.val_share else "the train split needs"
+    return (f"--max-tokens {args.max_tokens}: too few for a usable dataset ({val} validation and {train} training "
+            f"tokens; {needs} at least {MIN_SPLIT_TOKENS}, one window of the smallest preset's context plus its last "
+            f"target); give --max-tokens {least} or more" + (", or a lower --val-tokens" if least > args.val_tokens
+                                                              else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,13 +365,46 @@ def describe(manifest: dict) -> str:
 # Main
 
 def prepare_data(argv=None) -> dict:
-    """The whole command; raises UserError on bad input. Returns the manifest plus timing figures."""
+    """The whole command; raises UserError on bad input. Returns the manifest plus timing figures. A run that fails
+    before it has written anything into --out removes the folders of --out it made (never one it did not make)."""
     args = parse_args(argv)
     out = Path(args.out)
-    source = source_record(args)
+    source = checked_source(args)
     settings = settings_record(source, args)
-    if not prepare_out_dir(out, settings, args.overwrite):
-        return shards.read_manifest(out)
+    made = first_new_folder(out)
+    try:
+        if not prepare_out_dir(out, settings, args.overwrite):
+            return shards.read_manifest(out)
+        return build(args, out, source, settings)
+    except BaseException:
+        if made is not None:
+            remove_empty_folders(out, made)
+        raise
+
+
+def first_new_folder(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself or a parent) that does not exist yet: the first mkdir creates it."""
+    if path.exists() or path.is_symlink():
+        return None
+    while not (path.parent.exists() or path.parent == path):
+        path = path.parent
+    return path
+
+
+def remove_empty_folders(out: Path, made: Path) -> None:
+    """Remove `out` and its parents up to `made` while they are empty (rmdir never removes a folder holding
+    anything, so a folder this run wrote into, or someone else's, stays)."""
+    for folder in [out, *out.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == made:
+            return
+
+
+def build(args, out: Path, source: dict, settings: dict) -> dict:
+    """Tokenize the source into `out` (made ready by prepare_out_dir) and write the manifest."""
     load_start = time.perf_counter()
     texts = load_texts(args, source)
     load_seconds = time.perf_counter() - load_start

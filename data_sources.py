@@ -76,18 +76,35 @@ def _parquet_file(path: str):
     return pq.ParquetFile(path)
 
 
+def parquet_problem(path: str, field: str) -> str | None:
+    """What stops the workers reading `field` from the parquet file `path`, found from its footer alone (pyarrow's
+    ParquetFile reads only the footer: cheap for any size); None when nothing does."""
+    try:
+        metadata = _parquet_file(path).metadata
+    except Exception as e:  # pyarrow's errors for a file that is not parquet have several types
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return (f"{path} cannot be read as parquet ({type(e).__name__}{': ' + message if message else ''}); "
+                "replace the file")
+    columns = metadata.schema.to_arrow_schema().names
+    if field not in columns:
+        return f"{path} has no field {field!r} (its fields: {', '.join(columns)}); pass --text-field"
+    return None
+
+
+def parquet_problems(paths: list[str], field: str) -> list[str]:
+    """parquet_problem of each local file: checked before the output folder is made and the pool starts."""
+    return [problem for path in paths if (problem := parquet_problem(path, field)) is not None]
+
+
 def parquet_tasks(paths, field: str, limit: int | None):
     """Slices of at most DOCS_PER_TASK rows of each row group, file after file in the order given (`paths` may be
-    a generator that downloads them); stops after `limit` rows."""
+    a generator that downloads them: each is checked as it comes); stops after `limit` rows."""
     rows = 0
     for path in paths:
-        try:
-            metadata = _parquet_file(path).metadata
-        except Exception as e:  # pyarrow's errors for a file that is not parquet have several types
-            raise UserError(f"{path} cannot be read as parquet ({type(e).__name__}: {e}); replace the file")
-        columns = metadata.schema.to_arrow_schema().names
-        if field not in columns:
-            raise UserError(f"{path} has no field {field!r} (its fields: {', '.join(columns)}); pass --text-field")
+        problem = parquet_problem(path, field)
+        if problem is not None:
+            raise UserError(problem)
+        metadata = _parquet_file(path).metadata
         for row_group in range(metadata.num_row_groups):
             size = metadata.row_group(row_group).num_rows
             for start in range(0, size, DOCS_PER_TASK):
@@ -204,6 +221,9 @@ def load_texts(args, source: dict):
         # a hub dataset is listed here only for the parquet route; streamed, datasets alone reads it
         files, revision = config_files(args, what) if Path(args.dataset).is_dir() or not args.streaming else ([], None)
         if not args.streaming and all(f.endswith(".parquet") for f in files):
+            problems = parquet_problems(files, args.text_field) if revision is None else []  # (a local copy)
+            if problems:
+                raise UserError("; ".join(problems))
             at = f" at revision {revision}" if revision else ""
             print(f"data_prep: {what}: {len(files)} parquet files{at} ({files[0]}, ...), read by the workers directly")
             paths = files if revision is None else fetched_in_order(files, hub_download(args, revision))

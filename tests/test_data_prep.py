@@ -575,3 +575,134 @@ def test_an_early_stop_does_not_wait_forever_for_a_stuck_task(monkeypatch):
     closing.join(timeout=120)
     assert not closing.is_alive(), "stopping the pool waited for a task that never ends"
     assert all(p.exitcode is not None for p in workers)
+
+
+# --- what is refused before --out is made and the pool starts, all in one line ------------------------------------
+
+@pytest.fixture
+def no_pool(monkeypatch):
+    """The pool must not start: a run that gets there fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer pool started")
+    monkeypatch.setattr(data_prep, "tokenize_in_pool", refuse)
+
+
+def refused_in_one_line(argv, capsys) -> str:
+    """data_prep.main(argv) in this process: status 2 and the one error line, all of stderr, returned."""
+    from helpers import assert_one_line_error
+    with pytest.raises(SystemExit) as exit_info:
+        data_prep.main(argv)
+    return assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err),
+                                 status=2, alone=True)
+
+
+def test_the_smallest_usable_split_is_one_window_of_the_smallest_preset():
+    from model import PRESETS
+    assert data_prep.MIN_SPLIT_TOKENS == min(config.block_size for config in PRESETS.values()) + 1
+
+
+# (settings, --max-tokens, the least --max-tokens the line names), worked out by hand from how the stream is split:
+# by default (--source embedded: --val-tokens 32768, 10% of a shorter stream) 1290 (129 is 10%), or past the
+# default val split 32768 + 129; with --val-tokens 2000, 2000 + 129; with --shard-tokens 1000 the val split is cut
+# into shards before 10% of any stream holds 129 tokens, so it never shrinks: 32768 + 129.
+TOO_FEW = [([], m, 1290) for m in (1, 10, 1289)] + [([], m, 32897) for m in (32768, 32896)] \
+    + [(["--val-tokens", "2000"], m, 2129) for m in (1, 2000, 2128)] \
+    + [(["--shard-tokens", "1000"], m, 32897) for m in (1289, 1290, 32896)]
+ENOUGH = [([], 1290), ([], 32897), (["--val-tokens", "2000"], 2129), (["--shard-tokens", "1000"], 32897)]
+
+
+def settings_id(value) -> str:
+    return " ".join(value) or "defaults" if isinstance(value, list) else str(value)
+
+
+@pytest.mark.parametrize("settings, max_tokens, least", TOO_FEW, ids=settings_id)
+def test_a_max_tokens_too_small_for_a_usable_dataset_is_refused_naming_the_least(settings, max_tokens, least,
+                                                                                tmp_path, capsys, no_pool):
+    """--max-tokens 10 built a data set of 1 validation and 9 training tokens."""
+    out = tmp_path / "out"
+    line = refused_in_one_line(["--source", "embedded", *settings, "--max-tokens", str(max_tokens), "--out", str(out)],
+                               capsys)
+    assert f"--max-tokens {max_tokens}: too few for a usable dataset" in line and f"--max-tokens {least} or more" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("settings, max_tokens", ENOUGH, ids=settings_id)
+def test_the_least_max_tokens_builds_a_data_set_a_run_can_use(settings, max_tokens, tmp_path):
+    """Each split holds a window of the debug model's context: a train batch and a validation batch of 1 x 128."""
+    from dataloader import val_batches
+    manifest = prepare(tmp_path / "out", "--source", "embedded", *settings, "--max-tokens", str(max_tokens))
+    assert manifest["total_tokens"] == max_tokens
+    assert min(manifest["val_tokens"], manifest["train_tokens"]) >= data_prep.MIN_SPLIT_TOKENS
+    ds = ShardDataset.open(tmp_path / "out")
+    x, y = TrainLoader(ds, batch_size=1, seq_len=128, seed=0).next_batch()
+    assert x.shape == (1, 128) and len(list(val_batches(ds, batch_size=1, seq_len=128))) >= 1
+
+
+def damaged_parquet(folder: Path, damage: str) -> Path:
+    """A parquet file of documents, then damaged: `damage` names how."""
+    path = folder / f"{damage}.parquet"
+    write_parquet(path, ["a document", "another one"] * 50, field="body" if damage == "no_text_field" else "text")
+    data = path.read_bytes()
+    if damage == "not_parquet":
+        path.write_text("text,id\nhello,1\n")
+    elif damage == "cut_short":
+        path.write_bytes(data[:len(data) // 2])
+    elif damage == "footer_garbled":  # the footer's length and magic bytes (the last 8)
+        path.write_bytes(data[:-8] + bytes(range(8)))
+    elif damage == "footer_length_wrong":  # a footer length past the file's start
+        path.write_bytes(data[:-8] + (len(data) * 2).to_bytes(4, "little") + b"PAR1")
+    return path
+
+
+PARQUET_DAMAGES = ["not_parquet", "cut_short", "footer_garbled", "footer_length_wrong", "no_text_field"]
+
+
+@pytest.mark.parametrize("damages", [[d] for d in PARQUET_DAMAGES] + [PARQUET_DAMAGES, PARQUET_DAMAGES[:2] + ["10"]],
+                         ids=" ".join)
+def test_unreadable_parquet_inputs_are_each_named_in_one_line_before_out_and_the_pool(damages, tmp_path, capsys,
+                                                                                     no_pool):
+    """A garbled local .parquet was refused only once the pool had started, leaving an empty --out behind. Beside a
+    good file, every damaged one is named (with a --max-tokens too small, "10", in the same line)."""
+    write_parquet(tmp_path / "good.parquet", ["fine text"] * 10)
+    bad = [damaged_parquet(tmp_path, damage) for damage in damages if damage != "10"]
+    out = tmp_path / "new" / "out"
+    line = refused_in_one_line(["--source", "files", "--files", str(tmp_path / "*.parquet"), "--out", str(out),
+                                *(["--max-tokens", "10"] if "10" in damages else [])], capsys)
+    for path in bad:
+        assert str(path) in line, line
+    assert str(tmp_path / "good.parquet") not in line and ("--max-tokens 10" in line) == ("10" in damages)
+    assert not (tmp_path / "new").exists()
+
+
+def failing_after_out_is_made(tmp_path: Path, case: str) -> list[str]:
+    """Arguments of a run that fails once --out is ready, before anything is written into it: a local hub-shaped
+    copy whose second parquet file is cut short (its files are known only once datasets has read the card), or a
+    .jsonl file with a line that is not JSON (found while datasets loads it)."""
+    if case == "hf_copy_damaged_parquet":
+        root = tmp_path / "copy"
+        write_fineweb_table(root / "sample" / "10BT" / "000_00000.parquet", ["fine text"] * 10, 10)
+        write_fineweb_table(root / "data" / "CC-MAIN-2024-10" / "000_00000.parquet", ["another config"], 10)
+        (root / "README.md").write_text(FINEWEB_CARD)
+        (root / "sample" / "10BT" / "001_00000.parquet").write_bytes(b"PAR1 not really")
+        return ["--source", "hf", "--dataset", str(root), "--name", "sample-10BT"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": cut\n')
+    return ["--source", "files", "--files", str(tmp_path / "bad.jsonl")]
+
+
+@pytest.mark.parametrize("out_kind", ["new", "new_parents", "existing_empty"])
+@pytest.mark.parametrize("case", ["hf_copy_damaged_parquet", "jsonl_not_json"])
+def test_a_run_that_fails_before_writing_removes_only_the_folders_it_made(case, out_kind, tmp_path):
+    """Such a run left an empty --out (and the folders above it that it made) behind; a folder it did not make
+    stays. (A subprocess: datasets' logger keeps the stderr of the first test that imported it.)"""
+    from conftest import run_script
+    from helpers import assert_one_line_error
+    out = {"new": tmp_path / "out", "new_parents": tmp_path / "new" / "deeper" / "out",
+           "existing_empty": tmp_path / "mine"}[out_kind]
+    if out_kind == "existing_empty":
+        out.mkdir()
+    proc = run_script("data_prep.py", *failing_after_out_is_made(tmp_path, case), "--out", out, "--workers", "1",
+                      "--cache-dir", tmp_path / "cache")
+    line = assert_one_line_error(proc, status=2)  # (datasets logs lines of its own on a bad .jsonl)
+    assert ("001_00000.parquet" if case == "hf_copy_damaged_parquet" else "bad.jsonl line 2") in line, line
+    assert out.is_dir() == (out_kind == "existing_empty") and (out_kind != "existing_empty" or not any(out.iterdir()))
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
