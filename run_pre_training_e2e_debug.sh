@@ -16,6 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 start=$(date +%s)
 
+case "${RESUME:-0}" in
+  0|1) ;;
+  *) echo "error: RESUME=${RESUME}: use RESUME=1 to continue the run in RUN_DIR, or 0 (the default) for a new run" >&2
+     exit 2 ;;
+esac
 if [ "${RESUME:-0}" = 1 ] && [ -z "${RUN_DIR:-}" ]; then
   echo "error: RESUME=1 needs RUN_DIR=<the run to continue>, e.g. RUN_DIR=temp_data/runs/debug-20260101-120000" >&2
   exit 2

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from helpers import REPO, free_port
+from helpers import REPO, assert_one_line_error, free_port
 
 SCRIPTS = ["run_pre_training_e2e.sh", "run_pre_training_e2e_debug.sh", "run_tests.sh", ".ci/run"]
 
@@ -76,9 +76,11 @@ def test_train_args_with_an_open_quote_is_one_line(tmp_path, train_args, said):
     assert not (tmp_path / "data").exists()
 
 
-def test_resume_needs_run_dir():
-    proc = run_bash("run_pre_training_e2e_debug.sh", {"RESUME": "1", "RUN_DIR": ""})
-    assert proc.returncode != 0 and "RESUME=1 needs RUN_DIR" in proc.stderr
+@pytest.mark.parametrize("resume, said", [("1", "RESUME=1 needs RUN_DIR"), ("yes", "RESUME=yes: use RESUME=1"),
+                                          ("true", "RESUME=true: use RESUME=1"), ("2", "RESUME=2: use RESUME=1")])
+def test_resume_is_0_or_1_and_needs_run_dir(resume, said):
+    assert_one_line_error(run_bash("run_pre_training_e2e_debug.sh", {"RESUME": resume, "RUN_DIR": ""}), said,
+                          status=2, alone=True)
 
 
 def test_failing_stage_is_named(tmp_path):
