@@ -76,6 +76,22 @@ def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
     return wrapper
 
 
+def raise_all(*checks) -> None:
+    """Run every check (a callable that raises UserError for a problem) and name every problem found in one
+    UserError, "; "-joined, in the order given; a single one is raised as it is (its type kept: CheckpointDamaged).
+    So a command line with a bad checkpoint, a bad --out and a bad flag names all three, not the first."""
+    errors = []
+    for check in checks:
+        try:
+            check()
+        except UserError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise UserError("; ".join(map(str, errors)))
+
+
 def fail(message: str, status: int = 2):
     """`error: MESSAGE` on stderr and exit `status`. Under torchrun every process of a node meets the same error (the
     checks run on every rank, and ranks raise together): each node's local rank 0 says it once, the others exit with

@@ -33,10 +33,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 import tokenizer
-from checkpoint import CheckpointDamaged, load_checkpoint, model_from_state, save_checkpoint
-from cli import UserError, atomic_write, ensure_writable_dir, main_entry, write_json
+from checkpoint import CheckpointDamaged, list_checkpoints, load_checkpoint, model_from_state, save_checkpoint
+from cli import UserError, atomic_write, ensure_writable_dir, is_result_of, main_entry, raise_all, write_json
 from model import GPT, GPTConfig
 from plot_metrics import latest_values, read_metrics
+from shards import file_sha256
 
 ARCHITECTURE = "LlamaForCausalLM"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,6 +46,11 @@ WEIGHTS_FILE = "model.safetensors"
 # so an import restores the exact config. transformers keeps unknown keys as plain attributes and ignores them.
 EXTRA_CONFIG_KEY = "lf_llm"
 EXTRA_FIELDS = ("attn_dropout", "ffn_dropout", "pad_vocab_to")
+# The mark of an export: {"written_by": "export_hf.py", "files": {name: sha256}} of every file it wrote. --force
+# replaces only a folder holding it and nothing but those files, unchanged (a fine-tuned model saved over an export's
+# weights, a note added beside them, a user's own Llama folder: all refused). transformers never reads it.
+MARKER_FILE = "export_hf.json"
+WRITTEN_BY = "export_hf.py"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +161,8 @@ def export_model(model: GPT, out_dir, dtype_name: str = "float32", model_card: s
             f.write(save(to_hf_state_dict(model, DTYPES[dtype_name]), metadata={"format": "pt"}))
         write_tokenizer_files(tmp, model.config.block_size)
         (tmp / "README.md").write_text(model_card or model_card_text(model, dtype_name, None, {}))
+        write_json(tmp / MARKER_FILE, {"files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}},
+                   written_by=WRITTEN_BY)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,8 +176,12 @@ def check_dtype(dtype_name: str) -> None:
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:
-    """An existing, non-empty --out is only replaced with --force, and only when it holds an earlier export (so a
-    typo like `--out . --force` cannot wipe an unrelated folder)."""
+    """An existing, non-empty --out is only replaced with --force, and only when it holds an earlier export of this
+    tool, unchanged (export_problem), so `--out . --force` or a user's own model folder is never wiped. A symbolic
+    link is refused: replacing it would put a folder where the link was and leave the export it pointed to."""
+    if out_dir.is_symlink():
+        raise UserError(f"--out {out_dir} is a symbolic link (to {os.readlink(out_dir)}); give the folder itself "
+                        "or a new path: an export replaces a folder, never a link")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a directory path")
     ensure_writable_dir(out_dir.parent, "--out's folder")  # the export is written beside --out, then renamed
@@ -177,16 +189,35 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
         return
     if not force:
         raise UserError(f"--out {out_dir} exists and is not empty; pass --force to replace it, or choose a new path")
-    if not is_export_dir(out_dir):
-        raise UserError(f"--out {out_dir} is not empty and is not an earlier export (no {ARCHITECTURE} config.json); "
-                        f"--force only replaces earlier exports, choose a new or empty directory")
+    problem = export_problem(out_dir)
+    if problem is not None:
+        raise UserError(f"--out {out_dir} is not empty and is not an unchanged export of {WRITTEN_BY} ({problem}); "
+                        f"--force only replaces those: choose a new or empty directory, or remove it yourself")
+
+
+def export_problem(path: Path) -> str | None:
+    """Why the folder `path` is not an export this tool wrote, unchanged since (None: it is): its MARKER_FILE is
+    missing or not this tool's, it holds a name the export did not write, or a file's sha256 differs."""
+    marker = path / MARKER_FILE
+    if not is_result_of(marker, WRITTEN_BY):
+        return f"no {MARKER_FILE} of {WRITTEN_BY}"
+    files = json.loads(marker.read_bytes()).get("files")
+    if not isinstance(files, dict):
+        return f"{MARKER_FILE} lists no files"
+    others = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MARKER_FILE)
+    if others:
+        return f"it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which no export writes"
+    for name, sha256 in files.items():
+        try:
+            if (path / name).exists() and file_sha256(path / name) != sha256:
+                return f"{name} changed since the export"
+        except OSError:  # a folder under a file's name, an unreadable file
+            return f"{name} cannot be read as the export wrote it"
+    return None
 
 
 def is_export_dir(path: Path) -> bool:
-    try:
-        return ARCHITECTURE in json.loads((path / "config.json").read_text()).get("architectures", [])
-    except (OSError, ValueError, AttributeError):
-        return False
+    return export_problem(path) is None
 
 
 def replace_dir(new: Path, target: Path) -> None:
@@ -223,7 +254,11 @@ def run_metrics(run_dir: Path, step: int | None) -> dict:
     return latest_values([e for e in read_metrics(run_dir) if step is None or e["step"] <= step])
 
 
-def model_card_text(model: GPT, dtype_name: str, step: int | None, metrics: dict) -> str:
+def model_card_text(model: GPT, dtype_name: str, step: int | None, metrics: dict,
+                    tokens_seen: int | None = None) -> str:
+    """The README.md of an export. `tokens_seen` and `step` are the exported checkpoint's own (a metrics event's
+    token count is that of another step: the train event of step S counts update S too); `metrics` the run's
+    latest validation loss and HellaSwag at or before the step."""
     c = model.config
 
     def metric(key, fmt):
@@ -233,6 +268,8 @@ def model_card_text(model: GPT, dtype_name: str, step: int | None, metrics: dict
         return f"{fmt.format(value)} (step {at:,})"
 
     source = f"step {step:,} of a training run" if step is not None else "a checkpoint"
+    tokens = ("not available" if tokens_seen is None
+              else f"{tokens_seen:,}" + (f" (step {step:,})" if step is not None else ""))
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -258,7 +295,7 @@ exported from {source} to `{ARCHITECTURE}` (weights re-mapped exactly, no approx
 ## Training
 | field | value |
 |---|---|
-| tokens seen | {metric("tokens", "{:,}")} |
+| tokens seen | {tokens} |
 | validation loss | {metric("val_loss", "{:.4f}")} |
 | HellaSwag acc_norm | {metric("hellaswag_acc_norm", "{:.4f}")} |
 
@@ -276,12 +313,14 @@ print(tok.decode(model.generate(ids, max_new_tokens=30, do_sample=False)[0]))
 def export_checkpoint(checkpoint, out_dir, dtype_name: str = "float32", force: bool = False) -> Path:
     """Export a checkpoint file (or a run directory's newest) with a model card from its run's metrics.jsonl
     (the run directory is the checkpoint's folder's parent)."""
-    check_dtype(dtype_name)
-    check_output_dir(Path(out_dir), force)  # fail before the (slow) checkpoint load
+    # every problem of the three named at once, before the (slow) checkpoint load: the checkpoint is looked at
+    # without reading a tensor (load_checkpoint's peek), so damage inside its tensor bytes is found by the load
+    raise_all(lambda: check_dtype(dtype_name), lambda: load_checkpoint(Path(checkpoint), peek=True),
+              lambda: check_output_dir(Path(out_dir), force))
     state, file = load_checkpoint(Path(checkpoint))
     model = model_from_state(state, file)
     step = state.get("step")
-    card = model_card_text(model, dtype_name, step, run_metrics(file.parent.parent, step))
+    card = model_card_text(model, dtype_name, step, run_metrics(file.parent.parent, step), state.get("tokens_seen"))
     return export_model(model, out_dir, dtype_name, card, force)
 
 
@@ -290,7 +329,10 @@ def export_checkpoint(checkpoint, out_dir, dtype_name: str = "float32", force: b
 
 def gpt_config_from_hf(hf: dict, source: Path) -> GPTConfig:
     """Our GPTConfig from a transformers config.json, refusing anything our model cannot compute exactly."""
-    architectures = hf.get("architectures") or [hf.get("model_type")]
+    architectures = hf.get("architectures") or ([hf["model_type"]] if hf.get("model_type") else [])
+    if not architectures:
+        raise UserError(f"{source} names no model architecture (no 'architectures' or 'model_type'): it is no "
+                        f"transformers config.json; give a transformers model directory")
     if ARCHITECTURE not in architectures:
         raise UserError(f"{source} is a {', '.join(map(str, architectures))} model; only {ARCHITECTURE} "
                         f"exports of this architecture can be imported")
@@ -324,10 +366,26 @@ def gpt_config_from_hf(hf: dict, source: Path) -> GPTConfig:
         raise UserError(f"{source}: config is incomplete or invalid for this model ({type(e).__name__}: {e})")
 
 
-def load_hf_dir(hf_dir) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """(our config, our float32 state_dict) from a transformers directory with config.json and model.safetensors."""
+def is_training_run(folder: Path) -> bool:
+    """Whether `folder` is a training run of this repo (or its checkpoints/ folder), not a transformers directory."""
+    return bool(list_checkpoints(folder) or (folder.name == "checkpoints" and list_checkpoints(folder.parent))
+                or (folder / "metrics.jsonl").is_file() or (folder / "train.log").is_file())
+
+
+def hf_dir_config(hf_dir) -> GPTConfig:
+    """Our GPTConfig of the transformers directory `hf_dir`, checked before any weight is read: a folder holding
+    config.json (an importable one) and model.safetensors."""
     hf_dir = Path(hf_dir)
     config_file, weights_file = hf_dir / "config.json", hf_dir / WEIGHTS_FILE
+    if not hf_dir.exists():
+        raise UserError(f"--from-hf {hf_dir} does not exist; give a transformers model directory")
+    if not hf_dir.is_dir():
+        raise UserError(f"--from-hf {hf_dir} is a file, not a folder; give a transformers model directory (a "
+                        "checkpoint file of this repo is exported with --checkpoint)")
+    if is_training_run(hf_dir):
+        run = hf_dir.parent if hf_dir.name == "checkpoints" else hf_dir
+        raise UserError(f"--from-hf {hf_dir} is a training run of this repo, not a transformers directory; its "
+                        f"checkpoints load as they are (export one with --checkpoint {run} --out DIR)")
     if not config_file.is_file():
         raise UserError(f"--from-hf {hf_dir} has no config.json; give a transformers model directory")
     try:
@@ -338,6 +396,13 @@ def load_hf_dir(hf_dir) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     if not weights_file.is_file():
         raise UserError(f"--from-hf {hf_dir} has no {WEIGHTS_FILE}; re-save it with "
                         f"`model.save_pretrained(dir, safe_serialization=True)` as a single file")
+    return config
+
+
+def load_hf_dir(hf_dir) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(our config, our float32 state_dict) from a transformers directory with config.json and model.safetensors."""
+    hf_dir = Path(hf_dir)
+    config, weights_file = hf_dir_config(hf_dir), hf_dir / WEIGHTS_FILE
     try:
         hf_state = load_file(weights_file)
     except (SafetensorError, OSError) as e:
@@ -353,10 +418,7 @@ def written_by_import(path: Path) -> bool:
         return False
 
 
-def import_hf(hf_dir, out_file, force: bool = False) -> Path:
-    """Write a checkpoint of this repo (model config + weights, no optimizer) from a transformers directory. The
-    weights are loaded into GPT first, so a file that checkpoint.load_model would refuse is never written."""
-    out_file = Path(out_file)
+def check_import_out(out_file: Path, force: bool) -> None:
     if out_file.is_dir():
         raise UserError(f"--out {out_file} is a directory; give a checkpoint file path such as "
                         f"RUN_DIR/checkpoints/step_000000.pt")
@@ -366,6 +428,18 @@ def import_hf(hf_dir, out_file, force: bool = False) -> Path:
         raise UserError(f"--out {out_file} is not a checkpoint export_hf.py --from-hf wrote (a training checkpoint, "
                         "say): --force replaces only those; choose a new path")
     ensure_writable_dir(out_file.parent, "--out's folder")
+
+
+def import_hf(hf_dir, out_file, force: bool = False, dtype_name: str | None = None) -> Path:
+    """Write a checkpoint of this repo (model config + weights, no optimizer) from a transformers directory. The
+    weights are loaded into GPT first, so a file that checkpoint.load_model would refuse is never written. Every
+    problem of --from-hf, --out and --dtype (which an import does not take) is named before a weight is read."""
+    out_file = Path(out_file)
+
+    def no_dtype():
+        if dtype_name is not None:
+            raise UserError("--dtype applies to an export (--checkpoint); an import always writes float32 weights")
+    raise_all(lambda: hf_dir_config(hf_dir), lambda: check_import_out(out_file, force), no_dtype)
     config, state = load_hf_dir(hf_dir)
     with torch.device("meta"):
         model = GPT(config)
@@ -399,8 +473,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype",
                    help=f"export only: weight dtype, one of {', '.join(DTYPES)} (default: float32, exact)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing output: only an earlier export directory, or a checkpoint an earlier "
-                        "--from-hf import wrote (never a training checkpoint)")
+                   help=f"replace an existing output: only an earlier export directory of this tool, unchanged (its "
+                        f"{MARKER_FILE} lists every file), or a checkpoint an earlier --from-hf import wrote (never "
+                        "a training checkpoint)")
     return p.parse_args(argv)
 
 
@@ -408,12 +483,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.from_hf is not None:
-        if args.dtype is not None:
-            raise UserError("--dtype applies to an export (--checkpoint); an import always writes float32 weights")
-        out = import_hf(args.from_hf, args.out, args.force)
+        out = import_hf(args.from_hf, args.out, args.force, args.dtype)
         print(f"wrote checkpoint {out} (load it with checkpoint.load_model)")
     else:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype or "float32", args.force)
+        out = export_checkpoint(args.checkpoint, args.out, "float32" if args.dtype is None else args.dtype, args.force)
         print(f"wrote {ARCHITECTURE} export {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 

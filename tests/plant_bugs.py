@@ -344,7 +344,7 @@ BUGS = [
     bug("export_hf-padding-exported", "export_hf.py",
         '    state["wte.weight"] = state["wte.weight"][:model.config.vocab_size]  # (V, C)\n', "", EHF_UNITS,
         "the padded vocabulary rows are exported"),
-    bug("export_hf-force-wipes-any-folder", "export_hf.py", "    if not is_export_dir(out_dir):\n",
+    bug("export_hf-force-wipes-any-folder", "export_hf.py", "    if problem is not None:\n",
         "    if False:\n", "tests/test_export_hf.py::test_bad_input_is_one_line_without_traceback",
         "--force replaces a folder that is not an earlier export"),
     bug("export_hf-temp-left", "export_hf.py", "        shutil.rmtree(tmp, ignore_errors=True)\n        raise\n",
