@@ -71,8 +71,7 @@ def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
             os_error = os_error_in(e)
             if os_error is None:
                 raise
-            where = repo_frame(e)
-            fail(f"{os_error_text(os_error)}{f' (in {where})' if where else ''}")
+            fail(os_error_text(os_error))  # the path, what failed, what to do: no source line, the user has none
     return wrapper
 
 

@@ -1,5 +1,6 @@
 """cli.py's shared pieces, in-process: the flag types, one error line from rank 0 only, the writable-folder probe, atomic_write's sync before the rename."""
 import argparse
+import errno
 import os
 import stat
 import sys
@@ -66,6 +67,33 @@ def test_atomic_write_syncs_every_byte_before_the_rename(tmp_path, monkeypatch):
             f.write(data[start:start + 1000])
     assert synced == [(len(data), False)]  # all bytes on disk, under the temporary name
     assert (tmp_path / "out.bin").read_bytes() == data and os.listdir(tmp_path) == ["out.bin"]
+
+
+def no_space(path, mode="r"):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("what, expected", [
+    ("missing", "{path}: No such file or directory [Errno 2]; check the path"),
+    ("folder", "{path}: Is a directory [Errno 21]; it is a folder; give a file path"),
+    ("full disk", "{path}: No space left on device [Errno 28]; free disk space or choose another location"),
+])
+def test_a_filesystem_fault_is_one_line_for_the_user_without_source_lines(what, expected, tmp_path, monkeypatch,
+                                                                          capsys):
+    """main_entry's line for an OSError raised in the repo's code: the path, what failed and what to do. It ended
+    with '(in shards.py:87 (file_sha256))', a place in the source that tells the user nothing."""
+    import shards
+    path = tmp_path / "missing" if what == "missing" else tmp_path
+    if what == "full disk":
+        monkeypatch.setattr(shards, "open", no_space, raising=False)  # the builtin, as shards.py calls it
+
+    @cli.main_entry
+    def main():
+        shards.file_sha256(path)  # raises inside shards.py, a module of the repo
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {expected.format(path=path)}\n"
 
 
 # A bad value for a typed flag of every script with a parser (and each bench.py mode), plus an unknown flag: one line
