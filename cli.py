@@ -91,6 +91,26 @@ def raise_all(*checks) -> None:
         raise UserError("; ".join(map(str, errors)))
 
 
+def read_text_lines(path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file a flag names (without their line ends), or a UserError naming `what` (the
+    flag) and the file: a folder, a missing file, or the line and byte offset of the first bytes that are not UTF-8.
+    (Another OSError, such as a file without read permission, is main_entry's one line.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a UTF-8 text file")
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    data, offset = path.read_bytes(), 0
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{what} {path} line {number} (byte {offset + e.start}): not UTF-8 ({e.reason}); save "
+                            "the file as UTF-8") from None
+        offset += len(line) + 1
+    return data.decode("utf-8").splitlines()
+
+
 def fail(message: str, status: int = 2):
     """`error: MESSAGE` on stderr and exit `status`. Under torchrun every process of a node meets the same error (the
     checks run on every rank, and ranks raise together): each node's local rank 0 says it once, the others exit with

@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from checkpoint import load_model
-from cli import UserError, main_entry
+from checkpoint import load_checkpoint, load_model
+from cli import UserError, main_entry, raise_all, read_text_lines
 from devices import pick_device
 from model import GPT, Sampling, evaluating
 from tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
@@ -44,8 +44,7 @@ def check_sampling(sampling: Sampling, flags: dict[str, str] = SAMPLING_FLAGS) -
     setting out of range."""
     errors = sampling.errors()
     if errors:
-        name, rule = next(iter(errors.items()))
-        raise UserError(f"{flags[name]} {getattr(sampling, name)!r}: {rule}")
+        raise UserError("; ".join(f"{flags[name]} {getattr(sampling, name)!r}: {rule}" for name, rule in errors.items()))
     return sampling
 
 
@@ -154,27 +153,36 @@ def parse_args(argv=None):
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                from_file = [line.rstrip("\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompts-file {args.prompts_file} ({e})")
+        from_file = [line for line in read_text_lines(args.prompts_file, "--prompts-file") if line.strip()]
         if not from_file:
             raise UserError(f"--prompts-file {args.prompts_file} holds no prompt")
         prompts += from_file
     return prompts or REFERENCE_PROMPTS
 
 
+def check_num_samples(num_samples: int) -> None:
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {num_samples}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2 ** 64:
+        raise UserError(f"--seed must be in [0, 2**64), the generator's range; got {seed}")
+
+
 @main_entry(memory_hint="lower --num-samples")
 def main(argv=None):
     args = parse_args(argv)
-    sampling = check_sampling(Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p))
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if not 0 <= args.seed < 2 ** 64:
-        raise UserError(f"--seed must be in [0, 2**64), the generator's range; got {args.seed}")
-    prompts = read_prompts(args)
-    device = pick_device(args.device)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    found = {}  # what the checks below read, for the run after them
+    raise_all(lambda: check_sampling(sampling), lambda: check_num_samples(args.num_samples),
+              lambda: check_seed(args.seed),
+              lambda: found.update(prompts=read_prompts(args)),
+              lambda: found.update(device=pick_device(args.device)),
+              lambda: found.update(peeked=load_checkpoint(args.checkpoint, peek=True)[0]))  # no tensor read yet
+    prompts, device = found["prompts"], found["device"]
+    block_size = found["peeked"]["model_config"]["block_size"]
+    raise_all(*(lambda p=p: encode_prompt(p, block_size) for p in prompts))  # every prompt that is too long
     model = load_model(args.checkpoint, device)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)  # inference only: half the bytes to read per token

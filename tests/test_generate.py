@@ -1,4 +1,5 @@
 import io
+import subprocess
 
 import pytest
 import torch
@@ -168,6 +169,45 @@ def test_cli_sampling_follows_the_seed(checkpoint_file):
 ])
 def test_cli_bad_input_is_one_line(checkpoint_file, args, words):
     assert_one_line_error(run_script("generate.py", "--checkpoint", checkpoint_file, *args), *words, alone=True)
+
+
+# Each problem generate.py can see before reading the checkpoint's tensors: (flags, what the line must say).
+# {bad_file}: a prompts file whose line 2 is not UTF-8 (byte 8 of the file); {folder}: a folder.
+UP_FRONT_PROBLEMS = {
+    "temperature": (["--temperature", "nan"], "--temperature nan: must be 0 (greedy)"),
+    "top_p": (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+    "top_k": (["--top-k", "-3"], "--top-k -3: must be >= 0"),
+    "num_samples": (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    "seed": (["--seed", "-1"], "--seed must be in [0, 2**64)"),
+    "prompts_bytes": (["--prompts-file", "{bad_file}"], "{bad_file} line 2 (byte 8): not UTF-8"),
+    "prompts_folder": (["--prompts-file", "{folder}"], "--prompts-file {folder} is a folder"),
+    "device": (["--device", "tpu"], "--device 'tpu': use cuda, mps or cpu"),
+    "checkpoint": (["--checkpoint", "{folder}/nope.pt"], "checkpoint {folder}/nope.pt does not exist"),
+}
+PROBLEM_SETS = [[name] for name in UP_FRONT_PROBLEMS] + [[n for n in UP_FRONT_PROBLEMS if n != "prompts_folder"]]
+
+
+@pytest.mark.parametrize("names", PROBLEM_SETS, ids="+".join)
+def test_cli_names_every_problem_it_can_see_up_front_in_one_line(names, checkpoint_file, tmp_path, capsys):
+    import generate
+    bad_file = tmp_path / "prompts.txt"
+    bad_file.write_bytes("fine\ncaf\xe9 ok\n".encode("latin-1"))
+    argv = ["--checkpoint", str(checkpoint_file)]
+    for name in names:
+        argv += [a.format(bad_file=bad_file, folder=tmp_path) for a in UP_FRONT_PROBLEMS[name][0]]
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(argv)
+    line = assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err),
+                                 status=2, alone=True)
+    for name in names:
+        assert UP_FRONT_PROBLEMS[name][1].format(bad_file=bad_file, folder=tmp_path) in line, (name, line)
+
+
+def test_cli_names_every_prompt_too_long_for_the_context(checkpoint_file):
+    long = " ".join(["word"] * 30)
+    line = assert_one_line_error(run_script("generate.py", "--checkpoint", checkpoint_file, "--prompt", long,
+                                            "--prompt", "fine", "--prompt", long + " more"), alone=True)
+    assert line.count("longer than the model's context of 24") == 2 and "31 tokens" in line
 
 
 def test_cli_missing_or_corrupt_checkpoint_is_one_line(tmp_path):
