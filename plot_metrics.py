@@ -3,16 +3,19 @@
   python plot_metrics.py temp_data/runs/debug            # writes PNGs into the run directory's plots/
   python plot_metrics.py RUN_DIR --out assets/plots
 
-Works on a run still in progress (a half-written last line is skipped) and on runs with no evaluations yet.
+Works on a run still in progress (a half-written last line is skipped) and on runs with no evaluations yet. Each PNG
+carries the tEXt chunk written_by=plot_metrics.py: a PNG of the same name in --out is replaced only when it has it
+(an earlier plot), anything else there stops the tool before a plot is written.
 Importable: the notebooks call read_metrics / training_figure / loss_figure / hellaswag_figure / latest_values.
 """
 import argparse
 import cli
 import json
+import struct
 import sys
 from pathlib import Path
 
-from cli import UserError, atomic_write, main_entry
+from cli import RESULT_MARKER, UserError, atomic_write, ensure_writable_dir, main_entry, raise_all
 
 TRAIN_PANELS = [  # (metrics key, title, y label, log scale)
     ("loss", "Training loss", "cross-entropy (nats/token)", False),
@@ -31,18 +34,37 @@ def metrics_path(path) -> Path:
 
 def read_metrics(path) -> list[dict]:
     """Events of a run directory's (or a file's) metrics.jsonl, in order. A line that cannot be used (the one
-    train.py is writing right now, one a crash tore, a hand edit) is skipped with a warning naming its number."""
+    train.py is writing right now, one a crash tore, a hand edit) is skipped with a warning naming its number (the
+    first MAX_LINE_WARNINGS of them, then one line counting the rest)."""
+    file, events, skipped = scan_metrics(path)
+    warn_skipped(file, skipped)
+    return events
+
+
+MAX_LINE_WARNINGS = 10  # a file of many bad lines (another kind of file) is a few warnings and a count, not one each
+
+
+def scan_metrics(path) -> tuple[Path, list[dict], list[tuple[int, str]]]:
+    """(the metrics file, its usable events in order, [(line number, what is wrong)] of the lines skipped)."""
     file = metrics_path(path)
     if not file.is_file():
         raise UserError(f"no metrics at {file}; pass a run directory made by train.py (or its metrics.jsonl)")
-    events = []
+    events, skipped = [], []
     for number, line in enumerate(file.read_bytes().splitlines(), start=1):
         event, problem = parse_event(line)
         if problem:
-            print(f"warning: {file} line {number} skipped: {problem}", file=sys.stderr)
+            skipped.append((number, problem))
         else:
             events.append(event)
-    return events
+    return file, events, skipped
+
+
+def warn_skipped(file: Path, skipped: list[tuple[int, str]]) -> None:
+    for number, problem in skipped[:MAX_LINE_WARNINGS]:
+        print(f"warning: {file} line {number} skipped: {problem}", file=sys.stderr)
+    if len(skipped) > MAX_LINE_WARNINGS:
+        print(f"warning: {file}: {len(skipped) - MAX_LINE_WARNINGS:,} more lines skipped (lines "
+              f"{skipped[MAX_LINE_WARNINGS][0]} to {skipped[-1][0]})", file=sys.stderr)
 
 
 def parse_event(line: bytes) -> tuple[dict | None, str]:
@@ -154,21 +176,90 @@ def latest_values(events: list[dict]) -> dict:
     return latest
 
 
+FIGURES = (("training", training_figure, "Training"), ("loss", loss_figure, "Train vs validation loss"),
+           ("hellaswag", hellaswag_figure, "HellaSwag"))
+WRITTEN_BY = "plot_metrics.py"
+PNG_MARK = {RESULT_MARKER: WRITTEN_BY}  # a tEXt chunk of every PNG written: the mark of a plot it may replace
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_text(path) -> dict[str, str]:
+    """The tEXt chunks of a PNG file (keyword -> text), read up to its image data; {} for any other file."""
+    text = {}
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return {}
+            while len(header := f.read(8)) == 8:
+                length, kind = struct.unpack(">I4s", header)
+                if kind in (b"IDAT", b"IEND"):
+                    break
+                if kind == b"tEXt" and length < 1 << 16:
+                    keyword, _, value = f.read(length).partition(b"\0")
+                    text[keyword.decode("latin-1")] = value.decode("latin-1")
+                    f.seek(4, 1)  # the CRC
+                else:
+                    f.seek(length + 4, 1)
+    except OSError:
+        return {}
+    return text
+
+
+def is_plot_of_ours(path) -> bool:
+    return Path(path).is_file() and png_text(path).get(RESULT_MARKER) == WRITTEN_BY
+
+
+def check_plot_dir(out_dir: Path, what: str) -> None:
+    """Refuse (UserError) an output folder that is a file, or that holds a file of a plot's name that this tool did
+    not write (a user's own training.png): only earlier plots are replaced. Nothing is made here (write_plots makes
+    the folder once the metrics passed too: a run directory given by mistake is not created)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{what} {out_dir} is a file; give a folder for the PNGs")
+    foreign = [out_dir / f"{name}.png" for name, *_ in FIGURES
+               if ((out_dir / f"{name}.png").exists() or (out_dir / f"{name}.png").is_symlink())
+               and not is_plot_of_ours(out_dir / f"{name}.png")]
+    if foreign:
+        raise UserError(f"{what} {out_dir} holds {', '.join(f.name for f in foreign)}, which {WRITTEN_BY} did not "
+                        f"write (no {RESULT_MARKER}={WRITTEN_BY} PNG text): it replaces only its own plots; move "
+                        f"{'them' if len(foreign) > 1 else 'it'} away or choose another {what}")
+
+
+def plot_events(path) -> tuple[Path, list[dict], list[tuple[int, str]]]:
+    """scan_metrics, refusing a file without a single usable line (nothing to plot: an empty file, another kind of
+    file, a file of garbage) in one line naming the first bad line."""
+    file, events, skipped = scan_metrics(path)
+    if not events and not skipped:
+        raise UserError(f"{file} holds no metrics line (it is empty): nothing to plot; pass a run that has logged "
+                        "a step")
+    if not events:
+        number, problem = skipped[0]
+        raise UserError(f"{file} holds no usable metrics line ({len(skipped):,} lines, none an event train.py "
+                        f"writes; line {number}: {problem}): nothing to plot; pass a run directory made by train.py "
+                        "(or its metrics.jsonl)")
+    return file, events, skipped
+
+
 def write_plots(path, out_dir=None) -> list[Path]:
-    """Write training.png, loss.png and hellaswag.png; out_dir defaults to RUN_DIR/plots."""
+    """Write training.png, loss.png and hellaswag.png; out_dir defaults to RUN_DIR/plots. The metrics and the
+    output folder are checked first, every problem named in one line, before any plot is written."""
     import matplotlib.pyplot as plt
-    events = read_metrics(path)
     run_dir = metrics_path(path).parent
+    what = "--out" if out_dir else "the plots folder"
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    found = {}
+
+    def metrics():
+        found["metrics"] = plot_events(path)
+    raise_all(metrics, lambda: check_plot_dir(out_dir, what))
+    ensure_writable_dir(out_dir, what)
+    file, events, skipped = found["metrics"]
+    warn_skipped(file, skipped)
     written = []
-    figures = (("training", training_figure, "Training"), ("loss", loss_figure, "Train vs validation loss"),
-               ("hellaswag", hellaswag_figure, "HellaSwag"))
-    for name, make, title in figures:
+    for name, make, title in FIGURES:
         fig = make(events, title=f"{title}: {run_dir.name}")
         file = out_dir / f"{name}.png"
         with atomic_write(file) as f:  # a write that fails leaves the previous plot, never a cut-off image
-            fig.savefig(f, format="png", dpi=110)
+            fig.savefig(f, format="png", dpi=110, metadata=PNG_MARK)
         plt.close(fig)
         written.append(file)
     return written
