@@ -21,6 +21,7 @@ import shards
 import tokenizer
 from cli import REPO_DIR, UserError, ensure_writable_dir, finite_float, git_commit, positive_int, write_json
 from dataloader import ShardDataset
+from devices import checked_device
 from model import PRESETS
 from config import TrainConfig
 
@@ -163,7 +164,7 @@ def run_gpu(args) -> dict:
     known = {name: (mode, kind, flags) for name, mode, kind, flags in GPU_ROWS}
     if not names or not set(names) <= set(known):
         raise UserError(f"--rows {args.rows}: choose from {', '.join(known)}")
-    on_cuda = args.device.startswith("cuda")
+    on_cuda = checked_device(args.device).type == "cuda"  # a device this machine lacks is refused now, not per row
     defaults = dict(micro_batch=16, steps=10, warmup=3, new_tokens=256, compile=True) if on_cuda else \
         dict(micro_batch=2, seq_len=32, steps=2, warmup=1, new_tokens=8, compile=False)
     for key, value in defaults.items():

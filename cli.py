@@ -179,6 +179,22 @@ def ensure_writable_dir(folder, what: str) -> Path:
     return folder
 
 
+def check_writable_dir(folder, what: str) -> Path:
+    """ensure_writable_dir's check without making anything: `folder`, or the nearest of its parents that exists (the
+    rest is made when the output is written), must be a folder a file can be created in. For a check before work
+    that may yet stop on another problem: nothing is left behind."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise UserError(f"{what} {folder} is not writable: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {folder} is not writable: {os_error_text(e)}") from e
+    return folder
+
+
 def repo_frame(error: Exception) -> str:
     """'train.py:497 (train_step)': the innermost frame of this repo's code in the error's traceback, or ''."""
     frames = [f for f in traceback.extract_tb(error.__traceback__)
@@ -235,6 +251,7 @@ def write_json(path, obj, written_by: str | None = None) -> None:
     if written_by is not None:
         check_result_target(Path(path), written_by)
         obj = {RESULT_MARKER: written_by, **obj}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # (check_result_out made none: the work might have failed)
     with atomic_write(path, "w") as f:
         f.write(json.dumps(obj, indent=2) + "\n")
 
@@ -274,10 +291,11 @@ def check_result_target(path: Path, written_by: str, what: str = "--out") -> Non
 
 def check_result_out(path, written_by: str, what: str = "--out") -> Path:
     """Check a JSON result's path up front, before any work: not a folder, not someone else's file (a checkpoint, a
-    run's config.json: only a result of the same tool is replaced), and its folder writable (created if missing)."""
+    run's config.json: only a result of the same tool is replaced), and its folder writable (made only when the result
+    is written)."""
     path = Path(path)
     check_result_target(path, written_by, what)
-    ensure_writable_dir(path.parent, f"{what}'s folder")
+    check_writable_dir(path.parent, f"{what}'s folder")
     return path
 
 

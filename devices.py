@@ -106,22 +106,31 @@ def attempt_store(d: Dist):
 
 
 def pick_device(flag: str | None, local_rank: int = 0) -> torch.device:
-    """--device value (cuda, cuda:N, mps, cpu; empty = the best available) -> torch.device; plain cuda under
-    torchrun means this process's GPU, cuda:LOCAL_RANK. A CUDA device becomes the current one, so that calls without
-    a device (CUDA RNG state, new streams) act on it rather than on GPU 0."""
+    """The device of --device (checked_device), made the current one when it is a GPU, so that calls without a
+    device (CUDA RNG state, new streams) act on it rather than on GPU 0."""
+    device = checked_device(flag, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def checked_device(flag: str | None, local_rank: int = 0) -> torch.device:
+    """--device value (cuda, cuda:N, mps, cpu; empty = the best available) -> torch.device, or a UserError when this
+    machine has no such device; plain cuda under torchrun means this process's GPU, cuda:LOCAL_RANK. Starts no CUDA
+    context."""
     if flag and flag not in ("cuda", "mps", "cpu") and not flag.startswith("cuda:"):
         raise UserError(f"--device {flag!r}: use cuda, mps or cpu")
     kind = flag or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     if kind.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: no Apple MPS device is available (macOS on Apple silicon); use --device cpu")
     try:
         device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device(kind)
     except RuntimeError:
         raise UserError(f"--device {flag!r}: use cuda, cuda:N (N a GPU number), mps or cpu") from None
-    if device.type == "cuda":
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     return device
 
 

@@ -51,6 +51,20 @@ def test_a_folder_that_takes_no_file_is_refused_before_work(tmp_path):
     assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []  # the probe is gone
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_the_check_of_an_output_folder_makes_nothing(tmp_path):
+    """check_writable_dir: the same refusals as ensure_writable_dir, but a missing folder is judged by its nearest
+    existing parent and not made (a run that then stops on another problem leaves nothing behind)."""
+    assert cli.check_writable_dir(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="--out /proc/self/x is not writable"):
+        cli.check_writable_dir(Path("/proc/self/x"), "--out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=f"--out {tmp_path}/file/sub is not writable: {tmp_path}/file is a file, not a folder"):
+        cli.check_writable_dir(tmp_path / "file" / "sub", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_atomic_write_syncs_every_byte_before_the_rename(tmp_path, monkeypatch):
     """The file is fsynced whole (Python's buffer flushed first), then renamed: after a crash the name holds the old
     file or all of the new one."""

@@ -140,3 +140,43 @@ def test_a_torchrun_worker_exits_without_finalizing_but_with_its_status_output_t
     assert ("a message" in proc.stderr) == (status == "'a message'")
     assert (tmp_path / "thread").exists() and (tmp_path / "atexit").exists()
     assert (tmp_path / "finalized").exists() != torchrun
+
+
+def test_a_device_this_machine_lacks_is_refused_without_starting_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flag, message in (("mps", "--device mps: no Apple MPS device"), ("cuda", "--device cuda: no CUDA device"),
+                          ("cuda:1", "--device cuda: no CUDA device"), ("tpu", "--device 'tpu': use cuda, mps")):
+        with pytest.raises(UserError, match=message):
+            devices.checked_device(flag)
+    assert devices.checked_device(None) == torch.device("cpu")  # the best available
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert devices.checked_device("mps") == devices.checked_device(None) == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("checked_device made a GPU current"))
+    assert devices.checked_device("cuda:1") == torch.device("cuda", 1)
+
+
+# Every tool that takes --device, given inputs that are fine and a device this machine lacks: one line naming the
+# device before any work, nothing written ({out}: a path in a folder that does not exist yet).
+DEVICE_TOOLS = [("train.py", "--config", "debug", "--data", "{data}", "--out", "{out}"),
+                ("generate.py", "--checkpoint", "{ckpt}"),
+                ("hellaswag_eval.py", "--checkpoint", "{ckpt}", "--data", "assets/hellaswag/hellaswag_val_head10.jsonl",
+                 "--out", "{out}/result.json"),
+                ("bench.py", "generate", "--out", "{out}/result.json"),
+                ("bench.py", "train", "--data", "{data}", "--out", "{out}/result.json"),
+                ("bench.py", "gpu", "--out", "{out}/gpu.json")]
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available() or torch.cuda.is_available(), reason="needs a CPU-only machine")
+def test_every_tool_refuses_a_missing_device_in_one_line_before_work(tmp_path, embedded_data):
+    from helpers import assert_one_line_error, run_scripts, save_tiny_checkpoint
+    ckpt = tmp_path / "tiny.pt"
+    save_tiny_checkpoint(ckpt)
+    cases = [(tool, device) for tool in DEVICE_TOOLS for device in ("mps", "cuda")]
+    runs = [[arg.format(out=tmp_path / f"out{i}", data=embedded_data, ckpt=ckpt) for arg in tool] + ["--device", device]
+            for i, (tool, device) in enumerate(cases)]
+    for i, ((tool, device), proc) in enumerate(zip(cases, run_scripts(*runs, timeout=600))):
+        assert_one_line_error(proc, f"--device {device}: no ", status=2, alone=True)
+        assert not (tmp_path / f"out{i}").exists(), (tool, device)
