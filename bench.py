@@ -25,9 +25,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_gpu import add_gpu_arguments, run_gpu
-from cli import UserError, hardware_name, main_entry, positive_int, run_and_write_result, run_header
+from cli import UserError, hardware_name, main_entry, positive_int, raise_all, run_and_write_result, run_header
 from dataloader import TrainLoader
-from devices import Dist, enable_tf32, mfu, pick_device
+from devices import Dist, checked_device, enable_tf32, mfu, pick_device
 from export_hf import hf_config, to_hf_state_dict
 from generate import REFERENCE_PROMPTS
 from model import GPT, PRESETS, GPTConfig, Sampling
@@ -266,7 +266,8 @@ def add_generate_arguments(parser):
                              "Compilation happens in the untimed warm-up (warmup_s)")
     parser.add_argument("--peer", action="store_true",
                         help="also time transformers' LlamaForCausalLM.generate (greedy, its default dynamic cache) "
-                             "with the same weights (export_hf's conversion), built locally, on the same device")
+                             "with the same weights (export_hf's conversion), built locally, on the same device; the "
+                             "context must then hold the prompt (3 tokens) + --new-tokens")
     parser.add_argument("--profile", action="store_true",
                         help="profile one more KV-cache run (torch.profiler): the top kernels by GPU time (on CPU "
                              "operators by CPU time) and their time per token beside the timed wall time per token, "
@@ -282,11 +283,25 @@ def generate_without_cache(model, idx, new_tokens: int):
     return idx
 
 
+def check_generate_window(args, prompt_len: int) -> None:
+    """The context must hold the prompt; with --peer also prompt + new tokens: past it our model slides its window
+    and transformers' generate does not, so the two would no longer compute the same thing."""
+    if args.block_size < prompt_len:
+        raise UserError(f"--block-size {args.block_size}: shorter than the {prompt_len}-token prompt; give "
+                        f">= {prompt_len}")
+    if args.peer and prompt_len + args.new_tokens > args.block_size:
+        raise UserError(f"--peer with --block-size {args.block_size}: the prompt ({prompt_len} tokens) + --new-tokens "
+                        f"{args.new_tokens} outgrow the context, where our model slides its window and transformers' "
+                        f"generate does not (different work); give --block-size >= {prompt_len + args.new_tokens}")
+
+
 def run_generate(args) -> dict:
+    prompt_ids = get_tokenizer().encode(REFERENCE_PROMPTS[1])  # "HTML stands for"
+    raise_all(lambda: check_generate_window(args, len(prompt_ids)), lambda: checked_device(args.device))
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # generate.py's inference dtype
     model = GPT(GPTConfig.from_preset(args.config, block_size=args.block_size)).to(device, dtype).eval()
-    prompt = torch.tensor([get_tokenizer().encode(REFERENCE_PROMPTS[1])], device=device)  # "HTML stands for"
+    prompt = torch.tensor([prompt_ids], device=device)
     compile = device.type == "cuda" if args.compile is None else args.compile
     paths = {"kv_cache": lambda n: model.generate(prompt, Sampling(n, temperature=0), compile=compile),
              "recompute": lambda n: generate_without_cache(model, prompt, n)}

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from helpers import host_syncs_in_run, run_script
+from helpers import assert_one_line_error, host_syncs_in_run, run_script
 
 TINY_TRAIN = ["train", "--config", "debug", "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
 
@@ -93,6 +93,17 @@ def test_generate_mode_compares_cache_with_recompute(tmp_path):
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in profile["attention"]
     share = 100 * profile["ms_per_token"] / result["ms_per_token"]["kv_cache"]
     assert profile["per_token"].endswith(f"(profiled run): {share:.0f}%") and profile["per_token"] in proc.stdout
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--block-size", "2"], ["--block-size 2: shorter than the 3-token prompt; give >= 3"]),
+    (["--peer", "--block-size", "16", "--new-tokens", "30"], ["--peer with --block-size 16", ">= 33"]),
+    (["--block-size", "2", "--device", "tpu"], ["--block-size 2: shorter", "--device 'tpu'"]),
+], ids=["prompt", "peer-window", "both"])
+def test_generate_mode_refuses_a_context_the_comparison_does_not_fit(flags, said, tmp_path):
+    proc = run_script("bench.py", "generate", *flags, "--out", tmp_path / "out" / "gen.json")
+    assert_one_line_error(proc, *said, status=2, alone=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_flag_values_are_one_line_errors(embedded_data):
