@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import load_model
-from cli import REPO_DIR, UserError, check_result_out, main_entry, positive_int, write_json
+from checkpoint import load_checkpoint, model_from_state
+from cli import (REPO_DIR, UserError, check_result_out, check_result_target, main_entry, positive_int, raise_all,
+                 write_json)
 from devices import exit_with, init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
 from tokenizer import EOT_ID, get_tokenizer
@@ -41,27 +42,40 @@ WRITTEN_BY = "hellaswag_eval.py"  # the marker of its --out results (cli.write_j
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 
-def _parse_example(line: str, where: str) -> dict:
-    """One jsonl line -> the example dict, after checking the fields the scorer reads (ctx, endings, label)."""
+def _example_problem(line: str) -> tuple[dict | None, str]:
+    """(the example dict, "") of one jsonl line, or (None, what is wrong with it): the fields the scorer reads
+    (ctx, endings, label) are checked."""
     try:
         example = json.loads(line)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove that line")
+        return None, f"not valid JSON ({e.msg})"
     if not isinstance(example, dict):
-        raise UserError(f"{where}: expected a JSON object with 'ctx', 'endings' and 'label'")
+        return None, "expected a JSON object with 'ctx', 'endings' and 'label'"
     ctx, endings, label = example.get("ctx"), example.get("endings"), example.get("label")
     if not isinstance(ctx, str) or not ctx.strip():
-        raise UserError(f"{where}: 'ctx' must be a non-empty string")
+        return None, "'ctx' must be a non-empty string"
     if not (isinstance(endings, list) and len(endings) == N_ENDINGS
             and all(isinstance(e, str) and e.strip() for e in endings)):
-        raise UserError(f"{where}: 'endings' must be a list of {N_ENDINGS} non-empty strings")
+        return None, f"'endings' must be a list of {N_ENDINGS} non-empty strings"
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_ENDINGS:
-        raise UserError(f"{where}: 'label' must be an integer from 0 to {N_ENDINGS - 1}, got {label!r}")
-    return example
+        return None, f"'label' must be an integer from 0 to {N_ENDINGS - 1}, got {label!r}"
+    return example, ""
 
 
-def read_examples(path) -> list[dict]:
-    """Every example of a HellaSwag jsonl file (blank lines skipped); UserError naming the first bad line."""
+MAX_NAMED_LINES = 8  # bad lines named one by one in the error; more are counted
+
+
+def bad_lines_error(path: Path, bad: list[tuple[int, str]], fix: str) -> UserError:
+    """One line naming each bad line as FILE:LINE: PROBLEM (the first MAX_NAMED_LINES, then how many more)."""
+    named = "; ".join(f"{path}:{number}: {problem}" for number, problem in bad[:MAX_NAMED_LINES])
+    more = (f"; and {len(bad) - MAX_NAMED_LINES:,} more bad lines, the last at line {bad[-1][0]}"
+            if len(bad) > MAX_NAMED_LINES else "")
+    return UserError(f"{named}{more}; {fix} {'that line' if len(bad) == 1 else 'those lines'}")
+
+
+def numbered_examples(path) -> list[tuple[int, dict]]:
+    """(line number, example) of every example of a HellaSwag jsonl file (blank lines skipped); one UserError
+    naming every bad line (not UTF-8: with its byte offset in the file; not JSON; a field the scorer cannot use)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"HellaSwag file {path} is a folder, not a jsonl file; pass --data FILE "
@@ -69,17 +83,33 @@ def read_examples(path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"HellaSwag file {path} does not exist; pass --data FILE "
                         f"(e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"HellaSwag file {path} cannot be read as UTF-8 text ({e})")
-    examples = [_parse_example(line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip()]
-    if not examples:
+    numbered, bad, offset = [], [], 0
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append((number, f"not UTF-8 ({e.reason} at byte {offset + e.start} of the file)"))
+            line = ""
+        offset += len(raw) + 1
+        if line.strip():
+            example, problem = _example_problem(line)
+            if problem:
+                bad.append((number, problem))
+            else:
+                numbered.append((number, example))
+    if bad:
+        raise bad_lines_error(path, bad, "fix or remove")
+    if not numbered:
         raise UserError(f"HellaSwag file {path} holds no examples")
-    return examples
+    return numbered
 
 
-def _check_official(examples: list[dict], path: Path, expected: int) -> None:
+def read_examples(path) -> list[dict]:
+    """Every example of a HellaSwag jsonl file (blank lines skipped); UserError naming its bad lines."""
+    return [example for _, example in numbered_examples(path)]
+
+
+def _check_official(examples: list, path: Path, expected: int) -> None:
     if len(examples) != expected:
         raise UserError(f"{path} has {len(examples)} examples, the official validation split has {expected}; "
                         f"delete it to download it again")
@@ -110,17 +140,42 @@ def download_official(dest: Path, url: str, expected: int) -> None:
     os.replace(tmp, dest)
 
 
-def load_examples(path=None, limit: int | None = None) -> list[dict]:
-    """HellaSwag examples from a jsonl file, or (path None) the official validation split, downloaded once into
-    temp_data/hellaswag/. `limit` keeps the first N."""
+def load_numbered(path=None) -> tuple[Path, list[tuple[int, dict]]]:
+    """(the file, its (line number, example) pairs): a jsonl file, or (path None) the official validation split,
+    downloaded once into temp_data/hellaswag/."""
     if path is None:
         if not CACHE_FILE.is_file():
             download_official(CACHE_FILE, OFFICIAL_URL, OFFICIAL_EXAMPLES)
-        examples = read_examples(CACHE_FILE)
-        _check_official(examples, CACHE_FILE, OFFICIAL_EXAMPLES)
-    else:
-        examples = read_examples(path)
-    return examples[:limit] if limit is not None else examples
+        numbered = numbered_examples(CACHE_FILE)
+        _check_official(numbered, CACHE_FILE, OFFICIAL_EXAMPLES)
+        return CACHE_FILE, numbered
+    return Path(path), numbered_examples(path)
+
+
+def load_examples(path=None, limit: int | None = None, block_size: int | None = None) -> list[dict]:
+    """HellaSwag examples from a jsonl file, or (path None) the official validation split, downloaded once into
+    temp_data/hellaswag/. `limit` keeps the first N. `block_size` (a model's context): each kept example's endings
+    are tokenized and checked to fit it now (check_fits), not when the scorer reaches them."""
+    file, numbered = load_numbered(path)
+    numbered = numbered[:limit] if limit is not None else numbered
+    if block_size is not None:
+        check_fits(file, numbered, block_size)
+    return [example for _, example in numbered]
+
+
+def check_fits(path: Path, numbered: list[tuple[int, dict]], block_size: int) -> None:
+    """One UserError naming every line of `path` with an ending too long for a model of context `block_size`
+    (example_rows' rule: the ending is never cropped), found before a model is built or an example scored."""
+    enc = get_tokenizer()
+    bad = []
+    for number, example in numbered:
+        lengths = [len(enc.encode(" " + ending)) for ending in example["endings"]]
+        too_long = [(i, n) for i, n in enumerate(lengths) if not ending_fits(n, block_size)]
+        if too_long:
+            bad.append((number, "ending " + ", ".join(f"{i} has {n:,} tokens" for i, n in too_long)))
+    if bad:
+        raise bad_lines_error(path, bad, f"every ending must fit the model's context of {block_size} tokens: "
+                                         "shorten or remove")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,11 +192,17 @@ def example_rows(example: dict, enc, block_size: int) -> list[tuple[list[int], i
     for ending in example["endings"]:
         completion = enc.encode(" " + ending)
         room = block_size + 1 - len(completion)  # context tokens that still fit
-        if room < 1:
+        if not ending_fits(len(completion), block_size):
             raise UserError(f"HellaSwag ending {ending[:40]!r}... has {len(completion)} tokens, too long for the "
                             f"model's context of {block_size}")
         rows.append((ctx[-room:] + completion, len(completion)))
     return rows
+
+
+def ending_fits(tokens: int, block_size: int) -> bool:
+    """Whether an ending of `tokens` tokens fits a model of context `block_size`: it needs at least one context
+    token before it, and the n - 1 inputs of a sequence of n tokens must fit."""
+    return tokens <= block_size
 
 
 def _batch_tensors(rows: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,23 +301,52 @@ def main(argv=None):
     if args.download_only:
         print(f"HellaSwag validation: {len(load_examples(args.data))} examples ready")
         return
-    if args.out:  # refused now, not after the whole evaluation: a folder, a file not ours, an unwritable folder
+    # Refused now, not after the whole evaluation, every problem in one line: the checkpoint (looked at without
+    # reading a tensor), every bad line of the data, an --out that is a folder or a file not ours; then the
+    # checkpoint loaded (damage in its tensor bytes: the fallback past it) together with each scored example's
+    # endings against the model's context (tokenized: seconds), before a model is built; then --out's folder.
+    found = {}
+
+    def checkpoint():
+        found["config"] = load_checkpoint(args.checkpoint, peek=True)[0]["model_config"]
+
+    def data():
+        found["data"] = load_numbered(args.data)
+
+    def out():
+        if args.out:
+            check_result_target(Path(args.out), WRITTEN_BY)
+    raise_all(checkpoint, data, out)
+    data_file, numbered = found["data"]
+    chosen = numbered[:args.limit] if args.limit is not None else numbered
+
+    def load():
+        found["loaded"] = load_checkpoint(args.checkpoint)  # past a newest one damaged in its tensor bytes
+    raise_all(load, lambda: check_fits(data_file, chosen, found["config"]["block_size"]))
+    state, checkpoint_file = found["loaded"]
+    if state["model_config"]["block_size"] != found["config"]["block_size"]:  # a fallback of another context
+        check_fits(data_file, chosen, state["model_config"]["block_size"])
+    if args.out:
         check_result_out(args.out, WRITTEN_BY)
     d, device = init_distributed(args.device)
     rank, world_size = d.rank, d.world_size
     try:
-        examples = load_examples(args.data, args.limit)
-        model = load_model(args.checkpoint, device)
+        model = model_from_state(state, checkpoint_file, device)
+        examples = [example for _, example in chosen]
         result = evaluate_hellaswag(model, examples, device, args.batch_size, rank, world_size, progress=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        print(f"HellaSwag ({result['total']} examples): acc {result['acc']:.4f} "
-              f"({result['correct']}/{result['total']}), acc_norm {result['acc_norm']:.4f} "
-              f"({result['correct_norm']}/{result['total']})")
+        total, step = result["total"], state.get("step")
+        short = (f": --limit {args.limit} is more than the {len(numbered):,} examples of {data_file}"
+                 if args.limit is not None and args.limit > len(numbered) else "")
+        print(f"HellaSwag ({total:,} example{'' if total == 1 else 's'}{short}) of {checkpoint_file}"
+              f"{'' if step is None else f' (step {step:,})'}: acc {result['acc']:.4f} "
+              f"({result['correct']}/{total}), acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{total})")
         if args.out:
-            source = {"checkpoint": str(args.checkpoint), "data": str(args.data or OFFICIAL_URL)}
+            source = {"checkpoint": str(args.checkpoint), "checkpoint_file": str(checkpoint_file), "step": step,
+                      "data": str(args.data or OFFICIAL_URL)}
             write_json(args.out, {**result, **source}, written_by=WRITTEN_BY)
             print(f"wrote {args.out}")
 

@@ -141,3 +141,120 @@ def test_data_that_is_a_folder_is_named_a_folder_not_missing(tmp_path):
     assert "does not exist" not in str(e.value) and "--data" in str(e.value)
     with pytest.raises(UserError, match="does not exist"):
         hellaswag_eval.read_examples(tmp_path / "nowhere.jsonl")
+
+
+# --- every problem before any work; what the result says ------------------------------------------------------
+
+def sample_with(tmp_path, replaced: dict) -> "Path":
+    """The committed 10-example sample with lines replaced ({line number: bytes}; past its end: added)."""
+    lines = SAMPLE_FILE.read_bytes().splitlines()
+    for number, data in replaced.items():
+        lines += [lines[0]] * (number - len(lines))
+        lines[number - 1] = data
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def long_ending(line: bytes, tokens: int = 5000) -> bytes:
+    example = json.loads(line)
+    example["endings"][2] = "word " * tokens  # ' word' is one token: 5,001 with the leading space
+    return json.dumps(example).encode()
+
+
+def run_main(argv, capsys, monkeypatch=None):
+    import subprocess
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag_eval.main([str(a) for a in argv])
+    return subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err)
+
+
+def nothing_after_the_checks(monkeypatch):
+    """Fail the test if main gets past its checks: no process group, no model, no scoring."""
+    def boom(*args, **kwargs):
+        raise AssertionError("main went on to set up the evaluation")
+    monkeypatch.setattr(hellaswag_eval, "init_distributed", boom)
+    monkeypatch.setattr(hellaswag_eval, "evaluate_hellaswag", boom)
+
+
+@pytest.mark.parametrize("long_lines", [[10], [1, 7], list(range(1, 13))])
+def test_an_ending_too_long_for_the_model_is_found_before_the_model_is_built(long_lines, checkpoint_file, tmp_path,
+                                                                              capsys, monkeypatch):
+    """Line 10 with a 5,001-token ending (context 64) was found after scoring 9 examples, unnamed. Now every scored
+    example is tokenized first and the line names the file and each line (the first 8, then a count)."""
+    lines = SAMPLE_FILE.read_bytes().splitlines()
+    data = sample_with(tmp_path, {n: long_ending(lines[(n - 1) % 10]) for n in long_lines})
+    nothing_after_the_checks(monkeypatch)
+    error = run_main(["--checkpoint", checkpoint_file, "--data", data, "--device", "cpu"], capsys)
+    line = assert_one_line_error(error, "ending 2 has 5,001 tokens", "context of 64 tokens", status=2, alone=True)
+    for number in long_lines[:8]:
+        assert f"{data}:{number}: ending 2 has 5,001 tokens" in line
+    assert ("and 4 more bad lines, the last at line 12" in line) == (len(long_lines) == 12)
+
+
+def test_a_too_long_ending_past_limit_is_not_scored_and_not_refused(checkpoint_file, tmp_path, capsys):
+    data = sample_with(tmp_path, {10: long_ending(SAMPLE_FILE.read_bytes().splitlines()[9])})
+    hellaswag_eval.main(["--checkpoint", str(checkpoint_file), "--data", str(data), "--limit", "9", "--device", "cpu"])
+    assert "HellaSwag (9 examples)" in capsys.readouterr().out
+
+
+NOT_UTF8 = b'{"ctx": "caf\xe9", "endings": ["a", "b", "c", "d"], "label": 0}'
+NOT_JSON = b'{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1'
+BAD_LABEL = b'{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 7}'
+
+
+@pytest.mark.parametrize("bad, phrases", [
+    ({3: NOT_JSON, 6: BAD_LABEL}, {3: "not valid JSON", 6: "'label' must be an integer from 0 to 3, got 7"}),
+    ({4: NOT_UTF8}, {4: "not UTF-8 (invalid continuation byte at byte {offset} of the file)"}),
+    ({2: NOT_UTF8, 9: NOT_JSON, 10: b"[1]"}, {2: "not UTF-8", 9: "not valid JSON", 10: "expected a JSON object"}),
+    ({n: NOT_JSON for n in range(1, 21)}, {n: "not valid JSON" for n in range(1, 9)}),
+])
+def test_every_bad_line_is_named_with_its_number(bad, phrases, tmp_path):
+    """A file with bad lines 3 and 6 named line 3 only; a byte that is not UTF-8 was named by its offset without a
+    line. Now each bad line (the first 8, then a count) is FILE:LINE: what is wrong, in one line."""
+    path = sample_with(tmp_path, bad)
+    with pytest.raises(UserError) as error:
+        load_examples(path)
+    message = str(error.value)
+    assert "\n" not in message
+    for number, phrase in phrases.items():
+        offset = sum(len(line) + 1 for line in path.read_bytes().split(b"\n")[:number - 1]) + NOT_UTF8.index(b"\xe9")
+        assert f"{path}:{number}: {phrase.format(offset=offset)}" in message, message
+    assert ("and 12 more bad lines, the last at line 20" in message) == (len(bad) == 20)
+    assert message.endswith("fix or remove that line" if len(bad) == 1 else "fix or remove those lines")
+
+
+def test_every_bad_path_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+    """--checkpoint /nope --data /nope.jsonl --out foreign.txt named only --out."""
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("keep me")
+    nothing_after_the_checks(monkeypatch)
+    error = run_main(["--checkpoint", tmp_path / "nope", "--data", tmp_path / "nope.jsonl", "--out", foreign], capsys)
+    assert_one_line_error(error, f"checkpoint {tmp_path / 'nope'} does not exist",
+                          f"HellaSwag file {tmp_path / 'nope.jsonl'} does not exist", f"--out {foreign} exists",
+                          status=2, alone=True)
+    assert foreign.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("limit, header", [(1, "HellaSwag (1 example) of "), (10, "HellaSwag (10 examples) of "),
+                                           (11, "HellaSwag (10 examples: --limit 11 is more than the 10 examples "
+                                                f"of {SAMPLE_FILE}) of ")])
+def test_the_result_names_the_checkpoint_and_step_scored_and_the_examples(limit, header, tmp_path, capsys):
+    """The JSON said only the run directory given, not which checkpoint was scored after a damaged newest one was
+    skipped; '--limit 1' printed '(1 examples)' and '--limit 11' on 10 examples ran 10 without a word."""
+    import dataclasses
+
+    from checkpoint import checkpoint_path, save_checkpoint
+    run = tmp_path / "run"
+    model = GPT(tiny_config(), seed=1)
+    save_checkpoint({"model_config": dataclasses.asdict(model.config), "model": model.state_dict(), "step": 2},
+                    checkpoint_path(run, 2))
+    checkpoint_path(run, 4).write_bytes(b"")  # the newest, damaged: skipped
+    out = tmp_path / "result.json"
+    hellaswag_eval.main(["--checkpoint", str(run), "--data", str(SAMPLE_FILE), "--limit", str(limit),
+                         "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"{header}{checkpoint_path(run, 2)} (step 2): acc " in printed, printed
+    result = json.loads(out.read_text())
+    assert result["total"] == min(limit, 10) and result["checkpoint"] == str(run)
+    assert result["checkpoint_file"] == str(checkpoint_path(run, 2)) and result["step"] == 2
