@@ -471,6 +471,15 @@ def steps_left(saved_step: int, path, max_steps: int, stop_at_step: int) -> int:
     return left
 
 
+def skipping_line(candidate: Path, error: str) -> str:
+    """The warning for a damaged checkpoint a reader falls back past: its damage message without the path said
+    twice and without the advice to use an earlier checkpoint, which the fallback is doing."""
+    reason = error.removesuffix("; use an earlier checkpoint")
+    for named in (f"sharded checkpoint {candidate} ", f"checkpoint {candidate} ", f"{candidate} "):
+        reason = reason.removeprefix(named)
+    return f"skipping {candidate}: {reason}; an earlier checkpoint is used"
+
+
 def load_checkpoint(path, map_location="cpu", peek: bool = False) -> tuple[dict, Path]:
     """Load a checkpoint file (or sharded checkpoint folder), or the newest valid checkpoint of a run directory
     (corrupt ones skipped, with a warning). Returns (state, file path). peek=True: the check before a run that will
@@ -480,7 +489,7 @@ def load_checkpoint(path, map_location="cpu", peek: bool = False) -> tuple[dict,
         return load_checkpoint_file(path, map_location, peek=peek), path
     state, found, damaged = newest_valid_checkpoint(path, map_location, peek=peek)
     for candidate, error in damaged.items() if not peek else ():  # once per node under torchrun, not per process
-        warn(f"skipping {candidate}: {error}")
+        warn(skipping_line(candidate, error))
     if state is None:
         if damaged:
             raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run")
@@ -679,7 +688,7 @@ class RunCheckpoints:
     def _nothing_to_train(self, state: dict, path: Path, damaged: dict[Path, str]):
         if self.d.is_main:
             for candidate, error in damaged.items():  # named, though left in place: nothing is touched
-                print(f"warning: skipping {candidate}: {error}", file=sys.stderr)
+                print(f"warning: {skipping_line(candidate, error)}", file=sys.stderr)
             print(f"resume: {path} is at step {state['step']}, this run's last step: nothing to train, nothing changed")
         raise SystemExit(0)
 
