@@ -39,10 +39,36 @@ def finite_float(text: str) -> float:
 class Parser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors (a bad flag value, an unknown flag, a missing argument) are one line,
     `error: PROG: MESSAGE; see PROG --help`, status 2, no usage block: the same as every other user error (fail).
-    Subparsers (add_subparsers) are of this class too."""
+    Every flag value that does not convert is named, not only the first (argparse stops at the first). Subparsers
+    (add_subparsers) are of this class too."""
+    bad_values: list[str] = []
+    parsing_all = False  # within parse_args: flags left over are an error too, named with the bad values
+
+    def parse_args(self, args=None, namespace=None):
+        self.parsing_all = True
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.bad_values = []
+        parsed = super().parse_known_args(args, namespace)
+        if self.bad_values and not (self.parsing_all and parsed[1]):  # (else parse_args names them with the extras)
+            self.error(self.bad_values.pop())  # (error names the others too)
+        return parsed
+
+    def _get_values(self, action, arg_strings):
+        try:
+            return super()._get_values(action, arg_strings)
+        except argparse.ArgumentError as e:
+            if action.nargs in (argparse.PARSER, argparse.REMAINDER):  # a subcommand: nothing to go on with
+                raise
+            self.bad_values.append(str(e))  # noted; the parse goes on to find the others
+            return action.default
 
     def error(self, message: str):
-        fail(f"{self.prog}: {message}; see {self.prog} --help")
+        fail(f"{self.prog}: {'; '.join([*self.bad_values, message])}; see {self.prog} --help")
 
 
 def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):

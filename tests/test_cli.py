@@ -3,6 +3,7 @@ import argparse
 import errno
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 import cli
 from cli import UserError
+from helpers import assert_one_line_error
 
 
 def test_positive_int_and_finite_float_refuse_their_edges():
@@ -132,6 +134,24 @@ BAD_FLAG_CASES = [
     ("export_hf.py", "--out", "x"),  # --checkpoint or --from-hf missing
     ("plot_metrics.py", "run", "--no-such-flag"),
 ]
+
+
+def test_every_flag_value_that_does_not_convert_is_named_with_a_leftover_flag(capsys):
+    """argparse stops at the first bad value; cli.Parser names them all, and an unknown flag in the same line."""
+    parser = cli.Parser(prog="tool.py")
+    parser.add_argument("--steps", type=cli.positive_int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--name")
+    for argv, named in ((["--steps", "0", "--lr", "fast"], ["--steps: must be a positive integer, got 0",
+                                                            "--lr: invalid float value: 'fast'"]),
+                        (["--steps", "0", "--lr", "x", "--nope"], ["--steps", "--lr", "unrecognized arguments: --nope"]),
+                        (["--lr", "x", "--nope", "1"], ["--lr", "unrecognized arguments: --nope 1"])):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err),
+                              *named, "tool.py", "see tool.py --help", status=2, alone=True)
+    ok = parser.parse_args(["--steps", "2", "--lr", "0.5"])
+    assert (ok.steps, ok.lr, ok.name) == (2, 0.5, None)
 
 
 @pytest.fixture(scope="module")
