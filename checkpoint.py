@@ -471,6 +471,17 @@ def steps_left(saved_step: int, path, max_steps: int, stop_at_step: int) -> int:
     return left
 
 
+def check_model_config(model_config, state: dict, path: Path, ignore=()) -> None:
+    """Refuse a checkpoint whose model config differs from a run's (in fields other than `ignore`)."""
+    ours, theirs = dataclasses.asdict(model_config), state["model_config"]
+    diff = {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) != v and k not in ignore}
+    if diff:
+        raise UserError(f"checkpoint {path} is from a different model config (field: (ours, checkpoint's)): {diff}")
+
+
+INIT_IGNORED_FIELDS = ("attn_dropout", "ffn_dropout")  # --init-from: a new run may change these
+
+
 def skipping_line(candidate: Path, error: str) -> str:
     """The warning for a damaged checkpoint a reader falls back past: its damage message without the path said
     twice and without the advice to use an earlier checkpoint, which the fallback is doing."""

@@ -7,7 +7,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint import load_checkpoint
+from checkpoint import (INIT_IGNORED_FIELDS, check_model_config, checkpoint_to_resume, list_checkpoints,
+                        load_checkpoint)
 from cli import UserError
 from dataloader import ShardDataset
 from generate import REFERENCE_PROMPTS, encode_prompt
@@ -182,9 +183,16 @@ def input_problems(cfg: TrainConfig) -> list[str]:
                               "directory")
     elif cfg.init_from:  # the checkpoint the run will load, looked at without reading its tensors
         try:
-            load_checkpoint(cfg.init_from, peek=True)
+            state, path = load_checkpoint(cfg.init_from, peek=True)
+            if cfg.model in PRESETS:
+                check_model_config(cfg.model_config(), state, path, ignore=INIT_IGNORED_FIELDS)
         except UserError as e:
             found["init_from"] = f"--init-from {cfg.init_from!r}: {e}"
+    if cfg.resume and cfg.out and not list_checkpoints(cfg.out):  # (with checkpoints the run folder exists already:
+        try:  # the run reads them; without any, this is cheap and the run would stop after making the folder)
+            checkpoint_to_resume(cfg.out, cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
+        except UserError as e:
+            found["resume"] = str(e)
     if cfg.hellaswag_data and not Path(cfg.hellaswag_data).is_file():
         what = "is a folder" if Path(cfg.hellaswag_data).is_dir() else "no such file"
         found["hellaswag_data"] = (f"--hellaswag-data {cfg.hellaswag_data!r}: {what}; give a HellaSwag .jsonl "

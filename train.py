@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import (RESUME_STATE_KEYS, RunCheckpoints, checkpoint_dir, checkpoint_to_resume, end_step,
-                        list_checkpoints, load_checkpoint, load_training_state, quarantine_checkpoints, rng_state,
-                        seed_everything, set_rng_state)
+from checkpoint import (INIT_IGNORED_FIELDS, RESUME_STATE_KEYS, RunCheckpoints, check_model_config, checkpoint_dir,
+                        checkpoint_to_resume, end_step, list_checkpoints, load_checkpoint, load_training_state,
+                        quarantine_checkpoints, rng_state, seed_everything, set_rng_state)
 from cli import UserError, ensure_writable_dir, fail, main_entry, positive_int, run_header
 from config import TrainConfig, add_config_flags, config_from_flags, input_problems
 from dataloader import ShardDataset, TrainLoader, val_batches
@@ -105,17 +105,27 @@ def choose_micro_batch(cfg: TrainConfig, d: Dist, model: GPT, device: torch.devi
     return batch
 
 
-def check_run(cfg: TrainConfig, device: torch.device, under_torchrun: bool) -> None:
-    """Everything a run refuses before it starts, checked here once: every flag value and pair of flags
-    (TrainConfig.problems, no I/O), what the flags name on disk (input_problems) and the chosen tracker packages
-    (imported now: every rank stops before the first collective), all in one line; then what this device and launch
-    cannot run."""
+def check_run(cfg: TrainConfig, device: torch.device, under_torchrun: bool, processes: int) -> None:
+    """Everything a run on `processes` processes refuses before it starts (before its run directory is made),
+    checked here once: every flag value and pair of flags (TrainConfig.problems, no I/O), what the flags name on disk
+    (input_problems) and the chosen tracker packages (imported now: every rank stops before the first collective),
+    all in one line; if the flags hold, the split of the token batch over the processes; then what this device and
+    launch cannot run."""
     problems = cfg.problems() + input_problems(cfg)
     with contextlib.suppress(UserError):  # (an unknown tracker name is one of cfg.problems())
         problems += missing_packages(parse_trackers(cfg.tracker))
     if problems:
         raise UserError("; ".join(problems))
+    check_batch_split(cfg, processes)
     check_device_levers(cfg, device, under_torchrun)
+
+
+def check_batch_split(cfg: TrainConfig, processes: int) -> None:
+    """The token batch splits into whole micro-batches on every process (with --micro-batch N: N divides the share)."""
+    if cfg.micro_batch == "auto":
+        micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, processes)
+    else:
+        grad_accum_steps(cfg.total_batch_tokens, int(cfg.micro_batch), cfg.seq_len, processes)
 
 
 def check_device_levers(cfg: TrainConfig, device: torch.device, under_torchrun: bool) -> None:
@@ -169,13 +179,8 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
 
 def check_config(cfg: TrainConfig, processes: int) -> None:
     """--check: what a run of `cfg` on `processes` processes refuses at its start, found without writing anything
-    or starting processes: every flag's rule, the data directory (check_run), the device, the split of the token
-    batch."""
-    check_run(cfg, pick_device(cfg.device), under_torchrun=True)  # (the processes a launcher then starts)
-    if cfg.micro_batch == "auto":
-        micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, processes)
-    else:
-        grad_accum_steps(cfg.total_batch_tokens, int(cfg.micro_batch), cfg.seq_len, processes)
+    or starting processes: check_run's checks, and the checkpoints the run would read, read."""
+    check_run(cfg, pick_device(cfg.device), under_torchrun=True, processes=processes)  # (as torchrun's processes)
     if cfg.resume and cfg.out:  # the checkpoint the run would resume from: none, damaged, past the last step
         checkpoint_to_resume(cfg.out, cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
     if cfg.init_from:  # the checkpoint the run would start from, resolved as the run does (read, nothing moved)
@@ -184,14 +189,6 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run directory
-
-def check_model_config(model_config, state: dict, path: Path, ignore=()) -> None:
-    """Refuse a checkpoint whose model config differs from this run's (in fields other than `ignore`)."""
-    ours, theirs = dataclasses.asdict(model_config), state["model_config"]
-    diff = {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) != v and k not in ignore}
-    if diff:
-        raise UserError(f"checkpoint {path} is from a different model config (field: (ours, checkpoint's)): {diff}")
-
 
 def make_run_dir(cfg: TrainConfig, d: Dist, preset: str) -> Path:
     """--out, or temp_data/runs/<preset>-<time> named by rank 0; its checkpoint folder is made writable now, not
@@ -262,7 +259,7 @@ class Trainer:
     STATE_KEYS = RESUME_STATE_KEYS
 
     def __init__(self, cfg: TrainConfig, preset: str, d: Dist, device: torch.device):
-        check_run(cfg, device, under_torchrun=torch.distributed.is_initialized())
+        check_run(cfg, device, under_torchrun=torch.distributed.is_initialized(), processes=d.world_size)
         self.cfg, self.d, self.device = cfg, d, device
         self.on_cuda = device.type == "cuda"
         self.run_dir = make_run_dir(cfg, d, preset)
@@ -308,7 +305,7 @@ class Trainer:
     def _start_fresh(self) -> None:
         if self.cfg.init_from:
             state, path = load_checkpoint(self.cfg.init_from, map_location="cpu")
-            check_model_config(self.model_config, state, path, ignore=("attn_dropout", "ffn_dropout"))
+            check_model_config(self.model_config, state, path, ignore=INIT_IGNORED_FIELDS)
             load_weights(self.model, state["model"])
             self.log.info(f"init: weights from {path}")
         if list_checkpoints(self.run_dir):

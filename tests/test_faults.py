@@ -377,7 +377,8 @@ def bad_inputs(tmp_path_factory):
     return {"{missing}": str(folder / "missing"), "{file}": str(folder / "a_file"),
             "{not_hellaswag}": str(folder / "not_hellaswag.jsonl"), "{empty}": str(folder / "empty"),
             "{foreign}": str(folder / "foreign.pt"), "{cut}": str(folder / "cut.pt"),
-            "{damaged_run}": str(folder / "damaged_run"), "{run_checkpoints}": str(folder / "run" / "checkpoints")}
+            "{damaged_run}": str(folder / "damaged_run"), "{run_checkpoints}": str(folder / "run" / "checkpoints"),
+            "{other_model}": str(folder / "run")}  # (its checkpoint: tiny_config's model, not the debug preset's)
 
 
 def fill(args, paths: dict) -> list[str]:
@@ -453,7 +454,9 @@ RUN_PROBLEMS = {
                   (["--init-from", "{foreign}"], ["--init-from '{foreign}'", "not a checkpoint of this repo"]),
                   (["--init-from", "{cut}"], ["--init-from '{cut}'", "{cut} is not a torch.save archive"]),
                   (["--init-from", "{damaged_run}"], ["every checkpoint in {damaged_run}/checkpoints is corrupt"]),
-                  (["--init-from", "{run_checkpoints}"], ["is the checkpoint folder of the run directory"])],
+                  (["--init-from", "{run_checkpoints}"], ["is the checkpoint folder of the run directory"]),
+                  (["--init-from", "{other_model}"], ["--init-from '{other_model}'", "different model config"])],
+    "resume": [(["--resume"], ["--resume: no checkpoint in", "--allow-fresh-start"])],
     "hellaswag_data": [(["--hellaswag-data", "{empty}"], ["--hellaswag-data '{empty}': is a folder", ".jsonl file"])],
     "sample_prompts": [(["--sample-prompts", "hello", LONG_PROMPT],
                         ["--sample-prompts, entry 2 of 2", f"{LONG_PROMPT[:30]!r}...", "661 tokens"])],
@@ -490,7 +493,20 @@ def test_every_problem_a_run_can_see_up_front_is_in_one_line_and_nothing_is_writ
             for placeholder, path in bad_inputs.items():
                 needle = needle.replace(placeholder, path)
             assert needle in line, (needle, line)
-    assert LONG_PROMPT not in line and len(line) < 1500, line
+    assert LONG_PROMPT not in line and len(line) < 2500, line  # (the prompt alone is 3,080 characters)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [(["--micro-batch", "3"], "--micro-batch 3 does not divide the 8 sequences"),
+                                          (["--micro-batch", "3", "--resume"], "--resume: no checkpoint in")])
+def test_a_run_whose_batch_does_not_split_or_that_has_nothing_to_resume_writes_nothing(args, needle, embedded_data,
+                                                                                      tmp_path, monkeypatch, capsys):
+    """Both were found after the run directory was made (an empty checkpoints/ and train.log were left); the split
+    of the batch is judged once the flags hold (it reads their values), so beside another problem it waits."""
+    out = tmp_path / "run"
+    status, err = train_until_step_1(monkeypatch, capsys, [*TINY, "--data", str(embedded_data), "--out", str(out),
+                                                           *args])
+    assert_one_line_error(subprocess.CompletedProcess(args, status, "", err), needle, status=2, alone=True)
     assert not out.exists()
 
 
