@@ -199,8 +199,9 @@ def input_problems(cfg: TrainConfig) -> list[str]:
                                    f"file (e.g. {SAMPLE_FILE.relative_to(Path(__file__).parent)}), or leave it out for "
                                    "the official validation split")
     elif cfg.hellaswag_data:
-        try:
-            load_examples(cfg.hellaswag_data)
+        try:  # (every ending the run will score must fit the model's context: found now, not at the first evaluation)
+            load_examples(cfg.hellaswag_data, limit=cfg.hellaswag_limit or None,
+                          block_size=PRESETS[cfg.model].block_size if cfg.model in PRESETS else None)
         except UserError as e:
             found["hellaswag_data"] = str(e)
     if cfg.model in PRESETS:

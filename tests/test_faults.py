@@ -368,6 +368,10 @@ def bad_inputs(tmp_path_factory):
     (folder / "a_file").write_text("not a folder, not a checkpoint\n")
     (folder / "not_hellaswag.jsonl").write_text('{"ctx": "only a context"}\n')
     (folder / "empty").mkdir()
+    lines = (REPO / "assets/hellaswag/hellaswag_val_head10.jsonl").read_text().splitlines()[:3]
+    long = json.loads(lines[1])
+    long["endings"][2] = "and on " * 200  # 401 tokens: past the debug model's context of 128
+    (folder / "long_ending.jsonl").write_text("\n".join([lines[0], json.dumps(long), lines[2]]) + "\n")
     torch.save({"weights": torch.ones(2)}, folder / "foreign.pt")
     save_tiny_checkpoint(folder / "cut.pt")
     (folder / "cut.pt").write_bytes((folder / "cut.pt").read_bytes()[:(folder / "cut.pt").stat().st_size // 2])
@@ -378,7 +382,7 @@ def bad_inputs(tmp_path_factory):
             "{not_hellaswag}": str(folder / "not_hellaswag.jsonl"), "{empty}": str(folder / "empty"),
             "{foreign}": str(folder / "foreign.pt"), "{cut}": str(folder / "cut.pt"),
             "{damaged_run}": str(folder / "damaged_run"), "{run_checkpoints}": str(folder / "run" / "checkpoints"),
-            "{other_model}": str(folder / "run")}  # (its checkpoint: tiny_config's model, not the debug preset's)
+            "{other_model}": str(folder / "run"), "{long_ending}": str(folder / "long_ending.jsonl")}  # (its checkpoint: tiny_config's model, not the debug preset's)
 
 
 def fill(args, paths: dict) -> list[str]:
@@ -457,7 +461,8 @@ RUN_PROBLEMS = {
                   (["--init-from", "{run_checkpoints}"], ["is the checkpoint folder of the run directory"]),
                   (["--init-from", "{other_model}"], ["--init-from '{other_model}'", "different model config"])],
     "resume": [(["--resume"], ["--resume: no checkpoint in", "--allow-fresh-start"])],
-    "hellaswag_data": [(["--hellaswag-data", "{empty}"], ["--hellaswag-data '{empty}': is a folder", ".jsonl file"])],
+    "hellaswag_data": [(["--hellaswag-data", "{empty}"], ["--hellaswag-data '{empty}': is a folder", ".jsonl file"]),
+                       (["--hellaswag-data", "{long_ending}"], ["{long_ending}:2: ending 2 has 401 tokens"])],
     "sample_prompts": [(["--sample-prompts", "hello", LONG_PROMPT],
                         ["--sample-prompts, entry 2 of 2", f"{LONG_PROMPT[:30]!r}...", "661 tokens"])],
     "max_lr": [(["--max-lr", "0"], ["--max-lr 0.0: must be > 0"])],
