@@ -11,7 +11,6 @@ Importable: the notebooks call read_metrics / training_figure / loss_figure / he
 import argparse
 import cli
 import json
-import struct
 import sys
 from pathlib import Path
 
@@ -180,29 +179,16 @@ FIGURES = (("training", training_figure, "Training"), ("loss", loss_figure, "Tra
            ("hellaswag", hellaswag_figure, "HellaSwag"))
 WRITTEN_BY = "plot_metrics.py"
 PNG_MARK = {RESULT_MARKER: WRITTEN_BY}  # a tEXt chunk of every PNG written: the mark of a plot it may replace
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def png_text(path) -> dict[str, str]:
-    """The tEXt chunks of a PNG file (keyword -> text), read up to its image data; {} for any other file."""
-    text = {}
+    """The text chunks of a PNG file (keyword -> text, as Pillow reads them); {} for any other file."""
+    from PIL import Image, UnidentifiedImageError  # (matplotlib's own dependency)
     try:
-        with open(path, "rb") as f:
-            if f.read(8) != PNG_SIGNATURE:
-                return {}
-            while len(header := f.read(8)) == 8:
-                length, kind = struct.unpack(">I4s", header)
-                if kind in (b"IDAT", b"IEND"):
-                    break
-                if kind == b"tEXt" and length < 1 << 16:
-                    keyword, _, value = f.read(length).partition(b"\0")
-                    text[keyword.decode("latin-1")] = value.decode("latin-1")
-                    f.seek(4, 1)  # the CRC
-                else:
-                    f.seek(length + 4, 1)
-    except OSError:
+        with Image.open(path) as image:
+            return dict(getattr(image, "text", {}))
+    except (OSError, UnidentifiedImageError, ValueError):
         return {}
-    return text
 
 
 def is_plot_of_ours(path) -> bool:
