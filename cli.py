@@ -117,6 +117,19 @@ def raise_all(*checks) -> None:
         raise UserError("; ".join(map(str, errors)))
 
 
+def utf8_lines(lines):
+    """(line number, text, problem) for each line of an iterable of byte lines, each with its line end (a file
+    opened "rb", io.BytesIO): the decoded text and "", or None and 'not UTF-8 at byte B (REASON)' (B counted from
+    the start of the file). The one place an input file's undecodable bytes are located."""
+    offset = 0
+    for number, raw in enumerate(lines, start=1):
+        try:
+            yield number, raw.decode("utf-8"), ""
+        except UnicodeDecodeError as e:
+            yield number, None, f"not UTF-8 at byte {offset + e.start} ({e.reason})"
+        offset += len(raw)
+
+
 def read_text_lines(path, what: str) -> list[str]:
     """The lines of a UTF-8 text file a flag names (without their line ends), or a UserError naming `what` (the
     flag) and the file: a folder, a missing file, or the line and byte offset of the first bytes that are not UTF-8.
@@ -126,15 +139,13 @@ def read_text_lines(path, what: str) -> list[str]:
         raise UserError(f"{what} {path} is a folder; give a UTF-8 text file")
     if not path.exists():
         raise UserError(f"{what} {path} does not exist")
-    data, offset = path.read_bytes(), 0
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{what} {path} line {number} (byte {offset + e.start}): not UTF-8 ({e.reason}); save "
-                            "the file as UTF-8") from None
-        offset += len(line) + 1
-    return data.decode("utf-8").splitlines()
+    with open(path, "rb") as f:
+        lines = []
+        for number, text, problem in utf8_lines(f):
+            if problem:
+                raise UserError(f"{what} {path} line {number}: {problem}; save the file as UTF-8")
+            lines.append(text.rstrip("\r\n"))
+    return lines
 
 
 def fail(message: str, status: int = 2):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import shards
-from cli import REPO_DIR, UserError
+from cli import REPO_DIR, UserError, utf8_lines
 
 EMBEDDED_CORPUS = REPO_DIR / "assets" / "corpus" / "tinyshakespeare.txt"
 DOCS_PER_TASK = 1024  # documents per pool task: big enough to hide the IPC cost, small enough to balance the load
@@ -177,18 +177,15 @@ def first_bad_line(files: list[str]) -> str:
         suffix = Path(file).suffix.lower()
         if suffix not in (".txt", ".json", ".jsonl"):
             continue
-        offset = 0
         with open(file, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    text = line.decode("utf-8")
-                    if suffix == ".jsonl" and text.strip():
+            for number, text, problem in utf8_lines(f):
+                if problem:
+                    return f"{file} line {number}: {problem}; fix or remove it"
+                if suffix == ".jsonl" and text.strip():
+                    try:
                         json.loads(text.strip())
-                except UnicodeDecodeError as e:
-                    return f"{file} line {number} (byte {offset + e.start}): not UTF-8 ({e.reason}); fix or remove it"
-                except json.JSONDecodeError as e:
-                    return f"{file} line {number}: not JSON ({e.msg} at column {e.colno}); fix or remove it"
-                offset += len(line)
+                    except json.JSONDecodeError as e:
+                        return f"{file} line {number}: not JSON ({e.msg} at column {e.colno}); fix or remove it"
     return ""
 
 

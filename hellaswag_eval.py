@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_state
 from cli import (REPO_DIR, UserError, check_result_out, check_result_target, main_entry, positive_int, raise_all,
-                 write_json)
+                 utf8_lines, write_json)
 from devices import exit_with, init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
 from tokenizer import EOT_ID, get_tokenizer
@@ -83,20 +83,15 @@ def numbered_examples(path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"HellaSwag file {path} does not exist; pass --data FILE "
                         f"(e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
-    numbered, bad, offset = [], [], 0
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad.append((number, f"not UTF-8 ({e.reason} at byte {offset + e.start} of the file)"))
-            line = ""
-        offset += len(raw) + 1
-        if line.strip():
-            example, problem = _example_problem(line)
+    numbered, bad = [], []
+    with open(path, "rb") as f:
+        for number, line, problem in utf8_lines(f):
+            if not problem and line.strip():
+                example, problem = _example_problem(line)
+                if not problem:
+                    numbered.append((number, example))
             if problem:
                 bad.append((number, problem))
-            else:
-                numbered.append((number, example))
     if bad:
         raise bad_lines_error(path, bad, "fix or remove")
     if not numbered:

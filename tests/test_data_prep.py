@@ -521,7 +521,7 @@ def test_an_undecodable_file_of_a_local_dataset_copy_is_named_with_its_line(tmp_
     with pytest.raises(SystemExit):
         data_prep.main(["--source", "hf", "--dataset", str(root), "--name", "default", "--out", str(tmp_path / "out"),
                         "--workers", "1", "--cache-dir", str(tmp_path / "cache")])
-    assert f"{root / 'data' / 'a.txt'} line 2 (byte 12): not UTF-8" in capsys.readouterr().err
+    assert f"{root / 'data' / 'a.txt'} line 2: not UTF-8 at byte 12" in capsys.readouterr().err
 
 
 def test_the_remedy_for_a_val_split_that_takes_everything_works_when_followed(tmp_path, capsys):

@@ -207,7 +207,7 @@ def test_resume_over_a_damaged_metrics_file(run_at_step_4, embedded_data, tmp_pa
 
 
 @pytest.mark.parametrize("name, content, expected", [
-    ("bad.txt", b"hello\n\nworld \xff\xfe bad\n", "bad.txt line 3 (byte 13): not UTF-8"),
+    ("bad.txt", b"hello\n\nworld \xff\xfe bad\n", "bad.txt line 3: not UTF-8 at byte 13"),
     ("bad.jsonl", b'{"text": "a"}\n{"text": "b"\n', "bad.jsonl line 2: not JSON"),
 ], ids=["invalid-utf8", "broken-json-line"])
 @pytest.mark.parametrize("streaming", [False, True], ids=["prepared", "streamed"])

@@ -179,7 +179,7 @@ UP_FRONT_PROBLEMS = {
     "top_k": (["--top-k", "-3"], "--top-k -3: must be >= 0"),
     "num_samples": (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
     "seed": (["--seed", "-1"], "--seed must be in [0, 2**64)"),
-    "prompts_bytes": (["--prompts-file", "{bad_file}"], "{bad_file} line 2 (byte 8): not UTF-8"),
+    "prompts_bytes": (["--prompts-file", "{bad_file}"], "{bad_file} line 2: not UTF-8 at byte 8"),
     "prompts_folder": (["--prompts-file", "{folder}"], "--prompts-file {folder} is a folder"),
     "device": (["--device", "tpu"], "--device 'tpu': use cuda, mps or cpu"),
     "checkpoint": (["--checkpoint", "{folder}/nope.pt"], "checkpoint {folder}/nope.pt does not exist"),

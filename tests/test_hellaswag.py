@@ -205,7 +205,7 @@ BAD_LABEL = b'{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 7}'
 
 @pytest.mark.parametrize("bad, phrases", [
     ({3: NOT_JSON, 6: BAD_LABEL}, {3: "not valid JSON", 6: "'label' must be an integer from 0 to 3, got 7"}),
-    ({4: NOT_UTF8}, {4: "not UTF-8 (invalid continuation byte at byte {offset} of the file)"}),
+    ({4: NOT_UTF8}, {4: "not UTF-8 at byte {offset} (invalid continuation byte)"}),
     ({2: NOT_UTF8, 9: NOT_JSON, 10: b"[1]"}, {2: "not UTF-8", 9: "not valid JSON", 10: "expected a JSON object"}),
     ({n: NOT_JSON for n in range(1, 21)}, {n: "not valid JSON" for n in range(1, 9)}),
 ])
