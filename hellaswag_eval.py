@@ -27,7 +27,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, model_from_state
 from cli import (REPO_DIR, UserError, check_result_out, check_result_target, main_entry, positive_int, raise_all,
                  utf8_lines, write_json)
-from devices import exit_with, init_distributed
+from devices import checked_device, exit_with, init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
 from tokenizer import EOT_ID, get_tokenizer
 
@@ -311,7 +311,7 @@ def main(argv=None):
     def out():
         if args.out:
             check_result_target(Path(args.out), WRITTEN_BY)
-    raise_all(checkpoint, data, out)
+    raise_all(checkpoint, data, out, lambda: checked_device(args.device, int(os.environ.get("LOCAL_RANK", 0))))
     data_file, numbered = found["data"]
     chosen = numbered[:args.limit] if args.limit is not None else numbered
 

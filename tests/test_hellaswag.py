@@ -225,14 +225,16 @@ def test_every_bad_line_is_named_with_its_number(bad, phrases, tmp_path):
 
 
 def test_every_bad_path_is_named_in_one_line(tmp_path, capsys, monkeypatch):
-    """--checkpoint /nope --data /nope.jsonl --out foreign.txt named only --out."""
+    """--checkpoint /nope --data /nope.jsonl --out foreign.txt named only --out (and a bad --device was found after
+    all of them were fixed)."""
     foreign = tmp_path / "foreign.txt"
     foreign.write_text("keep me")
     nothing_after_the_checks(monkeypatch)
-    error = run_main(["--checkpoint", tmp_path / "nope", "--data", tmp_path / "nope.jsonl", "--out", foreign], capsys)
+    error = run_main(["--checkpoint", tmp_path / "nope", "--data", tmp_path / "nope.jsonl", "--out", foreign,
+                      "--device", "tpu"], capsys)
     assert_one_line_error(error, f"checkpoint {tmp_path / 'nope'} does not exist",
                           f"HellaSwag file {tmp_path / 'nope.jsonl'} does not exist", f"--out {foreign} exists",
-                          status=2, alone=True)
+                          "--device 'tpu': use cuda, mps or cpu", status=2, alone=True)
     assert foreign.read_text() == "keep me"
 
 
