@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import shards
 import tokenizer
-from cli import UserError, ensure_writable_dir, main_entry, positive_int
+from cli import UserError, check_writable_dir, ensure_writable_dir, main_entry, positive_int
 from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, parquet_problems, source_record, token_bound
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
@@ -308,16 +308,16 @@ def settings_record(source: dict, args) -> dict:
             "tool_version": TOOL_VERSION}
 
 
-def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
-    """Make `out` ready for a build; False when it already holds this very dataset (nothing to do).
+def check_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
+    """Whether `out` can take a build (read-only); False when it already holds this very dataset (nothing to do).
 
-    A new or empty directory is used as it is, and a finished build with the same settings is reused; anything else
-    is refused unless --overwrite, which removes what data_prep.py writes (shards, manifest and their temporary
-    files). Files of any other name are never removed: a directory holding one is refused."""
+    A new or empty directory can, and a finished build with the same settings is reused; anything else is refused
+    unless --overwrite, with which clear_out_dir removes what data_prep.py writes (shards, manifest and their
+    temporary files). Files of any other name are never removed: a directory holding one is refused."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
-    ensure_writable_dir(out, "--out")
-    entries = [p.name for p in out.iterdir()]
+    check_writable_dir(out, "--out")
+    entries = [p.name for p in out.iterdir()] if out.is_dir() else []
     if not entries:
         return True
     if not overwrite:
@@ -331,10 +331,16 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
                         f"empty directory")
     if not overwrite:
         raise UserError(f"--out {out} holds {holds}; pass --overwrite to replace it, or use one --out per dataset")
-    # The manifest goes first: a crash while deleting then leaves an unfinished build, never a complete-looking one.
-    for name in sorted(entries, key=lambda n: n != shards.MANIFEST_NAME):
-        (out / name).unlink()
     return True
+
+
+def clear_out_dir(out: Path) -> None:
+    """Make `out` (checked by check_out_dir) and remove the files data_prep.py wrote there (--overwrite)."""
+    ensure_writable_dir(out, "--out")
+    # The manifest goes first: a crash while deleting then leaves an unfinished build, never a complete-looking one.
+    ours = [p.name for p in out.iterdir() if _OUR_FILE.match(p.name)]
+    for name in sorted(ours, key=lambda n: n != shards.MANIFEST_NAME):
+        (out / name).unlink()
 
 
 def finished_build(out: Path, settings: dict) -> tuple[dict | None, str]:
@@ -371,11 +377,15 @@ def prepare_data(argv=None) -> dict:
     out = Path(args.out)
     source = checked_source(args)
     settings = settings_record(source, args)
+    if not check_out_dir(out, settings, args.overwrite):
+        return shards.read_manifest(out)
+    load_start = time.perf_counter()
+    texts = load_texts(args, source)  # resolved and checked before --out is touched: a bad input loses nothing
+    load_seconds = time.perf_counter() - load_start
     made = first_new_folder(out)
     try:
-        if not prepare_out_dir(out, settings, args.overwrite):
-            return shards.read_manifest(out)
-        return build(args, out, source, settings)
+        clear_out_dir(out)
+        return build(args, out, source, settings, texts, load_seconds)
     except BaseException:
         if made is not None:
             remove_empty_folders(out, made)
@@ -403,11 +413,8 @@ def remove_empty_folders(out: Path, made: Path) -> None:
             return
 
 
-def build(args, out: Path, source: dict, settings: dict) -> dict:
-    """Tokenize the source into `out` (made ready by prepare_out_dir) and write the manifest."""
-    load_start = time.perf_counter()
-    texts = load_texts(args, source)
-    load_seconds = time.perf_counter() - load_start
+def build(args, out: Path, source: dict, settings: dict, texts, load_seconds: float) -> dict:
+    """Tokenize the source's texts (load_texts) into `out` (made ready by clear_out_dir) and write the manifest."""
     tokenizer.get_tokenizer()  # load once here: forked workers inherit it
     print(f"data_prep: {describe_source(source)} -> {out} ({args.workers} workers, shards of {args.shard_tokens} "
           f"tokens, {args.val_tokens} val tokens{val_share_note(args, token_bound(texts))})")

@@ -706,3 +706,26 @@ def test_a_run_that_fails_before_writing_removes_only_the_folders_it_made(case, 
     assert ("001_00000.parquet" if case == "hf_copy_damaged_parquet" else "bad.jsonl line 2") in line, line
     assert out.is_dir() == (out_kind == "existing_empty") and (out_kind != "existing_empty" or not any(out.iterdir()))
     assert not (tmp_path / "new").exists() and tmp_path.is_dir()
+
+
+@pytest.mark.parametrize("damage", ["cut parquet", "unknown config"])
+def test_overwrite_keeps_the_old_dataset_when_the_new_input_is_refused(damage, fineweb_copy, tmp_path, capsys):
+    """--overwrite removed the finished dataset in --out first, then found the input unusable (a cut parquet file
+    of a local hub copy, a --name the card does not have): nothing was left. The input is resolved and checked
+    before --out is touched."""
+    import shutil
+    out = tmp_path / "out"
+    data_prep.main(["--source", "embedded", "--out", str(out)])
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    root = shutil.copytree(fineweb_copy[0], tmp_path / "copy")
+    name = "sample-10BT"
+    if damage == "cut parquet":
+        part = root / "sample" / "10BT" / "001_00000.parquet"
+        part.write_bytes(part.read_bytes()[:200])
+    else:
+        name = "no-such-config"
+    line = refused_in_one_line(["--source", "hf", "--dataset", str(root), "--name", name, "--out", str(out),
+                                "--overwrite"], capsys)
+    assert ("001_00000.parquet" if damage == "cut parquet" else "no-such-config") in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
