@@ -208,7 +208,7 @@ BUGS = [
         'name = f"{self.split}_{self.counts[self.split] + 1:06d}.bin"', DP,
         "shard files are numbered from 1"),
     bug("data_prep-manifest-removed-last", "data_prep.py",
-        "sorted(entries, key=lambda n: n != shards.MANIFEST_NAME)", "sorted(entries, key=lambda n: n == shards.MANIFEST_NAME)",
+        "sorted(ours, key=lambda n: n != shards.MANIFEST_NAME)", "sorted(ours, key=lambda n: n == shards.MANIFEST_NAME)",
         "tests/test_data_prep.py::test_overwrite_deletes_the_manifest_first",
         "--overwrite deletes the manifest last: a crash while deleting leaves a complete-looking build"),
     bug("data_prep-reuse-without-hash", "data_prep.py", "shards.validate_shards(out, manifest, verify_sha256=True)",
