@@ -178,10 +178,10 @@ def set_aside(paths: list[Path], suffix: str) -> list[Path]:
 def load_checkpoint_file(path, map_location="cpu", weights: bool = True, peek: bool = False) -> dict:
     """Load and validate one checkpoint file or sharded checkpoint folder; UserError when it is missing, truncated
     or not one of ours. weights=False leaves a sharded checkpoint's model and optimizer state on disk (no 'model'
-    key): load_training_state reads them straight into a run's shards. peek=True checks as much as can be seen
-    without reading the tensors (a check before a run starts, cheap for any size): a file that is no torch.save
-    archive is refused unread, the tensors of one are memory-mapped (never read, so their bytes are not checked), a
-    sharded folder's shard files are only looked for; the dict and its entries are validated as a load does."""
+    key): load_training_state reads them straight into a run's shards. peek=True (a check before a run starts)
+    judges a .pt file as a load does without building its tensors: a zip archive's are memory-mapped, its records'
+    CRCs read (one pass over the file, seconds for gigabytes); a sharded folder's shard files are only looked for;
+    the dict and its entries are validated as a load does."""
     path = Path(path)
     if is_sharded_checkpoint(path):
         return load_sharded_checkpoint(path, map_location, weights=weights and not peek, peek=peek)
@@ -190,10 +190,9 @@ def load_checkpoint_file(path, map_location="cpu", weights: bool = True, peek: b
                                 "use an earlier checkpoint")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    if peek and not zipfile.is_zipfile(path):  # (torch.load's mmap refuses one, but not as a damaged file)
-        raise CheckpointDamaged(f"checkpoint {path} is not a torch.save archive (another kind of file, or one cut "
-                                "short); use an earlier checkpoint")
-    state = _torch_load(path, path, "cpu" if peek else map_location, mmap=peek)
+    # peek: a zip archive's tensors mapped, not read (their CRCs are checked all the same); torch.load cannot map
+    # any other file (an older torch.save format, or something else: then read, and refused if it does not load)
+    state = _torch_load(path, path, "cpu" if peek else map_location, mmap=peek and zipfile.is_zipfile(path))
     if not isinstance(state, dict) or state.get("format") != FORMAT or not {"model", "model_config"} <= state.keys():
         raise CheckpointDamaged(f"{path} is not a checkpoint of this repo (no '{FORMAT}' model state in it)")
     _check_schema(state, path)
@@ -314,8 +313,8 @@ def _torch_load(source, path: Path, map_location, mmap: bool = False):
     """torch.load (weights only) of a checkpoint's file, or of `source` (bytes of `path`, a sharded checkpoint's
     shard file): CheckpointDamaged naming `path` when the file is damaged or not one of ours. The one classification
     of a checkpoint file's damage, for .pt files and every file of a sharded folder. `mmap`: the tensors are mapped
-    from the file, not read (a zip archive only), and their bytes go unchecked."""
-    garbled = None if mmap else _first_garbled_record(source)
+    from the file, not read (a zip archive only)."""
+    garbled = _first_garbled_record(source)
     if garbled:
         raise CheckpointDamaged(f"checkpoint {path} is garbled: its record {garbled} fails the CRC-32 check of its "
                                 "bytes; use an earlier checkpoint")
@@ -337,10 +336,20 @@ def _torch_load(source, path: Path, map_location, mmap: bool = False):
 def _first_garbled_record(source) -> str | None:
     """The first record of a torch.save zip archive (a path, or a file object) whose bytes no longer match the
     CRC-32 written with them, or None. torch.load does not check them: a flipped byte inside a tensor loads as a
-    wrong weight. One more read of the file (seconds for gigabytes). What is no zip archive is left to torch.load."""
+    wrong weight. One more read of the file (seconds for gigabytes). A record written without a CRC (stored as 0:
+    torch's serialization config compute_crc32=False) is not judged; what is no zip archive is left to torch.load."""
     try:
         with zipfile.ZipFile(source) as archive:
-            return archive.testzip()  # (the name of the first record that fails its CRC or cannot be read back)
+            for record in archive.infolist():
+                if record.CRC == 0:
+                    continue
+                try:
+                    with archive.open(record) as f:  # (zipfile checks the CRC once a record is read to its end)
+                        while f.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return record.filename
+            return None
     except (zipfile.BadZipFile, EOFError, ValueError):  # (an OSError is the disk's: raised, as torch.load's is)
         return None
     finally:

@@ -150,12 +150,12 @@ def test_a_damaged_checkpoint_is_one_line_naming_its_file(reader, damage, kind, 
     assert not (tmp_path / "export").exists()
 
 
-# What train.py's check before a run sees of a checkpoint without reading its tensors (load_checkpoint's peek): a
-# damage in tensor bytes (a .pt file's middle) or in a sharded folder's shard files and index (the load reads those)
-# may pass it; anything else is refused as a load refuses it. Whatever passes, the load still refuses.
-PEEK_BLIND = {("pt", "", "garbled"), ("pt", "", "flipped_bytes"), *(("sharded", name, damage.__name__) for damage in DAMAGES
-                                      for name in (checkpoint.METADATA_FILE, "__0_0.distcp")
-                                      if (name, damage) != (checkpoint.METADATA_FILE, missing))}
+# What train.py's check before a run sees of a checkpoint without building its tensors (load_checkpoint's peek): a
+# .pt file is judged as a load judges it (its CRCs read); a damage in a sharded folder's shard files and index (the
+# load reads those) may pass it. Whatever passes, the load still refuses.
+PEEK_BLIND = {("sharded", name, damage.__name__) for damage in DAMAGES
+              for name in (checkpoint.METADATA_FILE, "__0_0.distcp")
+              if (name, damage) != (checkpoint.METADATA_FILE, missing)}
 
 
 @pytest.mark.parametrize("kind, name", TARGETS, ids=[f"{k}:{n or 'file'}" for k, n in TARGETS])
@@ -177,6 +177,25 @@ def test_a_peek_refuses_a_damaged_checkpoint_as_the_load_does_unless_the_damage_
     state, found = checkpoint.load_checkpoint(run, peek=True)  # the run directory: the newest that passes
     assert found == checkpoint.checkpoint_path(run, DAMAGED if passed else GOOD, sharded=kind == "sharded")
     assert state["step"] == checkpoint.checkpoint_step(found)
+
+
+@pytest.mark.parametrize("fmt", ["no CRC", "legacy"])
+def test_a_good_checkpoint_in_another_torch_save_format_loads_and_passes_the_peek(fmt, runs, tmp_path):
+    """torch.save without CRCs (compute_crc32=False: every record's CRC stored as 0) and its pre-zip format are not
+    damage: the CRC check and the peek refused them."""
+    state = torch.load(checkpoint.checkpoint_path(runs["pt"], GOOD), weights_only=True)
+    path = tmp_path / "step_000002.pt"
+    if fmt == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    else:
+        config = pytest.importorskip("torch.utils.serialization").config.save
+        previous, config.compute_crc32 = config.compute_crc32, False
+        try:
+            torch.save(state, path)
+        finally:
+            config.compute_crc32 = previous
+    for peek in (True, False):
+        assert checkpoint.load_checkpoint(path, peek=peek)[0]["step"] == GOOD
 
 
 def test_a_peek_passes_good_checkpoints_and_reads_no_shard_file(runs, tmp_path):

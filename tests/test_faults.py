@@ -302,8 +302,8 @@ BAD_VALUES = {  # field: [(the flag's arguments, what the error line names when 
     "allow_fresh_start": [("", None)],  # without --resume
     "allow_token_batch_change": [("", None)],  # without --resume
     "init_from": [("{missing}", "{missing}"), (["{file}", "--resume"], None), ("{empty}", "no checkpoint in"),
-                  ("{file}", "not a torch.save archive"), ("{foreign}", "not a checkpoint of this repo"),
-                  ("{cut}", "not a torch.save archive"), ("{damaged_run}", "every checkpoint in"),
+                  ("{file}", "is corrupt or truncated"), ("{foreign}", "not a checkpoint of this repo"),
+                  ("{cut}", "is corrupt or truncated"), ("{damaged_run}", "every checkpoint in"),
                   ("{run_checkpoints}", "is the checkpoint folder of the run directory")],
 }
 ANY_VALUE_WORKS = {  # field: why no value of it is wrong
@@ -378,11 +378,16 @@ def bad_inputs(tmp_path_factory):
     (folder / "damaged_run" / "checkpoints").mkdir(parents=True)
     (folder / "damaged_run" / "checkpoints" / "step_000002.pt").write_text("not a checkpoint\n")
     save_tiny_checkpoint(folder / "run" / "checkpoints" / "step_000002.pt")
+    flipped = folder / "flipped_run" / "checkpoints" / "step_000002.pt"  # a byte inverted inside a tensor
+    save_tiny_checkpoint(flipped)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
     return {"{missing}": str(folder / "missing"), "{file}": str(folder / "a_file"),
             "{not_hellaswag}": str(folder / "not_hellaswag.jsonl"), "{empty}": str(folder / "empty"),
             "{foreign}": str(folder / "foreign.pt"), "{cut}": str(folder / "cut.pt"),
             "{damaged_run}": str(folder / "damaged_run"), "{run_checkpoints}": str(folder / "run" / "checkpoints"),
-            "{other_model}": str(folder / "run"), "{long_ending}": str(folder / "long_ending.jsonl")}  # (its checkpoint: tiny_config's model, not the debug preset's)
+            "{other_model}": str(folder / "run"), "{flipped_run}": str(folder / "flipped_run"), "{long_ending}": str(folder / "long_ending.jsonl")}  # (its checkpoint: tiny_config's model, not the debug preset's)
 
 
 def fill(args, paths: dict) -> list[str]:
@@ -454,12 +459,13 @@ RUN_PROBLEMS = {
                 (["--tracker", "wandb"], ["--tracker wandb needs the wandb package"])],  # (imports as missing here)
     "data": [(["--data", "{missing}"], ["--data '{missing}'", "data_prep.py"])],
     "init_from": [(["--init-from", "{empty}"], ["--init-from '{empty}': no checkpoint in {empty}/checkpoints"]),
-                  (["--init-from", "{file}"], ["--init-from '{file}'", "{file} is not a torch.save archive"]),
+                  (["--init-from", "{file}"], ["--init-from '{file}'", "{file} is corrupt or truncated"]),
                   (["--init-from", "{foreign}"], ["--init-from '{foreign}'", "not a checkpoint of this repo"]),
-                  (["--init-from", "{cut}"], ["--init-from '{cut}'", "{cut} is not a torch.save archive"]),
+                  (["--init-from", "{cut}"], ["--init-from '{cut}'", "{cut} is corrupt or truncated"]),
                   (["--init-from", "{damaged_run}"], ["every checkpoint in {damaged_run}/checkpoints is corrupt"]),
                   (["--init-from", "{run_checkpoints}"], ["is the checkpoint folder of the run directory"]),
-                  (["--init-from", "{other_model}"], ["--init-from '{other_model}'", "different model config"])],
+                  (["--init-from", "{other_model}"], ["--init-from '{other_model}'", "different model config"]),
+                  (["--init-from", "{flipped_run}"], ["every checkpoint in {flipped_run}/checkpoints is corrupt"])],
     "resume": [(["--resume"], ["--resume: no checkpoint in", "--allow-fresh-start"])],
     "hellaswag_data": [(["--hellaswag-data", "{empty}"], ["--hellaswag-data '{empty}': is a folder", ".jsonl file"]),
                        (["--hellaswag-data", "{long_ending}"], ["{long_ending}:2: ending 2 has 401 tokens"])],
