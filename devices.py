@@ -86,9 +86,8 @@ def exit_with(main) -> None:
     if status is not None and not isinstance(status, int):
         print(status, file=sys.stderr)  # as sys.exit shows a message
         status = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # what Python's own exit does first: threading's exit hooks (a ThreadPoolExecutor's, which
+    # end its idle workers: inductor keeps one), then every non-daemon thread joined
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

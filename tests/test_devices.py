@@ -99,6 +99,7 @@ def test_each_restart_attempt_has_its_own_store_keys(monkeypatch):
 
 EXIT_SCRIPT = """
 import atexit, os, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from devices import exit_with
@@ -109,10 +110,12 @@ class Finalized:  # what it needs is bound now: finalization clears module globa
         close(os_open(path, flags))
 
 kept = Finalized()  # a module global: Python's finalization deletes it, an exit that skips finalization does not
+pool = ThreadPoolExecutor(2)  # kept, with idle workers (as torch.compile's inductor keeps one): they end at exit
 atexit.register(lambda: (out / "atexit").touch())
 
 def main():
     threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").touch())).start()
+    pool.submit(lambda: None).result()
     print("printed", end="")  # no newline: still in the buffer at exit
     return {status}
 exit_with(main)
@@ -126,14 +129,15 @@ def test_a_torchrun_worker_exits_without_finalizing_but_with_its_status_output_t
     """Under torchrun a gloo worker thread can still release the last collective's tensors while Python finalizes,
     and its taking the GIL then aborts a run that succeeded (exit -6, seen in CI after FSDP and DDP runs): a worker
     ends with os._exit instead. Nothing else may change: the exit status, the message, buffered output, a running
-    thread and atexit handlers are those of sys.exit(main())."""
+    thread and atexit handlers are those of sys.exit(main()), and a kept ThreadPoolExecutor's idle workers do not
+    hold the exit up (joined before threading's exit hooks ended them, they hung a compiled DDP run in CI)."""
     import subprocess
     import sys
     script = tmp_path / "script.py"
     script.write_text(EXIT_SCRIPT.format(repo=os.path.dirname(devices.__file__), out=str(tmp_path), status=status))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "PYTHONUNBUFFERED")}  # stdout: a buffered pipe
     env |= {"RANK": "0"} if torchrun else {}
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
     expected = {"None": 0, "3": 3, "'a message'": 1, "sys.exit(4)": 4}[status]
     assert proc.returncode == expected, proc.stderr
     assert proc.stdout == "printed"
