@@ -41,22 +41,16 @@ class Parser(argparse.ArgumentParser):
     `error: PROG: MESSAGE; see PROG --help`, status 2, no usage block: the same as every other user error (fail).
     Every flag value that does not convert is named, not only the first (argparse stops at the first). Subparsers
     (add_subparsers) are of this class too."""
-    bad_values: list[str] = []
-    parsing_all = False  # within parse_args: flags left over are an error too, named with the bad values
-
-    def parse_args(self, args=None, namespace=None):
-        self.parsing_all = True
-        namespace, extras = self.parse_known_args(args, namespace)
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad_values = []  # what the parse under way found wrong so far (flag values that do not convert)
 
     def parse_known_args(self, args=None, namespace=None):
         self.bad_values = []
-        parsed = super().parse_known_args(args, namespace)
-        if self.bad_values and not (self.parsing_all and parsed[1]):  # (else parse_args names them with the extras)
-            self.error(self.bad_values.pop())  # (error names the others too)
-        return parsed
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.bad_values:  # named with the flags left over, which no parser of the program takes
+            self.error(f"unrecognized arguments: {' '.join(extras)}" if extras else self.bad_values.pop())
+        return namespace, extras
 
     def _get_values(self, action, arg_strings):
         try:

@@ -152,6 +152,12 @@ def test_every_flag_value_that_does_not_convert_is_named_with_a_leftover_flag(ca
                               *named, "tool.py", "see tool.py --help", status=2, alone=True)
     ok = parser.parse_args(["--steps", "2", "--lr", "0.5"])
     assert (ok.steps, ok.lr, ok.name) == (2, 0.5, None)
+    program = cli.Parser(prog="bench.py")  # a subcommand's parser: the same rule
+    program.add_subparsers(dest="mode").add_parser("run").add_argument("--steps", type=cli.positive_int)
+    with pytest.raises(SystemExit):
+        program.parse_args(["run", "--steps", "0", "--nope"])
+    assert_one_line_error(subprocess.CompletedProcess([], 2, "", capsys.readouterr().err), "bench.py run",
+                          "--steps: must be a positive integer, got 0", "unrecognized arguments: --nope", alone=True)
 
 
 @pytest.fixture(scope="module")
