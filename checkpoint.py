@@ -496,7 +496,8 @@ def skipping_line(candidate: Path, error: str) -> str:
     twice and without the advice to use an earlier checkpoint, which the fallback is doing."""
     reason = error.removesuffix("; use an earlier checkpoint")
     for named in (f"sharded checkpoint {candidate} ", f"checkpoint {candidate} ", f"{candidate} "):
-        reason = reason.removeprefix(named)
+        if reason.startswith(named):
+            reason = "it " + reason.removeprefix(named)
     return f"skipping {candidate}: {reason}; an earlier checkpoint is used"
 
 
@@ -508,15 +509,17 @@ def load_checkpoint(path, map_location="cpu", peek: bool = False) -> tuple[dict,
     if not path.is_dir() or is_sharded_checkpoint(path):
         return load_checkpoint_file(path, map_location, peek=peek), path
     state, found, damaged = newest_valid_checkpoint(path, map_location, peek=peek)
-    for candidate, error in damaged.items() if not peek else ():  # once per node under torchrun, not per process
-        warn(skipping_line(candidate, error))
     if state is None:
         if damaged:
-            raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt; start a new run")
+            raise UserError(f"every checkpoint in {checkpoint_dir(path)} is corrupt ("
+                            + "; ".join(error.removesuffix("; use an earlier checkpoint") for error in damaged.values())
+                            + "); start a new run")
         if path.name == "checkpoints" and list_checkpoints(path.parent):  # a run's checkpoint folder itself
-            raise UserError(f"no checkpoint in {checkpoint_dir(path)}: {path} is the checkpoint folder of the run "
-                            f"directory {path.parent}; give that, or one checkpoint in it")
+            raise UserError(f"no checkpoint in {path}: it is the checkpoint folder of the run directory {path.parent}; "
+                            "give that, or one checkpoint in it")
         raise UserError(f"no checkpoint in {checkpoint_dir(path)}; train first, or pass a checkpoint file")
+    for candidate, error in damaged.items() if not peek else ():  # once per node under torchrun, not per process
+        warn(skipping_line(candidate, error))
     return state, found
 
 

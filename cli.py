@@ -198,31 +198,30 @@ def os_error_text(error: OSError) -> str:
 
 
 def ensure_writable_dir(folder, what: str) -> Path:
-    """Create `folder` (and its parents) and check that a file can be created in it, so that an output location
-    that cannot be written is refused before long work starts, not after it. `what` names it ('--out')."""
-    folder = Path(folder)
+    """`folder` (and its parents) made, once check_writable_dir passed it, so that an output location that cannot be
+    written is refused before long work starts, not after it. `what` names it ('--out')."""
+    folder = check_writable_dir(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
     except OSError as e:
         raise UserError(f"{what} {folder} is not writable: {os_error_text(e)}") from e
     return folder
 
 
 def check_writable_dir(folder, what: str) -> Path:
-    """ensure_writable_dir's check without making anything: `folder`, or the nearest of its parents that exists (the
-    rest is made when the output is written), must be a folder a file can be created in. For a check before work
-    that may yet stop on another problem: nothing is left behind."""
+    """That `folder`, or the nearest of its parents that exists (the rest is made when the output is written), is a
+    folder a file can be created in; nothing is made or left behind (a probe file is created and removed), so it can
+    run beside the other checks of a command line that may yet stop on another problem."""
     folder = Path(folder)
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
-        raise UserError(f"{what} {folder} is not writable: {existing} is a file, not a folder")
+        raise UserError(f"{what} {folder} is not writable: {existing} is not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"{what} {folder} is not writable: {os_error_text(e)}") from e
+        raise UserError(f"{what} {folder} is not writable: no file can be created in {existing} ({e.strerror})") \
+            from e
     return folder
 
 

@@ -62,7 +62,7 @@ def test_the_check_of_an_output_folder_makes_nothing(tmp_path):
     with pytest.raises(UserError, match="--out /proc/self/x is not writable"):
         cli.check_writable_dir(Path("/proc/self/x"), "--out")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match=f"--out {tmp_path}/file/sub is not writable: {tmp_path}/file is a file, not a folder"):
+    with pytest.raises(UserError, match=f"--out {tmp_path}/file/sub is not writable: {tmp_path}/file is not a fold"):
         cli.check_writable_dir(tmp_path / "file" / "sub", "--out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 

@@ -462,8 +462,10 @@ RUN_PROBLEMS = {
                   (["--init-from", "{file}"], ["--init-from '{file}'", "{file} is corrupt or truncated"]),
                   (["--init-from", "{foreign}"], ["--init-from '{foreign}'", "not a checkpoint of this repo"]),
                   (["--init-from", "{cut}"], ["--init-from '{cut}'", "{cut} is corrupt or truncated"]),
-                  (["--init-from", "{damaged_run}"], ["every checkpoint in {damaged_run}/checkpoints is corrupt"]),
-                  (["--init-from", "{run_checkpoints}"], ["is the checkpoint folder of the run directory"]),
+                  (["--init-from", "{damaged_run}"], ["every checkpoint in {damaged_run}/checkpoints is corrupt (",
+                                                     "{damaged_run}/checkpoints/step_000002.pt is corrupt or truncated"]),
+                  (["--init-from", "{run_checkpoints}"], ["no checkpoint in {run_checkpoints}: it is the checkpoint "
+                                                         "folder of the run directory"]),
                   (["--init-from", "{other_model}"], ["--init-from '{other_model}'", "different model config"]),
                   (["--init-from", "{flipped_run}"], ["every checkpoint in {flipped_run}/checkpoints is corrupt"])],
     "resume": [(["--resume"], ["--resume: no checkpoint in", "--allow-fresh-start"])],
