@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save
 
 import tokenizer
 from checkpoint import CheckpointDamaged, list_checkpoints, load_checkpoint, model_from_state, save_checkpoint
-from cli import UserError, atomic_write, ensure_writable_dir, is_result_of, main_entry, raise_all, write_json
+from cli import UserError, atomic_write, check_writable_dir, is_result_of, main_entry, raise_all, write_json
 from model import GPT, GPTConfig
 from plot_metrics import latest_values, read_metrics
 from shards import file_sha256
@@ -184,7 +184,7 @@ def check_output_dir(out_dir: Path, force: bool) -> None:
                         "or a new path: an export replaces a folder, never a link")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a directory path")
-    ensure_writable_dir(out_dir.parent, "--out's folder")  # the export is written beside --out, then renamed
+    check_writable_dir(out_dir.parent, "--out's folder")  # the export is written beside --out, then renamed
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not force:
@@ -214,10 +214,6 @@ def export_problem(path: Path) -> str | None:
         except OSError:  # a folder under a file's name, an unreadable file
             return f"{name} cannot be read as the export wrote it"
     return None
-
-
-def is_export_dir(path: Path) -> bool:
-    return export_problem(path) is None
 
 
 def replace_dir(new: Path, target: Path) -> None:
@@ -427,7 +423,7 @@ def check_import_out(out_file: Path, force: bool) -> None:
     if out_file.exists() and not written_by_import(out_file):
         raise UserError(f"--out {out_file} is not a checkpoint export_hf.py --from-hf wrote (a training checkpoint, "
                         "say): --force replaces only those; choose a new path")
-    ensure_writable_dir(out_file.parent, "--out's folder")
+    check_writable_dir(out_file.parent, "--out's folder")
 
 
 def import_hf(hf_dir, out_file, force: bool = False, dtype_name: str | None = None) -> Path:
@@ -447,6 +443,7 @@ def import_hf(hf_dir, out_file, force: bool = False, dtype_name: str | None = No
         model.load_state_dict(state, assign=True)  # strict: every tensor present with the config's shape
     except RuntimeError as e:
         raise UserError(f"{hf_dir}: weights do not match its config.json ({str(e).splitlines()[-1].strip()})")
+    out_file.parent.mkdir(parents=True, exist_ok=True)  # (checked, not made, with the other problems)
     save_checkpoint({"model_config": dataclasses.asdict(config), "model": model.state_dict(),
                      "imported_from": str(hf_dir)}, out_file)  # the mark that --force may replace this file
     return out_file

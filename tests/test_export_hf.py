@@ -382,6 +382,9 @@ def bad_input_cases(tmp_path):
          f"checkpoint {missing} does not exist", f"--out {text_file} is a file"),
         (["--from-hf", str(good), "--out", str(busy), "--dtype", "float16"], "is a file, not a folder",
          f"--out {busy} is a directory", "--dtype applies to an export"),
+        # an --out in folders that do not exist yet: they are made only by a run that writes
+        (["--checkpoint", missing, "--out", str(tmp_path / "new" / "sub" / "out")], "does not exist"),
+        (["--from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new" / "sub" / "x.pt")], "does not exist"),
     ]
 
 
