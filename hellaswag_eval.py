@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_state
-from cli import (REPO_DIR, UserError, check_result_out, check_result_target, main_entry, positive_int, raise_all,
+from cli import (REPO_DIR, UserError, check_result_out, main_entry, positive_int, raise_all,
                  utf8_lines, write_json)
 from devices import checked_device, exit_with, init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
@@ -296,10 +296,10 @@ def main(argv=None):
     if args.download_only:
         print(f"HellaSwag validation: {len(load_examples(args.data))} examples ready")
         return
-    # Refused now, not after the whole evaluation, every problem in one line: the checkpoint (looked at without
-    # reading a tensor), every bad line of the data, an --out that is a folder or a file not ours; then the
-    # checkpoint loaded (damage in its tensor bytes: the fallback past it) together with each scored example's
-    # endings against the model's context (tokenized: seconds), before a model is built; then --out's folder.
+    # Refused now, not after the whole evaluation, every problem in one line: the checkpoint (peeked: its tensors
+    # not built), every bad line of the data, an --out that is a folder, a file not ours or in a folder that takes
+    # no file, the device; then the checkpoint loaded (the fallback past a damaged one) together with each scored
+    # example's endings against the model's context (tokenized: seconds), before a model is built.
     found = {}
 
     def checkpoint():
@@ -310,7 +310,7 @@ def main(argv=None):
 
     def out():
         if args.out:
-            check_result_target(Path(args.out), WRITTEN_BY)
+            check_result_out(args.out, WRITTEN_BY)  # (its folder checked, not made)
     raise_all(checkpoint, data, out, lambda: checked_device(args.device, int(os.environ.get("LOCAL_RANK", 0))))
     data_file, numbered = found["data"]
     chosen = numbered[:args.limit] if args.limit is not None else numbered
@@ -321,8 +321,6 @@ def main(argv=None):
     state, checkpoint_file = found["loaded"]
     if state["model_config"]["block_size"] != found["config"]["block_size"]:  # a fallback of another context
         check_fits(data_file, chosen, state["model_config"]["block_size"])
-    if args.out:
-        check_result_out(args.out, WRITTEN_BY)
     d, device = init_distributed(args.device)
     rank, world_size = d.rank, d.world_size
     try:

@@ -235,6 +235,10 @@ def test_every_bad_path_is_named_in_one_line(tmp_path, capsys, monkeypatch):
     assert_one_line_error(error, f"checkpoint {tmp_path / 'nope'} does not exist",
                           f"HellaSwag file {tmp_path / 'nope.jsonl'} does not exist", f"--out {foreign} exists",
                           "--device 'tpu': use cuda, mps or cpu", status=2, alone=True)
+    error = run_main(["--checkpoint", tmp_path / "nope", "--data", SAMPLE_FILE, "--out", foreign / "result.json"],
+                     capsys)
+    assert_one_line_error(error, f"checkpoint {tmp_path / 'nope'} does not exist",
+                          f"--out's folder {foreign} is not writable", status=2, alone=True)
     assert foreign.read_text() == "keep me"
 
 
