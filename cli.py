@@ -118,7 +118,7 @@ def utf8_lines(lines):
     offset = 0
     for number, raw in enumerate(lines, start=1):
         try:
-            yield number, raw.decode("utf-8"), ""
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8"), ""  # (a byte order mark is no text)
         except UnicodeDecodeError as e:
             yield number, None, f"not UTF-8 at byte {offset + e.start} ({e.reason})"
         offset += len(raw)

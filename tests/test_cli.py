@@ -67,6 +67,17 @@ def test_the_check_of_an_output_folder_makes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_a_text_file_a_flag_names_is_read_as_lines_of_utf8(tmp_path):
+    """A byte order mark and Windows line ends are not part of the text; only a newline ends a line (a form feed or
+    U+2028 inside one does not); bytes that are not UTF-8 are named by line and byte."""
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffone\r\ntwo\x0c and\u2028 three\n".encode())
+    assert cli.read_text_lines(path, "--prompts-file") == ["one", "two\x0c and\u2028 three"]
+    path.write_bytes(b"\xef\xbb\xbfok\nno \xff here\n")
+    with pytest.raises(UserError, match=f"--prompts-file {path} line 2: not UTF-8 at byte 9 "):
+        cli.read_text_lines(path, "--prompts-file")
+
+
 def test_atomic_write_syncs_every_byte_before_the_rename(tmp_path, monkeypatch):
     """The file is fsynced whole (Python's buffer flushed first), then renamed: after a crash the name holds the old
     file or all of the new one."""
