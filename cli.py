@@ -95,20 +95,22 @@ def main_entry(main=None, *, memory_hint: str = "use a smaller batch"):
     return wrapper
 
 
-def raise_all(*checks) -> None:
+def raise_all(*checks) -> list:
     """Run every check (a callable that raises UserError for a problem) and name every problem found in one
     UserError, "; "-joined, in the order given; a single one is raised as it is (its type kept: CheckpointDamaged).
-    So a command line with a bad checkpoint, a bad --out and a bad flag names all three, not the first."""
-    errors = []
+    So a command line with a bad checkpoint, a bad --out and a bad flag names all three, not the first. When none
+    fails: what each check returned, in order (a check that reads something hands it on)."""
+    results, errors = [], []
     for check in checks:
         try:
-            check()
+            results.append(check())
         except UserError as e:
             errors.append(e)
     if len(errors) == 1:
         raise errors[0]
     if errors:
         raise UserError("; ".join(map(str, errors)))
+    return results
 
 
 def utf8_lines(lines):

@@ -174,14 +174,11 @@ def check_seed(seed: int) -> None:
 def main(argv=None):
     args = parse_args(argv)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    found = {}  # what the checks below read, for the run after them
-    raise_all(lambda: check_sampling(sampling), lambda: check_num_samples(args.num_samples),
-              lambda: check_seed(args.seed),
-              lambda: found.update(prompts=read_prompts(args)),
-              lambda: found.update(device=pick_device(args.device)),
-              lambda: found.update(peeked=load_checkpoint(args.checkpoint, peek=True)[0]))  # no tensor read yet
-    prompts, device = found["prompts"], found["device"]
-    block_size = found["peeked"]["model_config"]["block_size"]
+    *_, prompts, device, (peeked, _) = raise_all(
+        lambda: check_sampling(sampling), lambda: check_num_samples(args.num_samples), lambda: check_seed(args.seed),
+        lambda: read_prompts(args), lambda: pick_device(args.device),
+        lambda: load_checkpoint(args.checkpoint, peek=True))  # no tensor built yet
+    block_size = peeked["model_config"]["block_size"]
     raise_all(*(lambda p=p: encode_prompt(p, block_size) for p in prompts))  # every prompt that is too long
     model = load_model(args.checkpoint, device)
     if device.type == "cuda":

@@ -300,26 +300,15 @@ def main(argv=None):
     # not built), every bad line of the data, an --out that is a folder, a file not ours or in a folder that takes
     # no file, the device; then the checkpoint loaded (the fallback past a damaged one) together with each scored
     # example's endings against the model's context (tokenized: seconds), before a model is built.
-    found = {}
-
-    def checkpoint():
-        found["config"] = load_checkpoint(args.checkpoint, peek=True)[0]["model_config"]
-
-    def data():
-        found["data"] = load_numbered(args.data)
-
-    def out():
-        if args.out:
-            check_result_out(args.out, WRITTEN_BY)  # (its folder checked, not made)
-    raise_all(checkpoint, data, out, lambda: checked_device(args.device, int(os.environ.get("LOCAL_RANK", 0))))
-    data_file, numbered = found["data"]
+    (peeked, _), (data_file, numbered), *_ = raise_all(
+        lambda: load_checkpoint(args.checkpoint, peek=True), lambda: load_numbered(args.data),
+        lambda: args.out and check_result_out(args.out, WRITTEN_BY),  # (its folder checked, not made)
+        lambda: checked_device(args.device, int(os.environ.get("LOCAL_RANK", 0))))
+    block_size = peeked["model_config"]["block_size"]
     chosen = numbered[:args.limit] if args.limit is not None else numbered
-
-    def load():
-        found["loaded"] = load_checkpoint(args.checkpoint)  # past a newest one damaged in its tensor bytes
-    raise_all(load, lambda: check_fits(data_file, chosen, found["config"]["block_size"]))
-    state, checkpoint_file = found["loaded"]
-    if state["model_config"]["block_size"] != found["config"]["block_size"]:  # a fallback of another context
+    (state, checkpoint_file), _ = raise_all(lambda: load_checkpoint(args.checkpoint),  # past a damaged newest one
+                                            lambda: check_fits(data_file, chosen, block_size))
+    if state["model_config"]["block_size"] != block_size:  # a fallback of another context
         check_fits(data_file, chosen, state["model_config"]["block_size"])
     d, device = init_distributed(args.device)
     rank, world_size = d.rank, d.world_size

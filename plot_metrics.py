@@ -232,13 +232,8 @@ def write_plots(path, out_dir=None) -> list[Path]:
     run_dir = metrics_path(path).parent
     what = "--out" if out_dir else "the plots folder"
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
-    found = {}
-
-    def metrics():
-        found["metrics"] = plot_events(path)
-    raise_all(metrics, lambda: check_plot_dir(out_dir, what))
+    (file, events, skipped), _ = raise_all(lambda: plot_events(path), lambda: check_plot_dir(out_dir, what))
     ensure_writable_dir(out_dir, what)
-    file, events, skipped = found["metrics"]
     warn_skipped(file, skipped)
     written = []
     for name, make, title in FIGURES:
