@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from cli import UserError, hardware_name, main_entry, run_and_write_result
+from cli import UserError, check_result_out, hardware_name, main_entry, raise_all, run_and_write_result
 from model import GPT, PRESETS, GPTConfig
 
 WRITTEN_BY = "memory_estimate.py"  # the marker of its --out results (cli.write_json): it replaces only those
@@ -193,7 +193,7 @@ def estimate(args) -> dict:
 @main_entry(memory_hint="try a lower --seq-len (activations are measured at one sequence of that length)")
 def main(argv=None):
     args = parse_args(argv)
-    check_flags(args)  # before run_and_write_result makes --out's folder
+    raise_all(lambda: check_flags(args), lambda: args.out and check_result_out(args.out, WRITTEN_BY))  # one line
     run_and_write_result(estimate, args, WRITTEN_BY)
 
 

@@ -84,3 +84,14 @@ def test_every_bad_flag_is_named_in_one_line_and_nothing_is_written(bad, tmp_pat
     for flag, value in zip(bad[::2], bad[1::2]):
         assert f"{flag} {float(value) if flag == '--gpu-gib' else value}" in line or f"{flag} {value!r}" in line, line
     assert not (tmp_path / "new").exists()
+
+
+def test_an_out_whose_folder_takes_no_file_is_named_with_the_bad_flags(tmp_path, capsys):
+    import memory_estimate
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--configs", "nope", "--out", str(tmp_path / "a_file" / "memory.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        memory_estimate.main(argv)
+    assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err),
+                          "--configs 'nope'", f"--out's folder {tmp_path / 'a_file'} is not writable", status=2,
+                          alone=True)
