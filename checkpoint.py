@@ -29,6 +29,7 @@ import shutil
 import sys
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -347,7 +348,8 @@ def _first_garbled_record(source) -> str | None:
                     with archive.open(record) as f:  # (zipfile checks the CRC once a record is read to its end)
                         while f.read(1 << 24):
                             pass
-                except zipfile.BadZipFile:
+                # a changed index entry: another compression, an encryption or patch flag, a bad deflate stream
+                except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, EOFError):
                     return record.filename
             return None
     except (zipfile.BadZipFile, EOFError, ValueError):  # (an OSError is the disk's: raised, as torch.load's is)

@@ -179,6 +179,25 @@ def test_a_peek_refuses_a_damaged_checkpoint_as_the_load_does_unless_the_damage_
     assert state["step"] == checkpoint.checkpoint_step(found)
 
 
+@pytest.mark.parametrize("field, value", [(8, 1), (10, 99), (8, 0x20), (10, 8)],
+                         ids=["encrypted", "unknown-compression", "patched", "deflated"])
+@pytest.mark.parametrize("kind", ["pt", "sharded"])
+def test_a_changed_zip_index_entry_is_damage_and_a_run_falls_back_past_it(kind, field, value, runs, tmp_path,
+                                                                          capsys):
+    """One field of a record's entry in the zip's central directory changed (general flags at +8, compression at
+    +10): zipfile then raises RuntimeError, NotImplementedError or zlib.error, which were tracebacks."""
+    run, ckpt, _ = damaged_copy(runs, kind, "", lambda file: None, tmp_path)
+    file = ckpt / checkpoint.STATE_FILE if kind == "sharded" else ckpt
+    data = bytearray(file.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the first record's central directory entry
+    data[entry + field] |= value
+    file.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointDamaged) as error:
+        checkpoint.load_checkpoint(ckpt)
+    assert_names_file(str(error.value), file)
+    assert checkpoint.load_checkpoint(run)[1] == checkpoint.checkpoint_path(run, GOOD, sharded=kind == "sharded")
+
+
 @pytest.mark.parametrize("fmt", ["no CRC", "legacy"])
 def test_a_good_checkpoint_in_another_torch_save_format_loads_and_passes_the_peek(fmt, runs, tmp_path):
     """torch.save without CRCs (compute_crc32=False: every record's CRC stored as 0) and its pre-zip format are not
