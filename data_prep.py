@@ -25,10 +25,11 @@ datasets without a cache, in the main process.
 Validation size: --val-tokens, or by default one shard's worth; a corpus smaller than that default gets the first
 VAL_SHARE (10%) of its tokens for validation instead. The output says so, and the manifest records it (val_share).
 
-Output: one directory per dataset. Shards are written under temporary names and renamed when complete; manifest.json
-is written last, so a directory without one is unfinished. A rerun on a finished directory with the same settings
-(every shard hashing right) says so and exits 0; any other non-empty --out is refused unless --overwrite, which
-replaces what data_prep.py wrote there (never other files).
+Output: one directory per dataset. A build is written into a folder inside it (.data_prep-build) and moved into place
+only once it is complete and usable, manifest.json last: a run that fails or is stopped leaves --out as it was, a
+finished dataset included. A directory without a manifest is unfinished. A rerun on a finished directory with the
+same settings (every shard hashing right) says so and exits 0; any other non-empty --out is refused unless
+--overwrite, which replaces what data_prep.py wrote there (never other files).
 """
 import argparse
 import cli
@@ -48,7 +49,7 @@ from tqdm import tqdm
 
 import shards
 import tokenizer
-from cli import UserError, check_writable_dir, ensure_writable_dir, main_entry, positive_int
+from cli import UserError, check_writable_dir, ensure_writable_dir, fsync_dir, main_entry, positive_int
 from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, parquet_problems, source_record, token_bound
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
@@ -61,6 +62,7 @@ VAL_SHARE = 0.1  # of a corpus smaller than the default --val-tokens, taken for 
 # token after it, the last target (data_prep imports no model code: test_data_prep checks it against model.PRESETS)
 MIN_SPLIT_TOKENS = 129
 _OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|manifest\.json|\.manifest\.json\.tmp\d*)$")
+STAGING_NAME = ".data_prep-build"  # the folder inside --out a build is written to before it is moved into place
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,13 +158,19 @@ def smallest_shrunk_stream(share: float = VAL_SHARE) -> int:
     return tokens
 
 
+def splits_usable(val: int, train: int, args) -> bool:
+    """Whether each split holds MIN_SPLIT_TOKENS (an explicit --val-tokens is the user's own choice: then only the
+    train split is judged)."""
+    return train >= MIN_SPLIT_TOKENS and (val >= MIN_SPLIT_TOKENS or not args.val_share)
+
+
 def max_tokens_problem(args) -> str | None:
-    """A --max-tokens that cannot give each split MIN_SPLIT_TOKENS (an explicit --val-tokens is the user's own
-    choice: then only the train split is judged), with the smallest --max-tokens above it that can."""
+    """A --max-tokens that cannot give the splits MIN_SPLIT_TOKENS (splits_usable), with the smallest --max-tokens
+    above it that can."""
     if args.max_tokens is None:
         return None
     val, train = split_sizes(args.max_tokens, args)
-    if train >= MIN_SPLIT_TOKENS and (val >= MIN_SPLIT_TOKENS or not args.val_share):
+    if splits_usable(val, train, args):
         return None
     shrunk = smallest_shrunk_stream(args.val_share) if args.val_share else None
     least = (shrunk if shrunk is not None and args.max_tokens < shrunk < min(args.shard_tokens, args.val_tokens)
@@ -312,35 +320,73 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
     """Whether `out` can take a build (read-only); False when it already holds this very dataset (nothing to do).
 
     A new or empty directory can, and a finished build with the same settings is reused; anything else is refused
-    unless --overwrite, with which clear_out_dir removes what data_prep.py writes (shards, manifest and their
-    temporary files). Files of any other name are never removed: a directory holding one is refused."""
+    unless --overwrite, with which publish replaces what data_prep.py writes (shards, manifest and their temporary
+    files). Files of any other name are never removed: a directory holding one is refused. The staging folder a
+    killed build left behind is no content of `out` (build_folder removes it)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
     check_writable_dir(out, "--out")
-    entries = [p.name for p in out.iterdir()] if out.is_dir() else []
-    if not entries:
-        return True
-    if not overwrite:
-        existing, holds = finished_build(out, settings)
-        if existing:
-            print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
-            return False
-    foreign = [name for name in entries if not _OUR_FILE.match(name)]
+    staging = out / STAGING_NAME
+    entries = [p.name for p in out.iterdir() if p != staging] if out.is_dir() else []
+    foreign = [name for name in entries if not _OUR_FILE.match(name)] + foreign_files(staging)
     if foreign:
         raise UserError(f"--out {out} holds files data_prep.py did not write (e.g. {foreign[0]!r}); pass a new or "
                         f"empty directory")
+    if not entries:
+        return True
+    existing, holds = finished_build(out, settings)
+    if existing and not overwrite:
+        print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
+        return False
     if not overwrite:
         raise UserError(f"--out {out} holds {holds}; pass --overwrite to replace it, or use one --out per dataset")
     return True
 
 
-def clear_out_dir(out: Path) -> None:
-    """Make `out` (checked by check_out_dir) and remove the files data_prep.py wrote there (--overwrite)."""
+def foreign_files(staging: Path) -> list[str]:
+    """What in a staging folder data_prep.py did not write (as paths relative to --out): the folder itself when it
+    is no folder, or its entries of any other name."""
+    if not (staging.exists() or staging.is_symlink()):
+        return []
+    if staging.is_symlink() or not staging.is_dir():
+        return [staging.name]
+    return [f"{staging.name}/{p.name}" for p in staging.iterdir() if not _OUR_FILE.match(p.name)]
+
+
+def new_staging_folder(out: Path) -> Path:
+    """Make `out` and an empty staging folder in it (removing the one a killed build left: check_out_dir has seen
+    that it holds only data_prep.py's files)."""
     ensure_writable_dir(out, "--out")
-    # The manifest goes first: a crash while deleting then leaves an unfinished build, never a complete-looking one.
-    ours = [p.name for p in out.iterdir() if _OUR_FILE.match(p.name)]
-    for name in sorted(ours, key=lambda n: n != shards.MANIFEST_NAME):
-        (out / name).unlink()
+    staging = out / STAGING_NAME
+    remove_staging(staging)
+    staging.mkdir()
+    return staging
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove a staging folder and the files data_prep.py wrote in it; one holding anything else stays."""
+    if not staging.is_dir() or staging.is_symlink():
+        return
+    for path in staging.iterdir():
+        if _OUR_FILE.match(path.name):
+            path.unlink()
+    staging.rmdir()
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move the finished build from `staging` into `out`, replacing what data_prep.py wrote there before. The old
+    manifest goes first and the new one comes last, so a crash part way leaves a directory without manifest.json
+    (an unfinished build, refused until --overwrite), never a manifest listing another build's shards."""
+    new = sorted(p.name for p in staging.iterdir() if p.name != shards.MANIFEST_NAME)
+    (out / shards.MANIFEST_NAME).unlink(missing_ok=True)
+    for name in new:
+        os.replace(staging / name, out / name)
+    for path in list(out.iterdir()):
+        if path.is_file() and _OUR_FILE.match(path.name) and path.name not in new + [shards.MANIFEST_NAME]:
+            path.unlink()
+    os.replace(staging / shards.MANIFEST_NAME, out / shards.MANIFEST_NAME)
+    fsync_dir(out)
+    staging.rmdir()
 
 
 def finished_build(out: Path, settings: dict) -> tuple[dict | None, str]:
@@ -372,21 +418,24 @@ def describe(manifest: dict) -> str:
 
 def prepare_data(argv=None) -> dict:
     """The whole command; raises UserError on bad input. Returns the manifest plus timing figures. A run that fails
-    before it has written anything into --out removes the folders of --out it made (never one it did not make)."""
+    or is stopped leaves --out as it was: its staging folder is removed, and so are the folders of --out it made
+    (never one it did not make)."""
     args = parse_args(argv)
     out = Path(args.out)
     source = checked_source(args)
     settings = settings_record(source, args)
     if not check_out_dir(out, settings, args.overwrite):
+        remove_staging(out / STAGING_NAME)
         return shards.read_manifest(out)
     load_start = time.perf_counter()
     texts = load_texts(args, source)  # resolved and checked before --out is touched: a bad input loses nothing
     load_seconds = time.perf_counter() - load_start
     made = first_new_folder(out)
     try:
-        clear_out_dir(out)
-        return build(args, out, source, settings, texts, load_seconds)
+        return build(args, out, new_staging_folder(out), source, settings, texts, load_seconds)
     except BaseException:
+        with contextlib.suppress(OSError):
+            remove_staging(out / STAGING_NAME)
         if made is not None:
             remove_empty_folders(out, made)
         raise
@@ -413,12 +462,13 @@ def remove_empty_folders(out: Path, made: Path) -> None:
             return
 
 
-def build(args, out: Path, source: dict, settings: dict, texts, load_seconds: float) -> dict:
-    """Tokenize the source's texts (load_texts) into `out` (made ready by clear_out_dir) and write the manifest."""
+def build(args, out: Path, staging: Path, source: dict, settings: dict, texts, load_seconds: float) -> dict:
+    """Tokenize the source's texts (load_texts) into `staging`, write the manifest there once the splits are judged
+    usable, and publish the build into `out`."""
     tokenizer.get_tokenizer()  # load once here: forked workers inherit it
     print(f"data_prep: {describe_source(source)} -> {out} ({args.workers} workers, shards of {args.shard_tokens} "
           f"tokens, {args.val_tokens} val tokens{val_share_note(args, token_bound(texts))})")
-    result = tokenize_and_write(texts, out, args)
+    result = tokenize_and_write(texts, staging, args)
     check_splits(result, args)
     val_rule = (f"the first {args.val_share:.0%} of the tokens: the corpus is smaller than the default --val-tokens "
                 f"{args.val_tokens}" if result["val_shrunk"] else f"the first --val-tokens {args.val_tokens} tokens")
@@ -434,7 +484,8 @@ def build(args, out: Path, source: dict, settings: dict, texts, load_seconds: fl
         "val_share": args.val_share if result["val_shrunk"] else None, "val_rule": val_rule,
         "shards": result["shards"],
     }
-    shards.write_manifest(out, manifest)
+    shards.write_manifest(staging, manifest)
+    publish(staging, out)
     seconds = result["seconds"]
     print(f"data_prep: {manifest['documents']} documents, {manifest['total_tokens']} tokens (val "
           f"{manifest['val_tokens']}, train {manifest['train_tokens']}) in {len(manifest['shards'])} shards -> {out}; "
@@ -462,14 +513,22 @@ def describe_source(source: dict) -> str:
 
 
 def check_splits(result: dict, args) -> None:
-    """Refuse a build that would be unusable: no tokens at all, or nothing left for training after validation."""
-    if result["total_tokens"] == 0:
+    """Refuse a build that would be unusable (before it is published: --out stays as it was): no tokens at all, or
+    splits too small (splits_usable, as for --max-tokens)."""
+    total = result["total_tokens"]
+    if total == 0:
         raise UserError(f"the input yielded no tokens (no non-empty {args.text_field!r} documents); check the input "
-                        f"and --text-field")
-    if not any(s["split"] == "train" for s in result["shards"]):
-        raise UserError(f"the input yielded only {result['total_tokens']} tokens, all taken for validation by "
-                        f"--val-tokens {args.val_tokens}; run again with a lower --val-tokens and --overwrite (which "
-                        f"replaces the unfinished shards this run wrote), or add data")
+                        f"and --text-field; --out {args.out} is left as it was")
+    val = sum(s["tokens"] for s in result["shards"] if s["split"] == "val")
+    train = total - val
+    if splits_usable(val, train, args):
+        return
+    most_val = total - MIN_SPLIT_TOKENS  # the largest --val-tokens that leaves the train split enough
+    remedy = (f"run again with --val-tokens {most_val} or lower, or add data"
+              if train < MIN_SPLIT_TOKENS and most_val >= MIN_SPLIT_TOKENS else "add data")
+    raise UserError(f"the input yielded only {total} tokens: {val} for validation and {train} for training (each "
+                    f"split needs at least {MIN_SPLIT_TOKENS}, one window of the smallest preset's context plus its "
+                    f"last target); --out {args.out} is left as it was; {remedy}")
 
 
 main = main_entry(prepare_data)

@@ -3,6 +3,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import time
@@ -94,13 +95,13 @@ def write_parquet(path, docs, field="text"):
 @pytest.mark.parametrize("kind,streaming", [("jsonl", False), ("jsonl", True), ("parquet", False)])
 def test_local_files_round_trip(tmp_path, kind, streaming):
     write = write_jsonl if kind == "jsonl" else write_parquet
-    write(tmp_path / f"a.{kind}", DOCS[:4])
-    write(tmp_path / f"b.{kind}", DOCS[4:])
+    write(tmp_path / f"a.{kind}", DOCS[:4] * 4)  # (4 times: each split must hold 129 tokens)
+    write(tmp_path / f"b.{kind}", DOCS[4:] * 4)
     (tmp_path / f"c.{kind}").write_bytes(b"")  # skipped (datasets' num_proc fails on a job of empty files)
     out = tmp_path / "out"
     manifest = prepare(out, "--source", "files", "--files", str(tmp_path / f"*.{kind}"), "--shard-tokens", "8",
                        "--val-tokens", "5", *(["--streaming"] if streaming else []), cache=tmp_path / "cache")
-    expected = [doc for doc in DOCS if doc]  # files in sorted order; empty and null texts skipped
+    expected = [doc for doc in DOCS[:4] * 4 + DOCS[4:] * 4 if doc]  # files in sorted order; empty, null texts skipped
     assert decoded_documents(out) == expected
     assert manifest["documents"] == len(expected)
     assert [s["tokens"] for s in manifest["shards"] if s["split"] == "val"] == [5]
@@ -169,26 +170,142 @@ def test_damaged_finished_output_is_refused_until_overwrite(tmp_path, damage):
     ShardDataset.open(out, verify_sha256=True)
 
 
-def test_overwrite_deletes_the_manifest_first(tmp_path, monkeypatch):
-    # A crash part way through --overwrite's deletions must leave a build without manifest.json (refused as
-    # unfinished), never one whose manifest lists shards already deleted. Path.unlink fails after its first call.
-    out = tmp_path / "d"
-    prepare(out, "--source", "embedded", "--max-docs", "300", "--val-tokens", "1000")
-    assert len(list(out.glob("*.bin"))) >= 2  # a shard besides the manifest: the second unlink has one to fail on
-    removed, real_unlink = [], Path.unlink
+def tree(folder: Path) -> dict[str, bytes] | None:
+    """Every file under `folder` by relative path with its bytes (None when the folder does not exist)."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    def unlink_then_crash(self, *args, **kwargs):
-        if removed:
-            raise OSError(5, "Input/output error", str(self))
-        removed.append(self.name)
-        real_unlink(self, *args, **kwargs)
-    monkeypatch.setattr(Path, "unlink", unlink_then_crash)
-    with pytest.raises(OSError, match="Input/output error"):
-        prepare(out, "--source", "embedded", "--max-docs", "200", "--val-tokens", "1000", "--overwrite")
-    assert removed == ["manifest.json"] and not (out / "manifest.json").exists()
+
+# --overwrite of a 6-shard build (400 documents, shards of 4,000 tokens) by a 4-shard one (300): shards written,
+# the old manifest removed, shards replaced, the old build's extra shards removed, the manifest moved in
+OLD_BUILD = ["--source", "embedded", "--max-docs", "400", "--val-tokens", "1000", "--shard-tokens", "4000"]
+NEW_BUILD = ["--source", "embedded", "--max-docs", "300", "--val-tokens", "1000", "--shard-tokens", "4000"]
+FILE_STEPS = 14  # renames and deletions of that --overwrite, counted by the test below
+
+
+def failing_file_step(monkeypatch, fail_at: int | None) -> list:
+    """Count os.replace and Path.unlink calls (the list returned); the one numbered `fail_at` (from 0) raises."""
+    calls = []
+    for owner, name in [(os, "replace"), (Path, "unlink")]:
+        def counted(*args, real=getattr(owner, name), **kwargs):
+            calls.append(args)
+            if len(calls) - 1 == fail_at:
+                raise OSError(5, "Input/output error")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_the_crash_matrix_covers_every_file_step_of_an_overwrite(tmp_path, monkeypatch):
+    prepare(tmp_path / "d", *OLD_BUILD)
+    calls = failing_file_step(monkeypatch, None)
+    prepare(tmp_path / "d", *NEW_BUILD, "--overwrite")
+    assert len(calls) < FILE_STEPS
+
+
+@pytest.mark.parametrize("fail_at", range(FILE_STEPS))
+def test_a_crash_in_an_overwrite_never_leaves_a_manifest_of_other_shards(fail_at, tmp_path, monkeypatch):
+    """A crash at any rename or deletion of --overwrite (fail_at: the one that raises) leaves the old dataset, or the
+    new one, or no manifest.json (an unfinished build, refused until --overwrite); never a manifest whose shards are
+    missing or of the other build. A rerun mends any of these."""
+    out = tmp_path / "d"
+    prepare(out, *OLD_BUILD)
+    failing_file_step(monkeypatch, fail_at)
+    try:
+        prepare(out, *NEW_BUILD, "--overwrite")
+    except OSError as e:
+        assert "Input/output error" in str(e)
     monkeypatch.undo()
-    with pytest.raises(UserError, match=r"unfinished build \(no manifest.json\)"):
+    if (out / "manifest.json").exists():
+        assert ShardDataset.open(out, verify_sha256=True).manifest["documents"] in (300, 400)
+    else:
+        with pytest.raises(UserError, match=r"unfinished build \(no manifest.json\)"):
+            prepare(out, *OLD_BUILD)
+    prepare(out, *NEW_BUILD, "--overwrite")
+    assert ShardDataset.open(out, verify_sha256=True).manifest["documents"] == 300
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train_000000.bin", "train_000001.bin",
+                                                     "train_000002.bin", "val_000000.bin"]
+
+
+def tiny_text(tmp_path) -> list[str]:
+    (tmp_path / "tiny.txt").write_text("A few words.\n\nAnd a few more.\n")
+    return ["--source", "files", "--files", str(tmp_path / "tiny.txt"), "--cache-dir", str(tmp_path / "cache")]
+
+
+def empty_documents(tmp_path) -> list[str]:
+    write_jsonl(tmp_path / "blank.jsonl", ["", None, ""])
+    return ["--source", "files", "--files", str(tmp_path / "blank.jsonl"), "--cache-dir", str(tmp_path / "cache")]
+
+
+def stopped_after_the_first_shard(monkeypatch, error):
+    """The run stops (`error`: Ctrl-C, a full disk) once the first shard of the new build is written."""
+    real = shards.write_shard
+
+    def write_then_stop(path, tokens):
+        real(path, tokens)
+        raise error
+    monkeypatch.setattr(shards, "write_shard", write_then_stop)
+    return ["--source", "embedded", "--max-docs", "400", "--val-tokens", "1000", "--shard-tokens", "4000"]
+
+
+FAILED_BUILDS = {
+    "no tokens": lambda tmp_path, mp: (empty_documents(tmp_path), "yielded no tokens"),
+    "too few tokens": lambda tmp_path, mp: (tiny_text(tmp_path), r"yielded only \d+ tokens: \d+ for validation and "
+                                                                r"\d+ for training .*; add data"),
+    "val split too small": lambda tmp_path, mp: (["--source", "embedded", "--max-docs", "30"],
+                                                 r"110 for validation and 994 for training .*; add data$"),
+    "val takes all": lambda tmp_path, mp: (["--source", "embedded", "--max-docs", "30", "--val-tokens", "1000000"],
+                                           r"1104 for validation and 0 for training.*--val-tokens 975 or lower"),
+    "ctrl-c": lambda tmp_path, mp: (stopped_after_the_first_shard(mp, KeyboardInterrupt()), None),
+    "disk full": lambda tmp_path, mp: (stopped_after_the_first_shard(mp, OSError(28, "No space left on device")),
+                                       "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("before", ["absent", "empty", "finished", "killed build left"])
+@pytest.mark.parametrize("case", FAILED_BUILDS)
+def test_a_build_that_fails_or_stops_leaves_out_as_it_was(case, before, tmp_path, monkeypatch):
+    """A build refused at its end (too few tokens, a split under 129 tokens or empty), stopped (Ctrl-C) or failing (a full
+    disk) part way: --out holds what it held before, byte for byte (a finished dataset replaced with --overwrite
+    included; data_prep.py removed it first, then wrote the unusable build, or left half of one), no staging folder,
+    and a new --out (with its new parent) is gone again."""
+    out = tmp_path / "new" / "out"
+    if before != "absent":
+        out.mkdir(parents=True)
+    if before == "finished":
         prepare(out, "--source", "embedded", "--max-docs", "300", "--val-tokens", "1000")
+    if before == "killed build left":  # what a run killed while writing leaves: the new one builds regardless
+        (out / data_prep.STAGING_NAME).mkdir()
+        (out / data_prep.STAGING_NAME / "train_000000.bin").write_bytes(b"half a shard")
+    expected = tree(out) if before != "killed build left" else {}
+    argv, message = FAILED_BUILDS[case](tmp_path, monkeypatch)
+    with pytest.raises(KeyboardInterrupt if message is None else (UserError, OSError), match=message):
+        prepare(out, *argv, "--overwrite")
+    assert tree(out) == expected
+    assert (tmp_path / "new").exists() == (before != "absent")
+
+
+def test_a_killed_builds_staging_folder_is_no_content_of_out(tmp_path):
+    """A build killed (SIGKILL) leaves its staging folder in --out: the next run builds without --overwrite and
+    removes it, and a rerun over a finished dataset removes it too; a staging folder holding a file data_prep.py
+    did not write is refused, and kept."""
+    out = tmp_path / "d"
+    args = ["--source", "embedded", "--max-docs", "300", "--val-tokens", "1000"]
+    staging = out / data_prep.STAGING_NAME
+    staging.mkdir(parents=True)
+    (staging / ".train_000000.bin.tmp").write_bytes(b"half")
+    prepare(out, *args)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
+    staging.mkdir()
+    (staging / "val_000000.bin").write_bytes(b"half")
+    prepare(out, *args)
+    assert not staging.exists()
+    staging.mkdir()
+    (staging / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"did not write \(e.g. '.data_prep-build/notes.txt'\)"):
+        prepare(out, *args, "--overwrite")
+    assert (staging / "notes.txt").read_text() == "mine"
 
 
 def test_directory_holding_other_files_is_refused(tmp_path):
@@ -204,7 +321,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
         (["--source", "files", "--files", str(tmp_path / "missing*.jsonl")], "matches no file"),
         (["--source", "files", "--files", str(tmp_path / "a.jsonl")], r"no field 'text' \(its fields: body, id\)"),
         (["--source", "embedded", "--files", "x.jsonl"], "only used with it"),
-        (["--source", "embedded", "--max-docs", "20", "--val-tokens", "100000"], "all taken for validation"),
+        (["--source", "embedded", "--max-docs", "20", "--val-tokens", "100000"], "549 for validation and 0 for training"),
     ]
     for argv, message in cases:
         with pytest.raises(UserError, match=message):
@@ -525,15 +642,18 @@ def test_an_undecodable_file_of_a_local_dataset_copy_is_named_with_its_line(tmp_
 
 
 def test_the_remedy_for_a_val_split_that_takes_everything_works_when_followed(tmp_path, capsys):
-    """--val-tokens larger than the corpus: the error says to run again with a lower --val-tokens and --overwrite;
-    doing just that builds the data (without --overwrite the rerun was refused as an unfinished build)."""
+    """--val-tokens larger than the corpus: the error names the largest --val-tokens that works; running again
+    with it, and nothing else, builds the data (the failed run left nothing to refuse)."""
     argv = ["--source", "embedded", "--max-docs", "30", "--out", str(tmp_path / "out"), "--workers", "1"]
-    with pytest.raises(SystemExit):
+    from helpers import assert_one_line_error
+    with pytest.raises(SystemExit) as exit_info:
         data_prep.main([*argv, "--val-tokens", "1000000"])
-    err = capsys.readouterr().err
-    assert "run again with a lower --val-tokens and --overwrite" in err, err
-    data_prep.main([*argv, "--val-tokens", "100", "--overwrite"])
-    assert ShardDataset.open(tmp_path / "out").val_tokens == 100
+    line = assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err),
+                                 status=2)  # (after the progress bar)
+    largest = int(re.search(r"run again with --val-tokens (\d+) or lower", line).group(1))
+    data_prep.main([*argv, "--val-tokens", str(largest)])
+    dataset = ShardDataset.open(tmp_path / "out")
+    assert dataset.val_tokens == largest and dataset.train_tokens == data_prep.MIN_SPLIT_TOKENS
 
 
 # --- stopping the tokenizer pool early ------------------------------------------------------------------------------
