@@ -332,15 +332,13 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
     if foreign:
         raise UserError(f"--out {out} holds files data_prep.py did not write (e.g. {foreign[0]!r}); pass a new or "
                         f"empty directory")
-    if not entries:
+    if not entries or overwrite:
         return True
-    existing, holds = finished_build(out, settings)
-    if existing and not overwrite:
-        print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
-        return False
-    if not overwrite:
+    existing, holds = finished_build(out, settings)  # (every shard hashed: not for --overwrite, which replaces it)
+    if not existing:
         raise UserError(f"--out {out} holds {holds}; pass --overwrite to replace it, or use one --out per dataset")
-    return True
+    print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
+    return False
 
 
 def foreign_files(staging: Path) -> list[str]:

@@ -139,6 +139,17 @@ def test_rerun_on_finished_output_and_overwrite(tmp_path, capsys):
     assert manifest["documents"] == 400 and json.loads((out / "manifest.json").read_text())["documents"] == 400
 
 
+def test_overwrite_does_not_hash_the_dataset_it_replaces(tmp_path, monkeypatch):
+    """Judging whether --out holds this very dataset reads every shard (minutes for 10B tokens): --overwrite, which
+    replaces it whatever it is, skips that."""
+    out = tmp_path / "d"
+    prepare(out, "--source", "embedded", "--max-docs", "300", "--val-tokens", "1000")
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda path: pytest.fail(f"{path} hashed") if Path(path).parent == out
+                        else real(path))
+    assert prepare(out, "--source", "embedded", "--max-docs", "300", "--val-tokens", "1000", "--overwrite")["shards"]
+
+
 def test_unfinished_build_is_refused_until_overwrite(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
