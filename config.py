@@ -94,9 +94,10 @@ class TrainConfig:
             raise UserError(f"unknown --config {name!r}; valid configs: {', '.join(TRAIN_PRESETS)}")
         return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
 
-    def problems(self) -> list[str]:
-        """Every value that cannot work, as '--flag VALUE: rule' (the first rule a field breaks), and every pair of
-        flags that exclude each other: the values alone, without touching a file (input_problems does that)."""
+    def problems(self) -> dict[str, str]:
+        """Every value that cannot work, as {field: '--flag VALUE: rule'} (the first rule a field breaks), and every
+        pair of flags that exclude each other: the values alone, without touching a file (input_problems does that).
+        Keyed by field, so that a check reading some fields can tell whether their values hold."""
         found = {}
 
         def need(ok: bool, name: str, rule: str):
@@ -137,7 +138,7 @@ class TrainConfig:
             parse_trackers(self.tracker)
         except UserError as e:
             found.setdefault("tracker", str(e))
-        return list(found.values())
+        return found
 
     def sampling(self) -> Sampling:
         return Sampling(self.sample_tokens, self.sample_temperature, self.sample_top_k)

@@ -98,6 +98,58 @@ def _windows_per_shard(shards: list[Shard], seq_len: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# What a batch needs of the data: the loaders' rules, which train.py also judges before a run starts
+
+WINDOW = "(seq-len + 1: the targets are the inputs shifted by one)"
+
+
+def largest_train_batch(dataset: ShardDataset, seq_len: int) -> int:
+    """The largest micro-batch TrainLoader takes: the windows of the largest train shard."""
+    return int(_windows_per_shard(dataset.train_shards, seq_len).max())
+
+
+def check_train_batch(dataset: ShardDataset, batch_size: int, seq_len: int) -> None:
+    """A micro-batch of `batch_size` windows must fit in one train shard; else a UserError naming the windows needed
+    and held."""
+    held = largest_train_batch(dataset, seq_len)
+    if batch_size > held:
+        largest = max(s.tokens for s in dataset.train_shards)
+        raise UserError(f"a micro-batch of {batch_size} x {seq_len} tokens needs {batch_size} windows of {seq_len + 1} "
+                        f"tokens {WINDOW} in one train shard, but the largest train shard of {dataset.data_dir} holds "
+                        f"{largest} tokens: {held} such windows at stride {seq_len}; lower --micro-batch or "
+                        f"--seq-len, or {rebuild_advice(dataset.data_dir, ' and a larger --shard-tokens')}")
+
+
+def _val_windows(dataset: ShardDataset, seq_len: int, max_tokens: int | None) -> tuple[np.ndarray, int]:
+    """The windows of each val shard, and how many of them an evaluation reads: all, or max_tokens' worth."""
+    counts = _windows_per_shard(dataset.val_shards, seq_len)
+    total = int(counts.sum())
+    return counts, total if max_tokens is None else min(total, max_tokens // seq_len)
+
+
+def largest_val_batch(dataset: ShardDataset, seq_len: int, world_size: int = 1, max_tokens: int | None = None) -> int:
+    """The largest batch with which each of `world_size` ranks gets a validation batch (val_batches)."""
+    return _val_windows(dataset, seq_len, max_tokens)[1] // world_size
+
+
+def check_val_batch(dataset: ShardDataset, batch_size: int, seq_len: int, world_size: int = 1,
+                    max_tokens: int | None = None, limit_flag: str = "") -> None:
+    """Every rank must get at least one validation batch; else a UserError naming the windows needed and held (and
+    what the token limit allows, named `limit_flag` when a flag sets it)."""
+    if batch_size <= largest_val_batch(dataset, seq_len, world_size, max_tokens):
+        return
+    counts, usable = _val_windows(dataset, seq_len, max_tokens)
+    total, needed = int(counts.sum()), batch_size * world_size
+    limit = f"{limit_flag} {max_tokens}" if limit_flag else f"the limit of {max_tokens} tokens"
+    held = f", of which {limit} allows {usable}" if usable < total else ""
+    remedy = (f"raise {limit_flag or 'the limit'} or lower --micro-batch" if total >= needed  # only the limit is short
+              else f"lower --micro-batch or {rebuild_advice(dataset.data_dir, ' and a larger --val-tokens')}")
+    raise UserError(f"validation of {batch_size} x {seq_len} tokens on {world_size} rank(s) needs {needed} windows of "
+                    f"{seq_len + 1} tokens {WINDOW} per step, but the val split of {dataset.data_dir} holds "
+                    f"{dataset.val_tokens} tokens: {total} such windows at stride {seq_len}{held}; {remedy}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training loader
 
 @functools.lru_cache(maxsize=4)
@@ -123,11 +175,7 @@ class TrainLoader:
         if batch_size < 1 or seq_len < 1 or seed < 0 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader settings: batch_size {batch_size}, seq_len {seq_len}, seed {seed}, "
                              f"rank {rank} of {world_size}")
-        largest = max(s.tokens for s in dataset.train_shards)
-        if batch_size * seq_len + 1 > largest:
-            raise UserError(f"a batch of {batch_size} x {seq_len} tokens is larger than the largest train shard of "
-                            f"{dataset.data_dir} ({largest} tokens); lower the batch size or sequence length, or "
-                            f"{rebuild_advice(dataset.data_dir, ' and a larger --shard-tokens')}")
+        check_train_batch(dataset, batch_size, seq_len)
         self.dataset = dataset
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
@@ -235,19 +283,10 @@ def val_batches(dataset: ShardDataset, batch_size: int, seq_len: int, rank: int 
     if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad validation settings: batch_size {batch_size}, seq_len {seq_len}, rank {rank} of "
                          f"{world_size}")
+    check_val_batch(dataset, batch_size, seq_len, world_size, max_tokens)
     device = torch.device(device)
-    counts = _windows_per_shard(dataset.val_shards, seq_len)
-    total = int(counts.sum())
-    usable = total if max_tokens is None else min(total, max_tokens // seq_len)
-    per_rank = usable // (batch_size * world_size)
-    if per_rank == 0:
-        limit = (f", of which the limit of {max_tokens} tokens allows {usable}"
-                 if max_tokens is not None and usable < total else "")
-        raise UserError(f"validation of {batch_size} x {seq_len} tokens on {world_size} rank(s) needs "
-                        f"{batch_size * world_size} windows of {seq_len + 1} tokens (seq-len + 1: the targets are the "
-                        f"inputs shifted by one) per step, but the val split of {dataset.data_dir} holds "
-                        f"{dataset.val_tokens} tokens: {total} such windows at stride {seq_len}{limit}; lower the "
-                        f"batch size or {rebuild_advice(dataset.data_dir, ' and a larger --val-tokens')}")
+    counts, usable = _val_windows(dataset, seq_len, max_tokens)
+    total, per_rank = int(counts.sum()), usable // (batch_size * world_size)
     used = per_rank * batch_size * world_size
     chosen = np.arange(used, dtype=np.int64) * total // used  # evenly spread, strictly increasing
     ends = np.cumsum(counts)

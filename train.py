@@ -16,6 +16,7 @@ import cli
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -26,11 +27,12 @@ from tqdm import tqdm
 from checkpoint import (INIT_IGNORED_FIELDS, RESUME_STATE_KEYS, RunCheckpoints, check_model_config, checkpoint_dir,
                         checkpoint_to_resume, end_step, list_checkpoints, load_checkpoint, load_training_state,
                         quarantine_checkpoints, rng_state, seed_everything, set_rng_state)
-from cli import UserError, ensure_writable_dir, fail, main_entry, positive_int, run_header
+from cli import UserError, ensure_writable_dir, fail, main_entry, positive_int, raise_all, run_header
 from config import TrainConfig, add_config_flags, config_from_flags, input_problems
-from dataloader import ShardDataset, TrainLoader, val_batches
-from devices import (Dist, cuda_memory_probe, enable_tf32, exit_with, init_distributed, largest_fitting, mfu,
-                     peak_flops, pick_device)
+from dataloader import (ShardDataset, TrainLoader, check_train_batch, check_val_batch, largest_train_batch,
+                        largest_val_batch, val_batches)
+from devices import (Dist, checked_device, cuda_memory_probe, enable_tf32, exit_with, init_distributed,
+                     largest_fitting, launched_by_torchrun, mfu, peak_flops)
 from generate import generate_samples
 from hellaswag_eval import evaluate_hellaswag, load_examples
 from model import GPT, evaluating
@@ -83,13 +85,15 @@ def micro_batch_candidates(total_batch_tokens: int, seq_len: int, world_size: in
     return [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
 
 
-def choose_micro_batch(cfg: TrainConfig, d: Dist, model: GPT, device: torch.device, autocast,
+def choose_micro_batch(cfg: TrainConfig, d: Dist, dataset: ShardDataset, model: GPT, device: torch.device, autocast,
                        resumed: dict | None, log) -> int:
-    """--micro-batch, or for auto the largest divisor of this process's share that fits in memory (on every rank the
-    same). A resume in the layout that saved keeps that layout's choice: a bit-exact continuation."""
+    """--micro-batch, or for auto the largest divisor of this process's share that the data holds and that fits in
+    memory (on every rank the same). A resume in the layout that saved keeps that layout's choice: a bit-exact
+    continuation."""
     if cfg.micro_batch != "auto":
         return int(cfg.micro_batch)
-    candidates = micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, d.world_size)
+    held = largest_micro_batch_in_data(cfg, dataset, d.world_size)  # (check_run found it 1 or more)
+    candidates = [b for b in micro_batch_candidates(cfg.total_batch_tokens, cfg.seq_len, d.world_size) if b <= held]
     if resumed and resumed["world_size"] == d.world_size and resumed["micro_batch"] in candidates:
         return resumed["micro_batch"]
     if device.type == "cuda":
@@ -105,19 +109,65 @@ def choose_micro_batch(cfg: TrainConfig, d: Dist, model: GPT, device: torch.devi
     return batch
 
 
-def check_run(cfg: TrainConfig, device: torch.device, under_torchrun: bool, processes: int) -> None:
+def check_run(cfg: TrainConfig, under_torchrun: bool, processes: int, device: torch.device | None = None
+              ) -> torch.device:
     """Everything a run on `processes` processes refuses before it starts (before its run directory is made),
-    checked here once: every flag value and pair of flags (TrainConfig.problems, no I/O), what the flags name on disk
-    (input_problems) and the chosen tracker packages (imported now: every rank stops before the first collective),
-    all in one line; if the flags hold, the split of the token batch over the processes; then what this device and
-    launch cannot run."""
-    problems = cfg.problems() + input_problems(cfg)
+    checked here once and named in one line: every flag value and pair of flags (TrainConfig.problems, no I/O), what
+    the flags name on disk (input_problems), the chosen tracker packages (imported now: every rank stops before the
+    first collective), the device (`device`, the one the run was given, or else the one --device names), and, each
+    once the values it reads hold, the split of the token batch over the processes and what the batch needs of the
+    data. Then what this device and launch cannot run. Returns the device."""
+    flagged = cfg.problems()
+
+    def holding(*fields) -> bool:  # the values a later check reads are valid: it is judged beside the problems
+        return not flagged.keys() & set(fields)
+    _, run_device, *_ = raise_all(
+        lambda: check_flags_and_inputs(cfg, flagged),
+        lambda: device if device is not None else checked_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))),
+        lambda: holding("total_batch_tokens", "seq_len", "micro_batch") and check_batch_split(cfg, processes),
+        lambda: holding("seq_len", "micro_batch", "eval_every", "val_tokens", "final_val_tokens")
+        and check_data_holds_a_micro_batch(cfg, processes))
+    check_device_levers(cfg, run_device, under_torchrun)
+    return run_device
+
+
+def check_flags_and_inputs(cfg: TrainConfig, flagged: dict[str, str]) -> None:
+    """The flags' values (`flagged`: cfg.problems()), what they name on disk and the tracker packages, in one line."""
+    problems = [*flagged.values(), *input_problems(cfg)]
     with contextlib.suppress(UserError):  # (an unknown tracker name is one of cfg.problems())
         problems += missing_packages(parse_trackers(cfg.tracker))
     if problems:
         raise UserError("; ".join(problems))
-    check_batch_split(cfg, processes)
-    check_device_levers(cfg, device, under_torchrun)
+
+
+def val_token_limit(cfg: TrainConfig) -> tuple[str, int | None]:
+    """The flag and value of the fewest validation tokens an evaluation of this run reads (None: the whole split):
+    --final-val-tokens at the last step, which always evaluates, and --val-tokens at the periodic evaluations
+    (--eval-every above 0); 0 means the whole split."""
+    limits = [(flag, tokens) for flag, tokens in (("--final-val-tokens", cfg.final_val_tokens),
+                                                  ("--val-tokens", cfg.val_tokens if cfg.eval_every else 0)) if tokens]
+    return min(limits, key=lambda limit: limit[1], default=("", None))
+
+
+def largest_micro_batch_in_data(cfg: TrainConfig, dataset: ShardDataset, processes: int) -> int:
+    """The largest micro-batch the data holds: the windows of one train shard (TrainLoader), and on each process a
+    validation batch under the run's fewest validation tokens (val_batches)."""
+    return min(largest_train_batch(dataset, cfg.seq_len),
+               largest_val_batch(dataset, cfg.seq_len, processes, val_token_limit(cfg)[1]))
+
+
+def check_data_holds_a_micro_batch(cfg: TrainConfig, processes: int) -> None:
+    """The train shards hold a micro-batch, and the val split a validation batch for each process under the run's
+    fewest validation tokens (for --micro-batch auto: of 1, the least it chooses); found now, not by the loaders after
+    the run directory is made. The manifest and shard headers only (the run checks their sha256)."""
+    try:
+        dataset = ShardDataset.open(cfg.data)
+    except UserError:  # (input_problems names it)
+        return
+    batch = 1 if cfg.micro_batch == "auto" else int(cfg.micro_batch)
+    flag, limit = val_token_limit(cfg)
+    raise_all(lambda: check_train_batch(dataset, batch, cfg.seq_len),
+              lambda: check_val_batch(dataset, batch, cfg.seq_len, processes, limit, flag))
 
 
 def check_batch_split(cfg: TrainConfig, processes: int) -> None:
@@ -180,7 +230,7 @@ def parse_config(argv=None) -> tuple[TrainConfig, str]:
 def check_config(cfg: TrainConfig, processes: int) -> None:
     """--check: what a run of `cfg` on `processes` processes refuses at its start, found without writing anything
     or starting processes: check_run's checks, and the checkpoints the run would read, read."""
-    check_run(cfg, pick_device(cfg.device), under_torchrun=True, processes=processes)  # (as torchrun's processes)
+    check_run(cfg, under_torchrun=True, processes=processes)  # (as torchrun's processes)
     if cfg.resume and cfg.out:  # the checkpoint the run would resume from: none, damaged, past the last step
         checkpoint_to_resume(cfg.out, cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
     if cfg.init_from:  # the checkpoint the run would start from, resolved as the run does (read, nothing moved)
@@ -259,7 +309,7 @@ class Trainer:
     STATE_KEYS = RESUME_STATE_KEYS
 
     def __init__(self, cfg: TrainConfig, preset: str, d: Dist, device: torch.device):
-        check_run(cfg, device, under_torchrun=torch.distributed.is_initialized(), processes=d.world_size)
+        check_run(cfg, under_torchrun=torch.distributed.is_initialized(), processes=d.world_size, device=device)
         self.cfg, self.d, self.device = cfg, d, device
         self.on_cuda = device.type == "cuda"
         self.run_dir = make_run_dir(cfg, d, preset)
@@ -278,8 +328,8 @@ class Trainer:
         if cfg.fp8:
             convert_to_fp8(self.model)
         resume = cfg.resume and self.checkpoints.to_resume(cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
-        self.micro_batch = choose_micro_batch(cfg, d, self.model, device, self.autocast, resume and resume[0],
-                                              self.log.info)
+        self.micro_batch = choose_micro_batch(cfg, d, self.dataset, self.model, device, self.autocast,
+                                              resume and resume[0], self.log.info)
         self.accum = grad_accum_steps(cfg.total_batch_tokens, self.micro_batch, cfg.seq_len, d.world_size)
         # the layout (before the optimizer is made: under FSDP it must hold the shards)
         self.forward_model, self.no_sync = parallelize(self.model, d.world_size, device, fsdp=cfg.fsdp,
@@ -556,7 +606,11 @@ def main(argv=None) -> int:
         check_config(cfg, args.check)
         print(f"train.py --check: the configuration holds for {args.check} process(es)")
         return 0
-    d, device = init_distributed(cfg.device)
+    try:
+        d, device = init_distributed(cfg.device)
+    except UserError:  # a --device this process cannot use: named in one line with the run's other problems
+        check_run(cfg, under_torchrun=launched_by_torchrun(), processes=int(os.environ.get("WORLD_SIZE", 1)))
+        raise
     try:
         enable_tf32(device)
         return Trainer(cfg, preset, d, device).run()

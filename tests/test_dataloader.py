@@ -217,10 +217,31 @@ def test_loader_state_of_the_per_rank_format_still_loads(data_dir):
 
 
 def test_batch_larger_than_every_shard_is_refused(data_dir):
+    """Named in windows, needed and held, as the val split is."""
     ds = ShardDataset.open(data_dir)
-    with pytest.raises(UserError, match="larger than the largest train shard"):
+    with pytest.raises(UserError, match=r"needs 25 windows of 9 tokens .* in one train shard, but the largest train "
+                                        r"shard of .* holds 200 tokens: 24 such windows at stride 8;"):
         TrainLoader(ds, batch_size=25, seq_len=T)  # 25 x 8 + 1 > 200 tokens
     TrainLoader(ds, batch_size=24, seq_len=T)  # fits the largest shard exactly
+
+
+@pytest.mark.parametrize("seq_len", [4, T, 33])
+def test_the_largest_batches_are_where_the_loaders_refuse(data_dir, seq_len):
+    """largest_train_batch and largest_val_batch (what train.py's --micro-batch auto takes at most, and its up-front
+    check judges) are exactly the largest batches TrainLoader and val_batches take, for each number of ranks and
+    token limit."""
+    from dataloader import largest_train_batch, largest_val_batch
+    ds = ShardDataset.open(data_dir)
+    largest = largest_train_batch(ds, seq_len)
+    TrainLoader(ds, batch_size=largest, seq_len=seq_len)
+    with pytest.raises(UserError, match=f"needs {largest + 1} windows"):
+        TrainLoader(ds, batch_size=largest + 1, seq_len=seq_len)
+    for world_size, max_tokens in itertools.product((1, 2, 3), (None, 3 * seq_len, 7 * seq_len + 1)):
+        largest = largest_val_batch(ds, seq_len, world_size, max_tokens)
+        assert largest >= 1
+        val_batches(ds, largest, seq_len, world_size=world_size, max_tokens=max_tokens)
+        with pytest.raises(UserError, match=f"needs {(largest + 1) * world_size} windows"):
+            val_batches(ds, largest + 1, seq_len, world_size=world_size, max_tokens=max_tokens)
 
 
 def val_window_starts(ds, **kwargs):
@@ -245,7 +266,7 @@ def test_val_token_bound_spreads_windows_over_the_split(data_dir):
     starts = [s for batch in val_window_starts(ds, batch_size=2, max_tokens=4 * T) for s in batch]
     assert len(starts) == 4
     assert any(s < 100 for s in starts) and any(s >= 100 for s in starts)  # both val shards, not just the first
-    with pytest.raises(UserError, match="--val-tokens"):
+    with pytest.raises(UserError, match="allows 1; raise the limit"):
         val_batches(ds, batch_size=2, seq_len=T, max_tokens=T)  # less than one batch
 
 
@@ -255,7 +276,8 @@ def test_too_small_val_split_is_named_in_windows(data_dir, tmp_path):
     exact = ShardDataset.open(make_dataset(tmp_path / "exact", val_sizes=[4 * T]))  # (32 - 1) // 8 = 3 windows
     with pytest.raises(UserError, match=r"needs 4 windows of 9 tokens .* holds 32 tokens: 3 such windows at stride 8;"):
         val_batches(exact, batch_size=4, seq_len=T)
-    with pytest.raises(UserError, match=r"needs 2 windows .* 24 such windows .* limit of 8 tokens allows 1;"):
+    with pytest.raises(UserError, match=r"needs 2 windows .* 24 such windows .* limit of 8 tokens allows 1; raise the "
+                                        r"limit or lower --micro-batch$"):  # (the split holds enough)
         val_batches(ShardDataset.open(data_dir), batch_size=2, seq_len=T, max_tokens=T)
 
 

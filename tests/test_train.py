@@ -13,8 +13,8 @@ import torch
 from cli import UserError
 from devices import largest_fitting
 from helpers import (NO_DROPOUT, REPO, TINY, assert_one_line_error, assert_same_weights,
-                     assert_weights_close_relative_to_training, final_weights, run_script, train, train_events,
-                     train_losses)
+                     assert_weights_close_relative_to_training, final_weights, make_dataset, run_script, train,
+                     train_events, train_losses)
 from train import TrainConfig, grad_accum_steps, lr_at, micro_batch_candidates, parse_config
 
 
@@ -399,3 +399,129 @@ def test_out_of_gpu_memory_without_a_message_is_still_one_line(capsys):
         main()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: out of GPU memory; lower --batch-size\n"
+
+
+# --- problems found before the run directory is made, all in one line ------------------------------------------
+
+class Accepted(Exception):
+    """Raised in place of Trainer.run: the run passed every check (and made its run directory)."""
+
+
+def train_main(argv: list[str], monkeypatch, capsys) -> tuple[int | str, str]:
+    """train.main(argv) in this process, a run stopped where it would start training: (exit status, or 'accepted'
+    for a run that got there; stderr)."""
+    import train as train_module
+
+    def accepted(self):
+        raise Accepted
+    monkeypatch.setattr(train_module.Trainer, "run", accepted)
+    try:
+        status = train_module.main(argv)
+    except SystemExit as e:
+        status = e.code
+    except Accepted:
+        status = "accepted"
+    return status, capsys.readouterr().err
+
+
+def windows_dataset(folder, train_windows: int, val_windows: int, seq_len: int = 32):
+    """A data set whose one train shard and one val shard hold exactly these windows of seq_len + 1 tokens."""
+    return make_dataset(folder, train_sizes=[train_windows * seq_len + 1], val_sizes=[val_windows * seq_len + 1])
+
+
+MODES = {"run": (1, []), "--check": (1, ["--check"]), "--check 2": (2, ["--check", "2"])}  # (processes, arguments)
+# TINY's micro-batch of 4 on 1 or 2 processes, its --val-tokens 512 (16 windows of 32): a split of 3 windows is too
+# small for both, one of 6 for 2 processes only (8 windows per step), one of 40 for neither
+DATA_FIT_CASES = [(train_windows, val_windows, mode) for train_windows in (3, 40) for val_windows in (3, 6, 40)
+                  for mode in MODES]
+
+
+@pytest.mark.parametrize("train_windows, val_windows, mode", DATA_FIT_CASES)
+def test_a_data_set_too_small_for_the_batch_is_one_line_before_the_run_directory(train_windows, val_windows, mode,
+                                                                                tmp_path, monkeypatch, capsys):
+    """A micro-batch larger than every train shard was refused by TrainLoader, and a val split of fewer windows than
+    micro-batch x processes at the first evaluation, both after the run directory was made (and --check passed
+    them). Each is named with the windows it needs and holds, both in one line."""
+    data, out = windows_dataset(tmp_path / "data", train_windows, val_windows), tmp_path / "run"
+    processes, mode_args = MODES[mode]
+    expected = []
+    if train_windows < 4:
+        expected.append(["a micro-batch of 4 x 32 tokens needs 4 windows of 33 tokens",
+                         f"holds {train_windows * 32 + 1} tokens: {train_windows} such windows at stride 32"])
+    if min(val_windows, 16) < 4 * processes:
+        expected.append([f"needs {4 * processes} windows of 33 tokens",
+                         f"holds {val_windows * 32 + 1} tokens: {val_windows} such windows at stride 32"])
+    status, err = train_main([*TINY, "--data", str(data), "--out", str(out), *mode_args], monkeypatch, capsys)
+    if not expected:
+        assert status == (0 if mode != "run" else "accepted"), err
+        return
+    line = assert_one_line_error(subprocess.CompletedProcess([], status, "", err), status=2, alone=True)
+    for needles in expected:
+        for needle in needles:
+            assert needle in line, (needle, line)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("train_windows, val_windows", [(t, v) for t in (40, 6, 1) for v in (40, 6, 3)])
+def test_micro_batch_auto_takes_no_more_than_the_data_holds(train_windows, val_windows, tmp_path):
+    """On the CPU auto takes the largest divisor of the 32 sequences per step up to CPU_AUTO_MICRO_BATCH (16), and
+    no more than one train shard and the val split hold: it took 16 and TrainLoader refused it (or the first
+    evaluation found the val split short) after the run directory was made."""
+    from dataloader import val_batches
+    from devices import Dist
+    from train import CPU_AUTO_MICRO_BATCH, Trainer
+    data = windows_dataset(tmp_path / "data", train_windows, val_windows)
+    cfg = TrainConfig.from_preset("debug", data=str(data), out=str(tmp_path / "run"), micro_batch="auto",
+                                  seq_len=32, total_batch_tokens=1024)  # (its --val-tokens 8192: 256 windows)
+    trainer = Trainer(cfg, "debug", Dist(), torch.device("cpu"))
+    held = min(CPU_AUTO_MICRO_BATCH, train_windows, val_windows)
+    assert trainer.micro_batch == max(b for b in (32, 16, 8, 4, 2, 1) if b <= held)
+    trainer.loader.next_batch()
+    assert next(val_batches(trainer.dataset, trainer.micro_batch, 32, max_tokens=cfg.val_tokens))[0].shape == \
+        (trainer.micro_batch, 32)
+
+
+# One kind of problem per flag check_run judges, (its arguments, what the line must hold), a few for the device; every
+# case below is some of them at once, all named in one line. The split and the data are judged once the values they
+# read hold, beside the other problems: a bad --device, a --micro-batch that does not divide the share, a data set
+# too small, a flag value and a missing file.
+TOGETHER = {
+    "device": [(["--device", "tpu"], "--device 'tpu': use cuda, mps or cpu"),
+               (["--device", "cuda:99"], "--device cuda")],  # no CUDA here; on a GPU machine: not that many GPUs
+    "split": [(["--micro-batch", "3"], "--micro-batch 3 does not divide the 8 sequences")],
+    "train": [(["--data", "{two_windows}"], "holds 65 tokens: 2 such windows at stride 32")],
+    "val": [(["--val-tokens", "64"], "of which --val-tokens 64 allows 2; raise --val-tokens"),
+            (["--final-val-tokens", "32", "--eval-every", "0"], "of which --final-val-tokens 32 allows 1")],
+    "value": [(["--max-lr", "0"], "--max-lr 0.0: must be > 0")],
+    "input": [(["--hellaswag-data", "{missing}"], "--hellaswag-data '{missing}': no such file")],
+}
+
+
+def together_cases() -> list[list[tuple[list[str], str]]]:
+    """Each kind alone, every pair of kinds, all at once (the variants of a kind taking turns)."""
+    import itertools
+    alone = [[kind] for kinds in TOGETHER.values() for kind in kinds]
+    pairs = [[TOGETHER[a][i % len(TOGETHER[a])], TOGETHER[b][i % len(TOGETHER[b])]]
+             for i, (a, b) in enumerate(itertools.combinations(TOGETHER, 2))]
+    every = [[kinds[i % len(kinds)] for kinds in TOGETHER.values()] for i in range(3)]
+    return alone + pairs + every
+
+
+@pytest.mark.parametrize("mode", ["run", "--check"])
+@pytest.mark.parametrize("problems", together_cases(), ids=lambda ps: " ".join(a for args, _ in ps for a in args))
+def test_a_bad_device_and_the_batch_split_are_named_with_the_other_problems(problems, mode, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A bad --device was raised alone, before any other problem was looked for; the split of the token batch was
+    judged only when every other flag held; a data set too small for the batch was found after the run directory
+    was made."""
+    paths = {"{two_windows}": str(windows_dataset(tmp_path / "data", 2, 40)), "{missing}": str(tmp_path / "missing")}
+    good = windows_dataset(tmp_path / "good", 40, 40)
+    out = tmp_path / "run"
+    args = [paths.get(arg, arg) for arguments, _ in problems for arg in arguments]
+    status, err = train_main([*TINY, "--data", str(good), "--out", str(out), *args, *MODES[mode][1]], monkeypatch,
+                             capsys)
+    line = assert_one_line_error(subprocess.CompletedProcess([], status, "", err), status=2, alone=True)
+    for _, needle in problems:
+        needle = needle.replace("{missing}", paths["{missing}"])
+        assert needle in line, (needle, line)
+    assert not out.exists()
