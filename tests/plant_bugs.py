@@ -115,9 +115,9 @@ BUGS = [
         "every rank evaluates rank 0's validation windows"),
     bug("dataloader-shard-order-fixed", "dataloader.py", "np.random.default_rng([seed, 0, epoch]).permutation(n_shards)",
         "np.random.default_rng([seed, 0]).permutation(n_shards)", DL, "the shard order is the same every epoch"),
-    bug("dataloader-batch-fit-off-by-one", "dataloader.py", "        if batch_size * seq_len + 1 > largest:",
-        "        if batch_size * seq_len > largest:", DL,
-        "a batch one token too large for the largest shard is accepted (a window is T + 1 tokens)"),
+    bug("dataloader-batch-fit-off-by-one", "dataloader.py", "    if batch_size > held:",
+        "    if batch_size > held + 1:", DL,
+        "a micro-batch one window larger than the largest train shard holds is accepted"),
     # shards.py -----------------------------------------------------------------------------------------------------
     bug("shards-written-in-place", "shards.py",
         "    with atomic_write(path) as f:\n", "    with open(path, \"wb\") as f:\n", SH,
