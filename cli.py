@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -144,6 +145,9 @@ def read_text_lines(path, what: str) -> list[str]:
     return lines
 
 
+QUIET_RANK_EXIT_DELAY_S = 5.0  # how long a torchrun worker that prints no error waits before it exits (fail)
+
+
 def fail(message: str, status: int = 2):
     """`error: MESSAGE` on stderr and exit `status`. Under torchrun every process of a node meets the same error (the
     checks run on every rank, and ranks raise together): each node's local rank 0 says it once, the others exit with
@@ -151,6 +155,8 @@ def fail(message: str, status: int = 2):
     there alone, and its local rank 0 is the process that checks them (the shards' sha256, say)."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
+    else:  # torchrun ends every worker once one has failed: a quiet one must not take local rank 0 down unheard
+        time.sleep(QUIET_RANK_EXIT_DELAY_S)
     sys.exit(status)
 
 
