@@ -9,7 +9,7 @@ from pathlib import Path
 
 from checkpoint import (INIT_IGNORED_FIELDS, check_model_config, checkpoint_to_resume, list_checkpoints,
                         load_checkpoint)
-from cli import UserError
+from cli import UserError, check_writable_dir
 from dataloader import ShardDataset
 from generate import REFERENCE_PROMPTS, encode_prompt
 from hellaswag_eval import SAMPLE_FILE, load_examples
@@ -17,6 +17,7 @@ from model import ATTENTION_BACKENDS, PRESETS, GPTConfig, Sampling
 from trackers import parse_trackers
 
 # The TrainConfig field of each Sampling setting (TrainConfig.sampling)
+DEFAULT_RUNS_DIR = "temp_data/runs"  # where a run without --out gets its folder, <config>-<time>
 SAMPLE_FIELDS = {"max_new_tokens": "sample_tokens", "temperature": "sample_temperature", "top_k": "sample_top_k"}
 
 
@@ -25,7 +26,7 @@ class TrainConfig:
     """Defaults are the reference recipe (LF_LLM-269M on FineWeb-Edu sample-10BT, 8 GPUs)."""
     model: str = "lf_llm_269m"  # model preset (model.PRESETS)
     data: str = "temp_data/data/fineweb_edu_10bt"  # a data_prep.py output directory
-    out: str = ""  # run directory; default temp_data/runs/<config>-<time>
+    out: str = ""  # run directory; default DEFAULT_RUNS_DIR/<config>-<time>
     # Batch: token batch per optimizer step = micro_batch x seq_len x world size x accumulation steps.
     total_batch_tokens: int = 524_288  # 2^19
     micro_batch: str = "16"  # sequences per GPU per forward pass, or "auto" (largest that fits the device)
@@ -175,6 +176,11 @@ def input_problems(cfg: TrainConfig) -> list[str]:
     found = {}
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         found["out"] = f"--out {cfg.out!r}: is a file; give a directory"
+    else:  # (on every process: under torchrun a folder that only rank 0 found unwritable left the others waiting)
+        try:
+            check_writable_dir(cfg.out or DEFAULT_RUNS_DIR, "--out")
+        except UserError as e:
+            found["out"] = f"{e}; give a folder you can write to"
     try:  # the manifest and every shard's header (the run checks their sha256 too: minutes for 10B tokens)
         ShardDataset.open(cfg.data)
     except UserError as e:

@@ -28,7 +28,7 @@ from checkpoint import (INIT_IGNORED_FIELDS, RESUME_STATE_KEYS, RunCheckpoints, 
                         checkpoint_to_resume, end_step, list_checkpoints, load_checkpoint, load_training_state,
                         quarantine_checkpoints, rng_state, seed_everything, set_rng_state)
 from cli import UserError, ensure_writable_dir, fail, main_entry, positive_int, raise_all, run_header
-from config import TrainConfig, add_config_flags, config_from_flags, input_problems
+from config import DEFAULT_RUNS_DIR, TrainConfig, add_config_flags, config_from_flags, input_problems
 from dataloader import (ShardDataset, TrainLoader, check_train_batch, check_val_batch, largest_train_batch,
                         largest_val_batch, val_batches)
 from devices import (Dist, checked_device, cuda_memory_probe, enable_tf32, exit_with, init_distributed,
@@ -241,9 +241,9 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
 # The run directory
 
 def make_run_dir(cfg: TrainConfig, d: Dist, preset: str) -> Path:
-    """--out, or temp_data/runs/<preset>-<time> named by rank 0; its checkpoint folder is made writable now, not
+    """--out, or DEFAULT_RUNS_DIR/<preset>-<time> named by rank 0; its checkpoint folder is made writable now, not
     found unwritable after the first hours of training."""
-    run_dir = Path(cfg.out or d.gather(f"temp_data/runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")[0])
+    run_dir = Path(cfg.out or d.gather(f"{DEFAULT_RUNS_DIR}/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")[0])
     if d.is_main:
         ensure_writable_dir(checkpoint_dir(run_dir), "--out")
     d.barrier()

@@ -56,6 +56,7 @@ def test_unwritable_outputs_are_one_line_before_work(unwritable, embedded_data, 
     folder, reason = unwritable
     runs = {
         "train.py": ("train.py", *TINY, "--data", embedded_data, "--out", folder / "run"),
+        "train.py --check": ("train.py", *TINY, "--data", embedded_data, "--out", folder / "run", "--check"),
         "data_prep.py": ("data_prep.py", "--source", "embedded", "--out", folder / "data", "--workers", "1"),
         "hellaswag_eval.py": ("hellaswag_eval.py", "--checkpoint", tiny_checkpoint, "--data", SAMPLE_HELLASWAG,
                               "--out", folder / "hellaswag.json"),
@@ -523,17 +524,23 @@ def test_a_run_whose_batch_does_not_split_or_that_has_nothing_to_resume_writes_n
     assert not out.exists()
 
 
-def test_a_user_error_under_torchrun_is_printed_once(embedded_data, tmp_path):
-    """Every rank meets the bad flag; rank 0 prints it, rank 1 exits with the same status quietly (no traceback of a
-    worker; torchrun's own report of the failed workers follows)."""
+@pytest.mark.parametrize("problem", ["bad flag", "unwritable --out"])
+def test_a_user_error_under_torchrun_is_printed_once(problem, embedded_data, tmp_path, unwritable):
+    """Every rank meets the problem; rank 0 prints it, rank 1 exits with the same status quietly (no traceback of a
+    worker; torchrun's own report of the failed workers follows). An --out no file can be written in was found by
+    rank 0 alone, when it made the run folder, and rank 1 died at the next collective with a gloo traceback."""
+    folder, reason = unwritable
+    out, flag = (tmp_path / "run", ["--sample-temperature", "1e-45"]) if problem == "bad flag" else (folder / "run", [])
     proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                       "train.py", *TINY, "--micro-batch", "2", "--device", "cpu", "--data", embedded_data,
-                      "--out", tmp_path / "run", "--sample-temperature", "1e-45")
+                      "--out", out, *flag)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: --sample-temperature 1e-45: must be 0 (greedy) or a finite number >= 0.0001"], \
-        proc.stderr
-    assert 'train.py", line' not in proc.stderr and "exitcode  : 2" in proc.stderr, proc.stderr
+    expected = ("error: --sample-temperature 1e-45: must be 0 (greedy) or a finite number >= 0.0001" if flag else
+                f"error: --out {out} is not writable: ")
+    assert len(errors) == 1 and errors[0].startswith(expected) and (flag or reason in errors[0]), proc.stderr
+    assert 'train.py", line' not in proc.stderr, proc.stderr  # (torchrun's own traceback follows)
+    assert "exitcode  : 2" in proc.stderr, proc.stderr
 
 
 def test_check_mode_writes_nothing_and_names_the_layout_problem(embedded_data, tmp_path, capsys):
