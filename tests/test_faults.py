@@ -516,7 +516,7 @@ def test_every_problem_a_run_can_see_up_front_is_in_one_line_and_nothing_is_writ
 def test_a_run_whose_batch_does_not_split_or_that_has_nothing_to_resume_writes_nothing(args, needle, embedded_data,
                                                                                       tmp_path, monkeypatch, capsys):
     """Both were found after the run directory was made (an empty checkpoints/ and train.log were left); the split
-    of the batch is judged once the flags hold (it reads their values), so beside another problem it waits."""
+    of the batch is judged once the values it reads hold, and then named beside any other problem (test_train)."""
     out = tmp_path / "run"
     status, err = train_until_step_1(monkeypatch, capsys, [*TINY, "--data", str(embedded_data), "--out", str(out),
                                                            *args])
