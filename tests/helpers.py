@@ -53,7 +53,8 @@ def run_scripts(*runs, timeout=300, env=None):
 
 
 def run_main(script, *args) -> subprocess.CompletedProcess:
-    """A repo script's main(args) in this process, what run_script would show of it: the exit status (main's
+    """A repo script's main(args) in this process, from the repo (as run_script), what run_script would show of it:
+    the exit status (main's
     SystemExit; 0 when it returns) and what it printed, without the seconds a fresh interpreter spends importing
     torch. Only for runs that leave this process as they found it (a refusal before any work, a short run that sets
     no signal handler or environment variable), and not where the test is about the process itself (its exit, its
@@ -65,7 +66,8 @@ def run_main(script, *args) -> subprocess.CompletedProcess:
     main = importlib.import_module(Path(script).stem).main
     argv = [str(script), *map(str, args)]  # sys.argv too: argparse names the program after sys.argv[0]
     stdout, stderr = io.StringIO(), io.StringIO()
-    with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with mock.patch.object(sys, "argv", argv), contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
         try:
             code = main(argv[1:]) or 0
         except SystemExit as e:

@@ -175,12 +175,14 @@ DEVICE_TOOLS = [("train.py", "--config", "debug", "--data", "{data}", "--out", "
 
 @pytest.mark.skipif(torch.backends.mps.is_available() or torch.cuda.is_available(), reason="needs a CPU-only machine")
 def test_every_tool_refuses_a_missing_device_in_one_line_before_work(tmp_path, embedded_data):
-    from helpers import assert_one_line_error, run_scripts, save_tiny_checkpoint
+    """Each tool's main in this process: refused before any work, a run costs milliseconds where a fresh interpreter
+    costs seconds of importing torch."""
+    from helpers import assert_one_line_error, run_main, save_tiny_checkpoint
     ckpt = tmp_path / "tiny.pt"
     save_tiny_checkpoint(ckpt)
     cases = [(tool, device) for tool in DEVICE_TOOLS for device in ("mps", "cuda")]
-    runs = [[arg.format(out=tmp_path / f"out{i}", data=embedded_data, ckpt=ckpt) for arg in tool] + ["--device", device]
-            for i, (tool, device) in enumerate(cases)]
-    for i, ((tool, device), proc) in enumerate(zip(cases, run_scripts(*runs, timeout=600))):
+    for i, (tool, device) in enumerate(cases):
+        proc = run_main(*[arg.format(out=tmp_path / f"out{i}", data=embedded_data, ckpt=ckpt) for arg in tool],
+                        "--device", device)
         assert_one_line_error(proc, f"--device {device}: no ", status=2, alone=True)
         assert not (tmp_path / f"out{i}").exists(), (tool, device)
