@@ -397,12 +397,26 @@ def finished_build(out: Path, settings: dict) -> tuple[dict | None, str]:
     except UserError as e:
         return None, f"an unusable manifest ({e})"
     if manifest.get("settings") != settings:
-        return None, f"a dataset built with other settings ({describe(manifest)})"
+        changed = changed_input(manifest.get("settings"), settings)
+        return None, (f"a dataset built from an earlier version of {changed} (its size or modification time has "
+                      f"changed since)" if changed else f"a dataset built with other settings ({describe(manifest)})")
     try:
         shards.validate_shards(out, manifest, verify_sha256=True)
     except UserError as e:
         return None, f"a damaged dataset ({e})"
     return manifest, ""
+
+
+def changed_input(built: dict | None, settings: dict) -> str | None:
+    """The first --files input that changed since a build whose settings were otherwise these, or None."""
+    source = settings["source"]
+    if source["type"] != "files" or not isinstance(built, dict) or not isinstance(built.get("source"), dict):
+        return None
+    unchanged = {**built, "source": {**built["source"], "file_versions": source["file_versions"]}}
+    old_versions = built["source"].get("file_versions")
+    if unchanged != settings or not isinstance(old_versions, list):
+        return None
+    return next((f for f, old, new in zip(source["files"], old_versions, source["file_versions"]) if old != new), None)
 
 
 def describe(manifest: dict) -> str:

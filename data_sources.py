@@ -120,11 +120,19 @@ def parquet_tasks(paths, field: str, limit: int | None):
 def expand_files(patterns: list[str]) -> tuple[list[str], str]:
     """Absolute paths of the non-empty files matching the --files patterns (sorted per pattern; absolute so that a
     rerun from another folder recognises a finished output) and the datasets builder that reads them."""
-    files = []
+    files, matched_by = [], {}
     for pattern in patterns:
         matches = sorted(str(Path(p).resolve()) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matches and Path(pattern).is_dir():
+            raise UserError(f"--files {pattern} is a folder; give its files, e.g. '{Path(pattern) / '*.jsonl'}' "
+                            f"(quoted)")
         if not matches:
             raise UserError(f"--files {pattern} matches no file; check the path (quote globs)")
+        twice = next((f for f in matches if f in matched_by), None)
+        if twice is not None:  # its documents would be tokenized twice: in the val split and again in train
+            raise UserError(f"--files: {twice} is matched by both {matched_by[twice]!r} and {pattern!r}; name each "
+                            f"file once")
+        matched_by.update(dict.fromkeys(matches, pattern))
         files += matches
     kinds = {FILE_BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds:
@@ -198,7 +206,15 @@ def source_record(args) -> dict:
         return {"type": "hf", "dataset": args.dataset, "name": args.name, "split": args.split,
                 "text_field": args.text_field}
     files, reader = expand_files(args.files)
-    return {"type": "files", "files": files, "reader": reader, "text_field": args.text_field}
+    return {"type": "files", "files": files, "reader": reader, "text_field": args.text_field,
+            "file_versions": [file_version(f) for f in files]}
+
+
+def file_version(path: str) -> list[int]:
+    """[size in bytes, modification time in ns]: a local input that changed since a build no longer matches its
+    manifest (cheap, where a hash would read the whole corpus)."""
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def load_texts(args, source: dict):

@@ -150,6 +150,50 @@ def test_overwrite_does_not_hash_the_dataset_it_replaces(tmp_path, monkeypatch):
     assert prepare(out, "--source", "embedded", "--max-docs", "300", "--val-tokens", "1000", "--overwrite")["shards"]
 
 
+@pytest.mark.parametrize("change", ["appended", "rewritten, same size", "touched"])
+def test_a_rerun_after_a_local_input_changed_is_not_nothing_to_do(change, tmp_path, capsys):
+    """The manifest named the --files inputs only: a rerun after one changed said 'already holds this dataset'."""
+    write_jsonl(tmp_path / "a.jsonl", data_sources.embedded_documents()[:60])
+    write_jsonl(tmp_path / "b.jsonl", data_sources.embedded_documents()[60:120])
+    args = ["--source", "files", "--files", str(tmp_path / "*.jsonl"), "--val-tokens", "1000"]
+    prepare(tmp_path / "d", *args, cache=tmp_path / "cache")
+    b = tmp_path / "b.jsonl"
+    stat = b.stat()
+    if change == "appended":
+        b.write_text(b.read_text() + json.dumps({"text": "one more document"}) + "\n")
+    elif change == "rewritten, same size":
+        b.write_text(b.read_text().replace("a", "e"))
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # (a coarse clock could give the same time)
+    with pytest.raises(UserError, match=f"built from an earlier version of {re.escape(str(b))} .*--overwrite"):
+        prepare(tmp_path / "d", *args, cache=tmp_path / "cache")
+    prepare(tmp_path / "d", *args, "--overwrite", cache=tmp_path / "cache")
+    assert decoded_documents(tmp_path / "d") == data_sources.embedded_documents()[:60] + [
+        json.loads(line)["text"] for line in b.read_text().splitlines()]
+    prepare(tmp_path / "d", *args, cache=tmp_path / "cache")
+    assert "already holds this dataset" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("patterns", [["{d}/*.jsonl", "{d}/a.jsonl"], ["{d}/a.jsonl", "{d}/a.jsonl"],
+                                      ["{d}/*.jsonl", "{d}/../in/*.jsonl"]])
+def test_a_file_matched_by_two_files_patterns_is_refused(patterns, tmp_path, no_pool):
+    """Its documents were tokenized twice, the first ones in the val split and again in train."""
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", ["some text"])
+    write_jsonl(tmp_path / "in" / "b.jsonl", ["more text"])
+    files = [p.format(d=tmp_path / "in") for p in patterns]
+    with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path / 'in' / 'a.jsonl'))} is matched by both "
+                                        rf"{re.escape(repr(files[0]))} and {re.escape(repr(files[1]))}; name each"):
+        prepare(tmp_path / "out", "--source", "files", "--files", *files)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_files_folder_is_named_a_folder(tmp_path, no_pool):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", ["some text"])
+    with pytest.raises(UserError, match=f"--files {re.escape(str(tmp_path / 'in'))} is a folder; give its files"):
+        prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "in"))
+
+
 def test_unfinished_build_is_refused_until_overwrite(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
