@@ -139,11 +139,17 @@ def validate_shards(data_dir, manifest: dict, verify_sha256: bool = False) -> di
     minutes for the full 10B-token set); returns {"train": [(path, tokens), ...], "val": [...]}, both non-empty."""
     data_dir = Path(data_dir)
     splits = {"train": [], "val": []}
+    listed = set()
     for entry in manifest["shards"]:
         path = data_dir / entry["file"]
         if entry["split"] not in splits or Path(entry["file"]).name != entry["file"]:
             raise UserError(f"{data_dir / MANIFEST_NAME} lists a bad shard entry {entry['file']!r}; "
                             f"{rebuild_advice(data_dir)}")
+        # (a hand edit listing a shard twice, or the val shard as a train shard, would train on it unnoticed)
+        if entry["file"] in listed or not entry["file"].startswith(f"{entry['split']}_"):
+            why = "twice" if entry["file"] in listed else f"as a {entry['split']} shard"
+            raise UserError(f"{data_dir / MANIFEST_NAME} lists shard {entry['file']} {why}; {rebuild_advice(data_dir)}")
+        listed.add(entry["file"])
         if not path.is_file():
             raise UserError(f"shard {path} listed in the manifest is missing; {rebuild_advice(data_dir)}")
         count = read_shard_header(path)

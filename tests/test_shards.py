@@ -135,6 +135,22 @@ def test_a_damaged_manifest_entry_is_refused(data_dir, change):
         open_with(data_dir, manifest)
 
 
+@pytest.mark.parametrize("edit", ["listed twice", "other split"])
+@pytest.mark.parametrize("shard", [0, 1, 2])
+def test_a_manifest_listing_a_shard_twice_or_under_the_other_split_is_refused(data_dir, shard, edit):
+    """A hand edit that appends a copy of a shard's entry, or relabels it, made training read the val shard (or one
+    shard twice as often) with every hash right."""
+    manifest = manifest_of(data_dir)
+    entry = dict(manifest["shards"][shard])
+    if edit == "listed twice":
+        manifest["shards"].append(entry)
+    else:
+        manifest["shards"][shard]["split"] = {"train": "val", "val": "train"}[entry["split"]]
+    why = "twice" if edit == "listed twice" else f"as a {manifest['shards'][shard]['split']} shard"
+    with pytest.raises(UserError, match=f"lists shard {entry['file']} {why}; rebuild it"):
+        open_with(data_dir, manifest)
+
+
 def test_data_that_is_a_file_is_named_a_file_not_missing(tmp_path):
     """--data FILE (a shard, the manifest itself): 'is a file, not a data directory', not 'does not exist'."""
     for name in ("manifest.json", "train_000.bin"):
