@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 import shards
 import tokenizer
-from cli import UserError, check_writable_dir, ensure_writable_dir, fsync_dir, main_entry, positive_int
+from cli import (UserError, check_writable_dir, ensure_writable_dir, fsync_dir, main_entry, positive_int,
+                 warn)
 from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, parquet_problems, source_record, token_bound
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
@@ -190,6 +191,15 @@ class Tokenized(NamedTuple):
     documents: int  # non-empty documents in it
     rows: int  # rows read, empty ones included (the progress bar counts these)
     text_bytes: int  # UTF-8 size of the text (for MB/s)
+    missing: int = 0  # rows without a text (the field missing or null): left out, and counted for a warning
+
+
+class NotText(Exception):
+    """A worker met a row whose text field holds no string: its place in the task's rows, and what it holds."""
+
+    def __init__(self, row: int, held: str):
+        super().__init__(row, held)
+        self.row, self.held = row, held
 
 
 _WORKER_TEXTS = None  # the sequence a worker slices its rows from (set once per worker by the pool initializer)
@@ -210,19 +220,18 @@ def tokenize_documents(texts: list) -> Tokenized:
     enc = tokenizer.get_tokenizer()
     eot = np.array([tokenizer.EOT_ID], dtype=np.uint32)
     pieces, documents, text_bytes = [], 0, 0
-    for text in texts:
+    for row, text in enumerate(texts):
         if text is None or text == "":
             continue
         if not isinstance(text, str):
-            raise UserError(f"a document's text field holds {type(text).__name__}, not a string; pass the right "
-                            f"--text-field")
+            raise NotText(row, f"{type(text).__name__} {str(text)[:40]!r}")
         # No special token allowed or refused: '<|endoftext|>' in a text is plain text, as with encode_ordinary.
         pieces += [eot, enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())]
         documents += 1
         text_bytes += len(text.encode("utf-8"))
     tokens = np.concatenate(pieces) if pieces else np.empty(0, np.uint32)
     assert tokens.size == 0 or int(tokens.max()) < 2 ** 16, "token id does not fit uint16"
-    return Tokenized(tokens.astype(np.uint16), documents, len(texts), text_bytes)
+    return Tokenized(tokens.astype(np.uint16), documents, len(texts), text_bytes, sum(text is None for text in texts))
 
 
 def _tokenize_task(task) -> Tokenized:
@@ -243,22 +252,38 @@ def make_tasks(texts):
     return texts
 
 
-def tokenize_in_pool(texts, workers: int):
+def tokenize_in_pool(texts, workers: int, field: str = "text"):
     """Tokenized chunks in input order. At most 4 tasks per worker are in flight (Pool.imap would read a whole
     stream ahead into memory); with a sequence each worker reads its own rows, so the parent only collects."""
     shared = texts if hasattr(texts, "__len__") else None
     stop = multiprocessing.Event()
     pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(shared, stop))
-    pending = collections.deque()
+    pending = collections.deque()  # (the task's first row in the input, its result)
+    rows_before = 0
     try:
         for task in make_tasks(texts):
-            pending.append(pool.apply_async(_tokenize_task, (task,)))
+            pending.append((rows_before, pool.apply_async(_tokenize_task, (task,))))
+            rows_before += task_rows(task)
             if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
+                yield result_of(*pending.popleft(), field)
         while pending:
-            yield pending.popleft().get()
+            yield result_of(*pending.popleft(), field)
     finally:
-        stop_pool(pool, stop, pending)
+        stop_pool(pool, stop, [result for _, result in pending])
+
+
+def task_rows(task) -> int:
+    return task.stop - task.start if isinstance(task, ParquetSlice) else (
+        task[1] - task[0] if isinstance(task, tuple) else len(task))
+
+
+def result_of(first_row: int, result, field: str) -> Tokenized:
+    """A task's Tokenized; a row that holds no text is one line naming it (its number in the input, from 1)."""
+    try:
+        return result.get()
+    except NotText as e:
+        raise UserError(f"row {first_row + e.row + 1} of the input: its {field!r} field holds {e.held}, not text; fix "
+                        f"that row, or give --text-field the field that holds the text") from None
 
 
 def stop_pool(pool, stop, pending) -> None:
@@ -284,9 +309,9 @@ def tokenize_and_write(texts, out_dir: Path, args) -> dict:
     """Stream documents through the pool into shards; returns the counts for the manifest and summary."""
     total_rows = len(texts) if hasattr(texts, "__len__") else args.max_docs
     writer = shards.ShardWriter(out_dir, args.shard_tokens, args.val_tokens, args.val_share)
-    documents = tokens = text_bytes = 0
+    documents = tokens = text_bytes = rows = missing = 0
     start = time.perf_counter()
-    chunks = tokenize_in_pool(texts, args.workers)
+    chunks = tokenize_in_pool(texts, args.workers, args.text_field)
     with tqdm(total=total_rows, unit="doc", unit_scale=True, desc="tokenizing", smoothing=0.1) as bar, \
             contextlib.closing(chunks):  # closing stops the pool when --max-tokens ends the loop early
         for chunk in chunks:
@@ -296,14 +321,14 @@ def tokenize_and_write(texts, out_dir: Path, args) -> dict:
                 chunk = chunk._replace(documents=int(np.count_nonzero(piece == tokenizer.EOT_ID)))
             writer.add(piece)
             documents, tokens = documents + chunk.documents, tokens + piece.size
-            text_bytes += chunk.text_bytes
+            text_bytes, rows, missing = text_bytes + chunk.text_bytes, rows + chunk.rows, missing + chunk.missing
             bar.update(chunk.rows)
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
             if tokens == args.max_tokens:
                 break
         shard_records = writer.close()
     return {"documents": documents, "total_tokens": tokens, "text_bytes": text_bytes, "shards": shard_records,
-            "val_shrunk": writer.val_shrunk, "seconds": time.perf_counter() - start}
+            "val_shrunk": writer.val_shrunk, "seconds": time.perf_counter() - start, "rows": rows, "missing": missing}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,6 +507,9 @@ def build(args, out: Path, staging: Path, source: dict, settings: dict, texts, l
           f"tokens, {args.val_tokens} val tokens{val_share_note(args, token_bound(texts))})")
     result = tokenize_and_write(texts, staging, args)
     check_splits(result, args)
+    if result["missing"]:  # (a row of another shape, say: the user may not know the input has them)
+        warn(f"{result['missing']} of the {result['rows']} rows read have no {args.text_field!r} value (the field "
+             f"is missing or null); they are left out")
     val_rule = (f"the first {args.val_share:.0%} of the tokens: the corpus is smaller than the default --val-tokens "
                 f"{args.val_tokens}" if result["val_shrunk"] else f"the first --val-tokens {args.val_tokens} tokens")
     manifest = {

@@ -252,6 +252,10 @@ BUGS = [
     bug("shards-split-prefix-unchecked", "shards.py", 'startswith(f"{entry[\'split\']}_")',
         'startswith("")', "tests/test_shards.py::test_a_manifest_listing_a_shard_twice_or_under_the_other_split_is_refused",
         "a manifest listing the val shard as a train shard trains on validation data"),
+    bug("data_prep-bad-row-numbered-within-its-task", "data_prep.py", "row {first_row + e.row + 1} of the input",
+        "row {e.row + 1} of the input",
+        "tests/test_data_prep.py::test_a_row_that_holds_no_text_is_named_by_its_number",
+        "a row that holds no text is numbered within its pool task, not the input"),
     # trackers.py -----------------------------------------------------------------------------------------------------
     bug("trackers-fresh-run-continues-wandb", "trackers.py",
         "run_id = id_file.read_text().strip() if resumed and id_file.exists() else secrets.token_hex(6)",

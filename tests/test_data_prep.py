@@ -194,6 +194,47 @@ def test_a_files_folder_is_named_a_folder(tmp_path, no_pool):
         prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "in"))
 
 
+def inputs_with_a_row_that_is_no_text(case: str, folder: Path) -> tuple[list[str], int, str]:
+    """(--files, the bad row's number in the input, what it holds): a .jsonl row in the first pool task or the
+    second (1,024 rows a task), or a second parquet file whose text column holds numbers (rows counted across files)."""
+    if case == "parquet, second file":
+        write_parquet(folder / "a.parquet", ["first file"] * 1000)
+        write_parquet(folder / "b.parquet", list(range(5, 2005)))
+        return [str(folder / "*.parquet")], 1001, "int '5'"
+    docs = ["fine text"] * 2000
+    bad_row = 1 if case == "jsonl, first row" else 1500
+    docs[bad_row - 1] = {"k": 1}
+    write_jsonl(folder / "a.jsonl", docs)
+    return [str(folder / "a.jsonl")], bad_row, "dict \"{'k': 1}\""
+
+
+@pytest.mark.parametrize("case, streaming", [("jsonl, first row", False), ("jsonl, first row", True),
+                                             ("jsonl, row 1500", False), ("jsonl, row 1500", True),
+                                             ("parquet, second file", False)])
+def test_a_row_that_holds_no_text_is_named_by_its_number(case, streaming, tmp_path):
+    """'a document's text field holds int, not a string; pass the right --text-field': no row named, and the advice
+    wrong when the field is right but one row is not text."""
+    assert data_sources.DOCS_PER_TASK < 1500  # (row 1500 is in a later task than row 1)
+    files, bad_row, held = inputs_with_a_row_that_is_no_text(case, tmp_path)
+    message = f"row {bad_row} of the input: its 'text' field holds {held}, not text; fix that row, or give --text-field"
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        prepare(tmp_path / "out", "--source", "files", "--files", *files, *(["--streaming"] if streaming else []),
+                cache=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rows_without_a_text_are_counted_in_a_warning(tmp_path, capsys):
+    """They were left out silently (199 of 200 documents built, and nothing said)."""
+    write_jsonl(tmp_path / "a.jsonl", data_sources.embedded_documents()[:100])
+    with open(tmp_path / "a.jsonl", "a") as f:
+        f.write('{"body": "another field"}\n{"text": null}\n{"text": ""}\n')
+    manifest = prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "a.jsonl"),
+                       cache=tmp_path / "cache")
+    assert manifest["documents"] == 100
+    assert "warning: 2 of the 103 rows read have no 'text' value (the field is missing or null); they are left out" \
+        in capsys.readouterr().err
+
+
 def test_unfinished_build_is_refused_until_overwrite(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
