@@ -216,6 +216,27 @@ def ensure_writable_dir(folder, what: str) -> Path:
     return folder
 
 
+def first_new_folder(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself or a parent) that does not exist yet: the first mkdir creates it."""
+    if path.exists() or path.is_symlink():
+        return None
+    while not (path.parent.exists() or path.parent == path):
+        path = path.parent
+    return path
+
+
+def remove_empty_folders(out: Path, made: Path) -> None:
+    """Remove `out` and its parents up to `made` while they are empty (rmdir never removes a folder holding
+    anything, so a folder this run wrote into, or someone else's, stays)."""
+    for folder in [out, *out.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == made:
+            return
+
+
 def check_writable_dir(folder, what: str) -> Path:
     """That `folder`, or the nearest of its parents that exists (the rest is made when the output is written), is a
     folder a file can be created in; nothing is made or left behind (a probe file is created and removed), so it can

@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import shards
 import tokenizer
-from cli import (UserError, check_writable_dir, ensure_writable_dir, fsync_dir, main_entry, positive_int,
-                 warn)
+from cli import (UserError, check_writable_dir, ensure_writable_dir, first_new_folder, fsync_dir, main_entry,
+                 positive_int, remove_empty_folders, warn)
 from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, parquet_problems, source_record, token_bound
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
@@ -476,27 +476,6 @@ def prepare_data(argv=None) -> dict:
         if made is not None:
             remove_empty_folders(out, made)
         raise
-
-
-def first_new_folder(path: Path) -> Path | None:
-    """The outermost folder of `path` (itself or a parent) that does not exist yet: the first mkdir creates it."""
-    if path.exists() or path.is_symlink():
-        return None
-    while not (path.parent.exists() or path.parent == path):
-        path = path.parent
-    return path
-
-
-def remove_empty_folders(out: Path, made: Path) -> None:
-    """Remove `out` and its parents up to `made` while they are empty (rmdir never removes a folder holding
-    anything, so a folder this run wrote into, or someone else's, stays)."""
-    for folder in [out, *out.parents]:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-        if folder == made:
-            return
 
 
 def build(args, out: Path, staging: Path, source: dict, settings: dict, texts, load_seconds: float) -> dict:

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_state
-from cli import (REPO_DIR, UserError, check_result_out, main_entry, positive_int, raise_all,
-                 utf8_lines, write_json)
+from cli import (REPO_DIR, UserError, check_result_out, first_new_folder, main_entry, positive_int, raise_all,
+                 remove_empty_folders, utf8_lines, write_json)
 from devices import checked_device, exit_with, init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
 from tokenizer import EOT_ID, get_tokenizer
@@ -112,27 +112,39 @@ def _check_official(examples: list, path: Path, expected: int) -> None:
 
 def download_official(dest: Path, url: str, expected: int) -> None:
     """Fetch the validation file to a temporary name, check it (example count, schema of every line), then rename
-    it to `dest`, so an interrupted or wrong download never sits under the cached name."""
+    it to `dest`, so an interrupted or wrong download never sits under the cached name; a failed one leaves no
+    folder it made either."""
+    made = first_new_folder(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fetch_and_check(dest, url, expected)
+    except BaseException:
+        if made is not None:
+            remove_empty_folders(dest.parent, made)
+        raise
+
+
+def fetch_and_check(dest: Path, url: str, expected: int) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, tqdm(
-                total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                desc="download HellaSwag val") as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, tqdm(
+                    total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                    desc="download HellaSwag val") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except (urllib.error.URLError, OSError) as e:
+            reason = str(getattr(e, "reason", e)).replace("\n", " ")
+            raise UserError(f"cannot download the HellaSwag validation set from {url} ({reason}); run once with "
+                            f"internet access, or pass --data FILE (e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
+        try:
+            _check_official(read_examples(tmp), dest, expected)
+        except UserError as e:
+            raise UserError(f"the download from {url} failed its integrity check: {e}")
+        os.replace(tmp, dest)
+    finally:  # (Ctrl-C included)
         tmp.unlink(missing_ok=True)
-        reason = str(getattr(e, "reason", e)).replace("\n", " ")
-        raise UserError(f"cannot download the HellaSwag validation set from {url} ({reason}); run once with "
-                        f"internet access, or pass --data FILE (e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
-    try:
-        _check_official(read_examples(tmp), dest, expected)
-    except UserError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"the download from {url} failed its integrity check: {e}")
-    os.replace(tmp, dest)
 
 
 def load_numbered(path=None) -> tuple[Path, list[tuple[int, dict]]]:

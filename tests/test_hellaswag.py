@@ -114,9 +114,26 @@ def test_download_checks_count_and_renames(tmp_path):
     dest = tmp_path / "cache" / "hellaswag_val.jsonl"
     with pytest.raises(UserError, match="integrity check: .* has 30 examples"):
         download_official(dest, source.as_uri(), expected=31)
-    assert not dest.exists() and list(dest.parent.iterdir()) == []  # no partial file left behind
+    assert not dest.parent.exists()  # no partial file left behind, nor the folder made for it
     download_official(dest, source.as_uri(), expected=30)
     assert dest.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("folder", ["new", "new parents", "existing"])
+@pytest.mark.parametrize("failure", ["offline", "wrong count", "ctrl-c"])
+def test_a_failed_download_leaves_no_file_or_folder_it_made(failure, folder, tmp_path, monkeypatch):
+    """An offline --download-only left an empty temp_data/hellaswag/ behind (a Ctrl-C, its partial file too)."""
+    source = tmp_path / "served.jsonl"
+    source.write_text(SAMPLE_FILE.read_text())  # 10 examples
+    dest = {"new": tmp_path / "cache", "new parents": tmp_path / "a" / "b" / "cache",
+            "existing": tmp_path}[folder] / "hellaswag_val.jsonl"
+    url = "http://127.0.0.1:9/hellaswag_val.jsonl" if failure == "offline" else source.as_uri()
+    if failure == "ctrl-c":
+        monkeypatch.setattr(hellaswag_eval, "read_examples", lambda path: (_ for _ in ()).throw(KeyboardInterrupt))
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(KeyboardInterrupt if failure == "ctrl-c" else UserError):
+        download_official(dest, url, expected=11 if failure == "wrong count" else 10)
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_offline_without_cache_is_one_clear_error(tmp_path, monkeypatch):
