@@ -70,8 +70,8 @@ class TokenPrinter:
     """A model.generate on_token callback that prints row 0's new tokens as text. Token bytes can split a UTF-8
     character, so they go through an incremental decoder that holds partial characters back until finish()."""
 
-    def __init__(self, stop_at_eot: bool, out=sys.stdout):
-        self.enc, self.stop_at_eot, self.out = get_tokenizer(), stop_at_eot, out
+    def __init__(self, stop_at_eot: bool, out=None):
+        self.enc, self.stop_at_eot, self.out = get_tokenizer(), stop_at_eot, out or sys.stdout  # (the one of now)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stopped = False
 
@@ -170,7 +170,7 @@ def check_seed(seed: int) -> None:
         raise UserError(f"--seed must be in [0, 2**64), the generator's range; got {seed}")
 
 
-@main_entry(memory_hint="lower --num-samples")
+@main_entry(memory_hint="lower --max-new-tokens or --num-samples")
 def main(argv=None):
     args = parse_args(argv)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -192,9 +192,11 @@ def main(argv=None):
         if stream:
             print(f"{header(1)}\n{prompt}", end="", flush=True)
             printer = TokenPrinter(args.stop_at_eot)
-            sample_continuations(model, ids, 1, sampling, generator, args.stop_at_eot, on_token=printer,
-                                 compile=args.compile)
-            printer.finish()
+            try:
+                sample_continuations(model, ids, 1, sampling, generator, args.stop_at_eot, on_token=printer,
+                                     compile=args.compile)
+            finally:  # (an error, Ctrl-C included, then starts a line of its own in a terminal)
+                printer.finish()
         else:
             texts = sample_continuations(model, ids, args.num_samples, sampling, generator, args.stop_at_eot,
                                          compile=args.compile)

@@ -289,3 +289,25 @@ def sample_next_probs(logits, sampling: Sampling):
         probs = probs.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+@pytest.mark.parametrize("failure", ["out of memory", "ctrl-c"])
+def test_an_error_while_streaming_starts_its_own_line_and_names_the_flags_that_help(failure, checkpoint_file,
+                                                                                     monkeypatch, capsys):
+    """--max-new-tokens 100000000000 ran out of memory: the error line was glued to the streamed prompt and advised
+    only --num-samples (already 1)."""
+    import generate
+
+    def fail_after_a_token(model, ids, num_samples, sampling, generator, stop_at_eot, on_token=None, compile=False):
+        on_token(torch.tensor([[ids[-1]]]))
+        if failure == "ctrl-c":
+            raise KeyboardInterrupt
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 800000000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(generate, "sample_continuations", fail_after_a_token)
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--checkpoint", str(checkpoint_file), "--prompt", "hi", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert out.startswith("=== prompt 1/1") and out.endswith("\n"), out
+    line = assert_one_line_error(subprocess.CompletedProcess([], exit_info.value.code, "", err), alone=True)
+    assert ("lower --max-new-tokens or --num-samples" in line) == (failure == "out of memory"), line
