@@ -25,7 +25,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_gpu import add_gpu_arguments, run_gpu
-from cli import UserError, hardware_name, main_entry, positive_int, raise_all, run_and_write_result, run_header
+from cli import (UserError, hardware_name, main_entry, path_arg, positive_int, raise_all, run_and_write_result,
+                 run_header)
 from dataloader import TrainLoader
 from devices import Dist, checked_device, enable_tf32, mfu, pick_device
 from export_hf import hf_config, to_hf_state_dict
@@ -425,7 +426,7 @@ def main(argv=None):
         # resolve: bench's --out (the JSON file) replaces train.py's --out (a run directory; bench uses a temporary)
         sub = modes.add_parser(name, conflict_handler="resolve")
         add_arguments(sub)
-        sub.add_argument("--out", help="write the figures as JSON to this file")
+        sub.add_argument("--out", type=path_arg, help="write the figures as JSON to this file")
     args = parser.parse_args(argv)
     args.command = command_without_out(argv)
     # bench.py gpu checks its per-row folder beside --out first thing

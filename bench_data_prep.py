@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import data_prep
 import data_sources
 import shards
-from cli import REPO_DIR, UserError, ensure_writable_dir, finite_float, main_entry, run_and_write_result
+from cli import (REPO_DIR, UserError, ensure_writable_dir, finite_float, main_entry, path_arg,
+                 run_and_write_result)
 from tokenizer import EOT_ID, get_tokenizer
 
 WRITTEN_BY = "bench_data_prep.py"  # the marker of its --out results (cli.write_json): it replaces only those
@@ -48,7 +49,7 @@ SPAWN = multiprocessing.get_context("spawn")
 def parse_args(argv=None):
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-mb", type=finite_float, default=50, help="corpus size in MB (default: 50)")
-    parser.add_argument("--text-root", nargs="+", metavar="DIR",
+    parser.add_argument("--text-root", nargs="+", metavar="DIR", type=path_arg,
                         help="build the corpus from the text files under these folders (.py .md .rst .txt .html, "
                              "cut into ~4 KB documents at blank lines, repeated with a pass number when short); "
                              "default: the embedded corpus's speeches, repeated")
@@ -59,10 +60,10 @@ def parse_args(argv=None):
                         help="whole runs of each scheme, taking turns; the fastest is reported (default: 1)")
     parser.add_argument("--schemes", default=",".join(SCHEMES),
                         help="which to run, comma-separated (default: %(default)s)")
-    parser.add_argument("--work-dir", default=str(REPO_DIR / "temp_data" / "bench_data_prep"),
+    parser.add_argument("--work-dir", type=path_arg, default=str(REPO_DIR / "temp_data" / "bench_data_prep"),
                         help="corpus, caches and outputs, removed afterwards: a new or empty folder, or one an "
                              "earlier benchmark left (default: %(default)s)")
-    parser.add_argument("--out", help="write the figures as JSON to this file")
+    parser.add_argument("--out", type=path_arg, help="write the figures as JSON to this file")
     return parser.parse_args(argv)
 
 

@@ -19,7 +19,8 @@ import numpy as np
 
 import shards
 import tokenizer
-from cli import REPO_DIR, UserError, ensure_writable_dir, finite_float, git_commit, positive_int, write_json
+from cli import (REPO_DIR, UserError, ensure_writable_dir, finite_float, git_commit, path_arg, positive_int,
+                 write_json)
 from dataloader import ShardDataset
 from devices import checked_device
 from model import PRESETS
@@ -43,7 +44,8 @@ def add_gpu_arguments(parser):
     parser.add_argument("--config", choices=sorted(PRESETS), default="lf_llm_269m",
                         help="model preset (default: lf_llm_269m)")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu for a dry run (default: cuda)")
-    parser.add_argument("--data", help="a data_prep.py output directory (build it on a CPU machine first); default: "
+    parser.add_argument("--data", type=path_arg,
+                        help="a data_prep.py output directory (build it on a CPU machine first); default: "
                                        "random tokens, written as a small dataset next to --out")
     parser.add_argument("--deadline-s", type=finite_float, default=480,
                         help="seconds for everything, compilation included; rows that would not fit are skipped "

@@ -29,6 +29,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def path_arg(text: str) -> str:
+    """argparse type: a file or folder path. An empty one (a shell variable that was never set, say) is refused: as
+    a Path it reads '.', the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder")
+    return text
+
+
 def finite_float(text: str) -> float:
     """argparse type: a float that is not NaN or infinite (float() accepts 'nan' and 'inf')."""
     value = float(text)

@@ -50,7 +50,7 @@ from tqdm import tqdm
 import shards
 import tokenizer
 from cli import (UserError, check_writable_dir, ensure_writable_dir, first_new_folder, fsync_dir, main_entry,
-                 positive_int, remove_empty_folders, warn)
+                 path_arg, positive_int, remove_empty_folders, warn)
 from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, parquet_problems, source_record, token_bound
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
@@ -84,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streaming", action="store_true",
                    help="hf/files: stream the dataset instead of downloading and preparing it first (default: off);"
                         " reading then happens in the main process, so it suits --max-docs/--max-tokens slices")
-    p.add_argument("--files", nargs="+", metavar="PATH",
+    p.add_argument("--files", nargs="+", metavar="PATH", type=path_arg,
                    help="local .txt, .jsonl/.json or .parquet files (one kind per run); globs allowed, e.g. "
                         "'dir/*.jsonl' (quote them); read in sorted order")
-    p.add_argument("--out", required=True, help="output directory, one per dataset (created if missing)")
+    p.add_argument("--out", type=path_arg, required=True, help="output directory, one per dataset (created if missing)")
     p.add_argument("--text-field", default="text", help="column holding the document text (default: %(default)s)")
     p.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS,
                    help="tokens per shard (default: %(default)s)")
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{MIN_SPLIT_TOKENS} (the split V itself is not judged); without, at least "
                         f"{smallest_shrunk_stream()} (validation then takes {VAL_SHARE * 100:.0f}%% of a stream "
                         "shorter than the default --val-tokens)")
-    p.add_argument("--cache-dir", help="cache folder of the downloads (huggingface_hub) and of datasets' Arrow files "
+    p.add_argument("--cache-dir", type=path_arg,
+                   help="cache folder of the downloads (huggingface_hub) and of datasets' Arrow files "
                                        "(default: the libraries' own, under HF_HOME or ~/.cache/huggingface)")
     p.add_argument("--overwrite", action="store_true", help="rebuild --out even if it holds a finished dataset")
     return p

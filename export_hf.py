@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save
 
 import tokenizer
 from checkpoint import CheckpointDamaged, list_checkpoints, load_checkpoint, model_from_state, save_checkpoint
-from cli import UserError, atomic_write, check_writable_dir, is_result_of, main_entry, raise_all, write_json
+from cli import (UserError, atomic_write, check_writable_dir, is_result_of, main_entry, path_arg, raise_all,
+                 write_json)
 from model import GPT, GPTConfig
 from plot_metrics import latest_values, read_metrics
 from shards import file_sha256
@@ -452,19 +453,24 @@ def import_hf(hf_dir, out_file, force: bool = False, dtype_name: str | None = No
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
+def path_flag(text: str) -> Path:
+    """argparse type: cli.path_arg, as a Path."""
+    return Path(path_arg(text))
+
+
 def parse_args(argv=None):
     p = cli.Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Examples:\n" + __doc__.rsplit("\n\n", 1)[-1])
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path,
+    source.add_argument("--checkpoint", type=path_flag,
                         help="export this checkpoint file (or a run directory's newest checkpoint); the model card "
                              "reads training metrics from the run's metrics.jsonl when present")
-    source.add_argument("--from-hf", type=Path,
+    source.add_argument("--from-hf", type=path_flag,
                         help="import this transformers directory as a checkpoint: an export of this script, or "
                              "any LlamaForCausalLM it can express (multi-head attention, attention and MLP biases, "
                              "tied embedding, default RoPE, the 50257-token GPT-2 vocabulary)")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=path_flag, required=True,
                    help="export: the directory to write (must be new or empty unless --force); "
                         "import: the checkpoint file to write")
     p.add_argument("--dtype",

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint, load_model
-from cli import UserError, main_entry, raise_all, read_text_lines
+from cli import UserError, main_entry, path_arg, raise_all, read_text_lines
 from devices import pick_device
 from model import GPT, Sampling, evaluating
 from tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
@@ -126,11 +126,12 @@ def generate_samples(model: GPT, prompts: list[str], sampling: Sampling, seed: i
 
 def parse_args(argv=None):
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint", type=path_arg, required=True,
                         help="a checkpoint file, or a run directory (its newest valid checkpoint is used)")
     parser.add_argument("--prompt", action="append", default=[],
                         help="a prompt; repeat the flag for several (default: the three reference prompts)")
-    parser.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped); "
+    parser.add_argument("--prompts-file", type=path_arg,
+                        help="a UTF-8 text file with one prompt per line (blank lines skipped); "
                                                "used after any --prompt")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to sample per sample (default: 100)")
     parser.add_argument("--temperature", type=float, default=1.0,

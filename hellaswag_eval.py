@@ -25,8 +25,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_state
-from cli import (REPO_DIR, UserError, check_result_out, first_new_folder, main_entry, positive_int, raise_all,
-                 remove_empty_folders, utf8_lines, write_json)
+from cli import (REPO_DIR, UserError, check_result_out, first_new_folder, main_entry, path_arg, positive_int,
+                 raise_all, remove_empty_folders, utf8_lines, write_json)
 from devices import checked_device, exit_with, init_distributed
 from model import GPT, IGNORE_INDEX, evaluating
 from tokenizer import EOT_ID, get_tokenizer
@@ -284,18 +284,19 @@ def evaluate_hellaswag(model: GPT, examples: list[dict], device, batch_size: int
 
 def parse_args(argv=None):
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint",
+    parser.add_argument("--checkpoint", type=path_arg,
                         help="a checkpoint file, or a run directory (its newest valid checkpoint is used)")
     parser.add_argument("--download-only", action="store_true",
                         help="only download (and check) the official validation split into temp_data/hellaswag/")
-    parser.add_argument("--data", help="a HellaSwag jsonl file (default: the official validation split, downloaded "
+    parser.add_argument("--data", type=path_arg,
+                        help="a HellaSwag jsonl file (default: the official validation split, downloaded "
                                        f"once into temp_data/hellaswag/; offline: {SAMPLE_FILE.relative_to(REPO_DIR)})")
     parser.add_argument("--limit", type=positive_int, help="score only the first N examples (default: all)")
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="examples per forward pass, each 4 rows (default: 16)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun "
                                          "each process takes cuda:LOCAL_RANK)")
-    parser.add_argument("--out", help="also write the result as JSON to this file")
+    parser.add_argument("--out", type=path_arg, help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.download_only:
         parser.error("--checkpoint is required (unless --download-only)")

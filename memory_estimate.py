@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from cli import UserError, check_result_out, hardware_name, main_entry, raise_all, run_and_write_result
+from cli import UserError, check_result_out, hardware_name, main_entry, path_arg, raise_all, run_and_write_result
 from model import GPT, PRESETS, GPTConfig
 
 WRITTEN_BY = "memory_estimate.py"  # the marker of its --out results (cli.write_json): it replaces only those
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs that FSDP shards over (default: 8)")
     parser.add_argument("--gpu-gib", type=float, default=80, help="memory per GPU in GiB (default: 80)")
-    parser.add_argument("--out", help="write the figures as JSON to this file")
+    parser.add_argument("--out", type=path_arg, help="write the figures as JSON to this file")
     return parser.parse_args(argv)
 
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from cli import RESULT_MARKER, UserError, atomic_write, ensure_writable_dir, main_entry, raise_all
+from cli import RESULT_MARKER, UserError, atomic_write, ensure_writable_dir, main_entry, path_arg, raise_all
 
 TRAIN_PANELS = [  # (metrics key, title, y label, log scale)
     ("loss", "Training loss", "cross-entropy (nats/token)", False),
@@ -249,8 +249,8 @@ def write_plots(path, out_dir=None) -> list[Path]:
 @main_entry
 def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="run directory (or its metrics.jsonl)")
-    parser.add_argument("--out", help="folder for the PNGs (default RUN/plots)")
+    parser.add_argument("run", type=path_arg, help="run directory (or its metrics.jsonl)")
+    parser.add_argument("--out", type=path_arg, help="folder for the PNGs (default RUN/plots)")
     args = parser.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")

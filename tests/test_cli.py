@@ -2,6 +2,7 @@
 import argparse
 import errno
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -191,3 +192,58 @@ def test_a_bad_flag_value_is_one_error_line_without_usage(case, bad_flag_runs):
     flags = [a for a in case[1:] if a.startswith("--")]
     named = flags[-1] if flags and flags[-1] != "--out" else ("--checkpoint" if flags else case[-1])
     assert named in lines[0] and f"{case[0]}" in lines[0] and "--help" in lines[0], lines[0]
+
+
+# --- an empty path ------------------------------------------------------------------------------------------------
+
+PATH_DEST = re.compile(r"(^|_)(out|checkpoint|data|files|dir|file|root|run|hf)$")  # the flags that name a path
+# (bench_gpu.py's flags are bench.py gpu's; train.py's path flags default to "", which means not given)
+SCRIPTS_WITH_PATHS = ["bench", "bench_data_prep", "data_prep", "export_hf", "generate", "hellaswag_eval",
+                      "memory_estimate", "plot_metrics"]
+
+
+class Captured(Exception):
+    pass
+
+
+def parsers_of(script: str) -> list:
+    """The cli.Parser objects of a script (a bench.py mode's own too), caught as the script parses its argv."""
+    import importlib
+    from unittest import mock
+    module = importlib.import_module(script)
+    entry = getattr(module, "parse_args", None) or module.main
+
+    def capture(self, *args, **kwargs):
+        raise Captured(self)
+    with mock.patch.object(cli.Parser, "parse_known_args", capture), pytest.raises(Captured) as caught:
+        entry([]) if entry is not module.main else module.main.__wrapped__([])
+    parser = caught.value.args[0]
+    modes = [a.choices.values() for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(mode for group in modes for mode in group)]
+
+
+def path_options():
+    """(parser, action) of every flag that takes a path, but TrainConfig's (bench.py train shares train.py's)."""
+    import dataclasses
+
+    from config import TrainConfig
+    train_flags = {field.name for field in dataclasses.fields(TrainConfig)}
+    for script in SCRIPTS_WITH_PATHS:
+        for parser in parsers_of(script):
+            for action in parser._actions:
+                mode = parser.prog.split()[-1] if script == "bench" and " " in parser.prog else ""
+                if (PATH_DEST.search(action.dest) and action.nargs != 0
+                        and not (mode == "train" and action.dest in train_flags and action.dest != "out")):
+                    yield pytest.param(parser, action, id=" ".join(filter(None, [script, mode, action.dest])))
+
+
+@pytest.mark.parametrize("parser, action", list(path_options()))
+def test_an_empty_path_is_refused_naming_its_flag(parser, action, capsys):
+    """--out '' (a shell variable never set) wrote nothing (hellaswag_eval.py), or read '.' as the path: the repo
+    folder named by data_prep.py, an export read from 'checkpoints' (export_hf.py --checkpoint '')."""
+    option = action.option_strings[0] if action.option_strings else None
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([option, ""] if option else [""])
+    line = assert_one_line_error(subprocess.CompletedProcess([], exit_info.value.code, "", capsys.readouterr().err),
+                                 status=2, alone=True)
+    assert f"argument {option or action.dest}: an empty path; give a file or folder" in line, line
