@@ -78,10 +78,21 @@ def time_steps(step, args, device, sync) -> tuple[float, dict]:
                     "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
-def run_train(args) -> dict:
+def check_train_flags(args, cfg) -> None:
+    """What bench.py train adds to train.py's checks: its own --warmup, and a --resume it has no run to take up."""
+    problems = []
     if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+        problems.append(f"--warmup must be >= 0, got {args.warmup}")
+    if cfg.resume:
+        problems.append("--resume: bench.py train runs in a temporary folder of its own, with nothing to resume; "
+                        "leave it out")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def run_train(args) -> dict:
     cfg, preset = config_from_flags(vars(args))
+    check_train_flags(args, cfg)
     if args.peer:
         cfg.attn_dropout = cfg.ffn_dropout = 0.0
     device = pick_device(cfg.device)

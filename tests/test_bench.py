@@ -119,6 +119,17 @@ def test_bad_flag_values_are_one_line_errors(embedded_data):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "data_prep.py" in proc.stderr
 
 
+def test_train_mode_refuses_a_resume_it_has_no_run_for_with_its_other_flags(embedded_data, capsys):
+    """bench.py train --resume said 'no checkpoint in /tmp/tmpXXXX/checkpoints', a folder the user never named."""
+    import bench
+    import subprocess
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["train", "--config", "debug", "--data", str(embedded_data), "--resume", "--warmup", "-1"])
+    assert_one_line_error(subprocess.CompletedProcess([], exit_info.value.code, "", capsys.readouterr().err),
+                          "--warmup must be >= 0, got -1", "--resume: bench.py train runs in a temporary folder",
+                          status=2, alone=True)
+
+
 def test_training_steps_do_not_wait_for_the_device_between_log_steps(embedded_data, tmp_path):
     """The syncs of the log step and checkpoint at the end are the same for 2 steps and for 6: a step that is not
     logged reads no tensor value back (which on CUDA would stall the queue of kernels)."""
