@@ -13,8 +13,8 @@ import torch
 from cli import UserError
 from devices import largest_fitting
 from helpers import (NO_DROPOUT, REPO, TINY, assert_one_line_error, assert_same_weights,
-                     assert_weights_close_relative_to_training, final_weights, make_dataset, run_script, train,
-                     train_events, train_losses)
+                     assert_weights_close_relative_to_training, copy_run, final_weights, make_dataset, run_script,
+                     train, train_events, train_losses)
 from train import TrainConfig, grad_accum_steps, lr_at, micro_batch_candidates, parse_config
 
 
@@ -178,9 +178,10 @@ def test_run_writes_metrics_config_log_and_checkpoint(straight_run):
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in state["model"])
 
 
-def test_stop_and_resume_is_exact(straight_run, embedded_data, tmp_path):
-    out = tmp_path / "split"
-    train(embedded_data, out, "--stop-at-step", "4")
+def test_stop_and_resume_is_exact(straight_run, run_at_step_4, embedded_data, tmp_path):
+    """The first half is conftest's run stopped at step 4 (shared with other modules; its extra checkpoint at step 2
+    changes nothing the run computes), continued here."""
+    out = copy_run(run_at_step_4, tmp_path / "split")
     assert (out / "checkpoints" / "step_000004.pt").exists() and not (out / "checkpoints" / "step_000008.pt").exists()
     train(embedded_data, out, "--resume")
     assert train_losses(out) == train_losses(straight_run)  # float equality: bit-exact continuation
@@ -241,7 +242,8 @@ def test_ddp_two_processes_match_one_process_with_accumulation(single_run_withou
     assert_weights_close_relative_to_training(final_weights(single), final_weights(ddp), rel=1e-3)
 
 
-def test_resume_under_another_process_count_and_micro_batch(single_run_without_dropout, embedded_data, tmp_path):
+def test_resume_under_another_process_count_and_micro_batch(single_run_without_dropout, embedded_data, tmp_path,
+                                                            refused_train):
     """Elastic resume: 2 processes x micro-batch 4 save at step 4; 1 process x micro-batch 2 (4 accumulation steps,
     the same 256-token batch) continues. The continuation reads the same windows with the same weights and optimizer
     state, so its losses and grad norms match the uninterrupted run's up to the order of gradient sums (the DDP
@@ -250,8 +252,8 @@ def test_resume_under_another_process_count_and_micro_batch(single_run_without_d
     out = tmp_path / "elastic"
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
                "--data", embedded_data, "--out", out, *NO_DROPOUT, "--stop-at-step", "4", check=True)
-    assert_one_line_error(train(embedded_data, out, *NO_DROPOUT, "--resume", "--total-batch-tokens", "512",
-                                check=False), "--total-batch-tokens 256", "--allow-token-batch-change")
+    assert_one_line_error(refused_train(embedded_data, out, *NO_DROPOUT, "--resume", "--total-batch-tokens", "512"),
+                          "--total-batch-tokens 256", "--allow-token-batch-change")
     train(embedded_data, out, *NO_DROPOUT, "--resume", "--micro-batch", "2")
     a, b = train_events(single_run_without_dropout), train_events(out)
     assert [e["step"] for e in a] == [e["step"] for e in b] == list(range(8))
@@ -293,9 +295,8 @@ def test_killed_worker_restarts_from_checkpoint(embedded_data, tmp_path):
     assert_same_weights(final_weights(out), final_weights(uninterrupted))
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(embedded_data, tmp_path):
-    out = tmp_path / "nan"
-    train(embedded_data, out, "--ckpt-every", "1", "--stop-at-step", "2")  # two sane steps first
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(run_at_step_4, embedded_data, tmp_path):
+    out = copy_run(run_at_step_4, tmp_path / "nan")  # four sane steps first (checkpoints at 2 and 4)
     proc = train(embedded_data, out, "--resume", "--max-lr", "1e30", "--ckpt-every", "1", "--eval-every", "0",
                  check=False)  # then an LR that blows the weights up
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -310,21 +311,32 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(embedded_data, 
 
 # --- bad input -------------------------------------------------------------------------------------------------
 
-def test_missing_data_dir_names_the_prep_command(tmp_path):
-    assert_one_line_error(train(tmp_path / "nowhere", tmp_path / "run", check=False), "data_prep.py")
+@pytest.fixture
+def refused_train(monkeypatch, capsys):
+    """train(data, out, *extra, check=False) for a run refused before it trains, as train.main in this process
+    (train_main: no interpreter to start), what assert_one_line_error reads of it."""
+    def refused(data, out, *extra) -> subprocess.CompletedProcess:
+        argv = [*TINY, "--data", str(data), "--out", str(out), *map(str, extra)]
+        status, err = train_main(argv, monkeypatch, capsys)
+        return subprocess.CompletedProcess(["train.py", *argv], status, "", err)
+    return refused
 
 
-def test_other_tokenizer_refused(embedded_data, tmp_path):
+def test_missing_data_dir_names_the_prep_command(tmp_path, refused_train):
+    assert_one_line_error(refused_train(tmp_path / "nowhere", tmp_path / "run"), "data_prep.py")
+
+
+def test_other_tokenizer_refused(embedded_data, tmp_path, refused_train):
     import shutil
     data = tmp_path / "data"
     shutil.copytree(embedded_data, data)
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["tokenizer_sha256"] = "0" * 64
     (data / "manifest.json").write_text(json.dumps(manifest))
-    assert_one_line_error(train(data, tmp_path / "run", check=False), "tokenizer")
+    assert_one_line_error(refused_train(data, tmp_path / "run"), "tokenizer")
 
 
-def test_corrupt_shard_refused(embedded_data, tmp_path):
+def test_corrupt_shard_refused(embedded_data, tmp_path, refused_train):
     import shutil
     data = tmp_path / "data"
     shutil.copytree(embedded_data, data)
@@ -332,32 +344,32 @@ def test_corrupt_shard_refused(embedded_data, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0xFF  # same size: only the sha256 check can see it
     shard.write_bytes(bytes(raw))
-    assert_one_line_error(train(data, tmp_path / "run", check=False), shard.name)
+    assert_one_line_error(refused_train(data, tmp_path / "run"), shard.name)
 
 
-def test_indivisible_batch_and_long_sequence_refused(embedded_data, tmp_path):
-    assert_one_line_error(train(embedded_data, tmp_path / "a", "--micro-batch", "3", check=False),
+def test_indivisible_batch_and_long_sequence_refused(embedded_data, tmp_path, refused_train):
+    assert_one_line_error(refused_train(embedded_data, tmp_path / "a", "--micro-batch", "3"),
                           "--micro-batch 3 does not divide")
-    assert_one_line_error(train(embedded_data, tmp_path / "b", "--seq-len", "256", "--total-batch-tokens", "1024",
-                                check=False), "context")
+    assert_one_line_error(refused_train(embedded_data, tmp_path / "b", "--seq-len", "256", "--total-batch-tokens",
+                                        "1024"), "context")
 
 
 @pytest.mark.parametrize("flag, value", [("--log-every", "0"), ("--pad-vocab-to", "0"), ("--attn-dropout", "2"),
                                          ("--seed", "-1"), ("--micro-batch", "many"), ("--max-lr", "0")])
-def test_impossible_flag_values_refused(embedded_data, tmp_path, flag, value):
-    assert_one_line_error(train(embedded_data, tmp_path / "run", flag, value, check=False), flag)
+def test_impossible_flag_values_refused(embedded_data, tmp_path, refused_train, flag, value):
+    assert_one_line_error(refused_train(embedded_data, tmp_path / "run", flag, value), flag)
 
 
-def test_resume_from_weights_only_checkpoint_suggests_init_from(straight_run, embedded_data, tmp_path):
+def test_resume_from_weights_only_checkpoint_suggests_init_from(straight_run, embedded_data, tmp_path, refused_train):
     from checkpoint import checkpoint_path, save_checkpoint
     state = torch.load(straight_run / "checkpoints" / "step_000008.pt", weights_only=True)
     save_checkpoint({"model_config": state["model_config"], "model": state["model"]},
                     checkpoint_path(tmp_path / "w", 0))
-    assert_one_line_error(train(embedded_data, tmp_path / "w", "--resume", check=False), "--init-from")
+    assert_one_line_error(refused_train(embedded_data, tmp_path / "w", "--resume"), "--init-from")
 
 
-def test_resume_without_checkpoint_refused(embedded_data, tmp_path):
-    assert_one_line_error(train(embedded_data, tmp_path / "run", "--resume", check=False), "--allow-fresh-start")
+def test_resume_without_checkpoint_refused(embedded_data, tmp_path, refused_train):
+    assert_one_line_error(refused_train(embedded_data, tmp_path / "run", "--resume"), "--allow-fresh-start")
 
 
 def test_init_from_starts_a_new_run_from_the_weights(straight_run, embedded_data, tmp_path):
@@ -369,9 +381,9 @@ def test_init_from_starts_a_new_run_from_the_weights(straight_run, embedded_data
     assert first["step"] == 0 and first["val_loss"] < 10.5  # starts from trained weights, not from ln(50257)
 
 
-def test_checkpoint_of_other_model_config_refused(straight_run, embedded_data, tmp_path):
-    assert_one_line_error(train(embedded_data, tmp_path / "run", "--init-from", straight_run, "--pad-vocab-to", "64",
-                                check=False), "different model config")
+def test_checkpoint_of_other_model_config_refused(straight_run, embedded_data, tmp_path, refused_train):
+    assert_one_line_error(refused_train(embedded_data, tmp_path / "run", "--init-from", straight_run,
+                                        "--pad-vocab-to", "64"), "different model config")
 
 
 def test_out_of_gpu_memory_is_one_line_naming_the_memory_flags(embedded_data, tmp_path, monkeypatch, capsys):
