@@ -7,7 +7,7 @@ import torch
 from cli import UserError
 from generate import (REFERENCE_PROMPTS, TokenPrinter, check_sampling, continuation_text, encode_prompt,
                       generate_samples, sample_continuations)
-from helpers import assert_one_line_error, run_script, save_tiny_checkpoint, tiny_config
+from helpers import assert_one_line_error, run_main, save_tiny_checkpoint, tiny_config
 from model import GPT, GPTConfig, Sampling, evaluating
 from tokenizer import EOT_ID, get_tokenizer
 
@@ -129,10 +129,13 @@ def is_utf8(data: bytes) -> bool:
         return False
 
 
+# The CLI tests call generate.py's main in this process (helpers.run_main: its exit status and output as a process
+# shows them): a fresh interpreter would spend seconds importing torch for each.
+
 def test_cli_greedy_text_equals_plain_argmax_decoding(checkpoint_file):
     """The streamed CLI output against the definition (rerun the whole context, take the argmax), decoded here;
     30 new tokens pass the checkpoint's 24-token context."""
-    result = run_script("generate.py", "--checkpoint", checkpoint_file, "--prompt", "HTML stands for",
+    result = run_main("generate.py", "--checkpoint", checkpoint_file, "--prompt", "HTML stands for",
                         "--max-new-tokens", 30, "--temperature", 0, "--no-stop-at-eot")
     assert result.returncode == 0, result.stderr
     enc = get_tokenizer()
@@ -146,7 +149,7 @@ def test_cli_greedy_text_equals_plain_argmax_decoding(checkpoint_file):
 
 def test_cli_sampling_follows_the_seed(checkpoint_file):
     def sample(seed):
-        result = run_script("generate.py", "--checkpoint", checkpoint_file, "--prompt", "Hello",
+        result = run_main("generate.py", "--checkpoint", checkpoint_file, "--prompt", "Hello",
                             "--max-new-tokens", 12, "--temperature", 0.9, "--top-k", 100, "--top-p", 0.9,
                             "--seed", seed, "--num-samples", 2, "--no-stop-at-eot")
         assert result.returncode == 0, result.stderr
@@ -168,7 +171,7 @@ def test_cli_sampling_follows_the_seed(checkpoint_file):
     (["--max-new-tokens", "0"], ["--max-new-tokens"]),
 ])
 def test_cli_bad_input_is_one_line(checkpoint_file, args, words):
-    assert_one_line_error(run_script("generate.py", "--checkpoint", checkpoint_file, *args), *words, alone=True)
+    assert_one_line_error(run_main("generate.py", "--checkpoint", checkpoint_file, *args), *words, alone=True)
 
 
 # Each problem generate.py can see before reading the checkpoint's tensors: (flags, what the line must say).
@@ -205,17 +208,17 @@ def test_cli_names_every_problem_it_can_see_up_front_in_one_line(names, checkpoi
 
 def test_cli_names_every_prompt_too_long_for_the_context(checkpoint_file):
     long = " ".join(["word"] * 30)
-    line = assert_one_line_error(run_script("generate.py", "--checkpoint", checkpoint_file, "--prompt", long,
+    line = assert_one_line_error(run_main("generate.py", "--checkpoint", checkpoint_file, "--prompt", long,
                                             "--prompt", "fine", "--prompt", long + " more"), alone=True)
     assert line.count("longer than the model's context of 24") == 2 and "31 tokens" in line
 
 
 def test_cli_missing_or_corrupt_checkpoint_is_one_line(tmp_path):
-    assert_one_line_error(run_script("generate.py", "--checkpoint", tmp_path / "nope.pt"), "does not exist",
+    assert_one_line_error(run_main("generate.py", "--checkpoint", tmp_path / "nope.pt"), "does not exist",
                           alone=True)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_script("generate.py", "--checkpoint", corrupt), "corrupt", alone=True)
+    assert_one_line_error(run_main("generate.py", "--checkpoint", corrupt), "corrupt", alone=True)
 
 
 class SecondRowStopsGPT(GPT):
