@@ -2,6 +2,7 @@
 every field, and the rules a configuration must follow. bench.py's train mode takes the same flags."""
 import argparse
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from trackers import parse_trackers
 
 # The TrainConfig field of each Sampling setting (TrainConfig.sampling)
 DEFAULT_RUNS_DIR = "temp_data/runs"  # where a run without --out gets its folder, <config>-<time>
+RUN_LOCK_FILE = "train.lock"  # in a run directory: locked by the run using it (train.RunDirLock)
+# What train.py writes into a run directory; a non-empty --out holding none of them is another tool's folder
+RUN_FILES = ("config.json", "train.log", "metrics.jsonl", "checkpoints", RUN_LOCK_FILE)
 SAMPLE_FIELDS = {"max_new_tokens": "sample_tokens", "temperature": "sample_temperature", "top_k": "sample_top_k"}
 
 
@@ -115,7 +119,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("max_lr", "grad_clip", "eps"):
             need(getattr(self, name) > 0, name, "must be > 0")
-        need(self.min_lr <= self.max_lr, "min_lr", f"above --max-lr {self.max_lr!r}; the schedule decays to it")
+        if not found.keys() & {"min_lr", "max_lr"}:  # a pair rule reads two values that each hold
+            need(self.min_lr <= self.max_lr, "min_lr", f"above --max-lr {self.max_lr!r}; the schedule decays to it")
         for name in ("beta1", "beta2", "attn_dropout", "ffn_dropout"):
             need(getattr(self, name) is None or 0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         need(self.pad_vocab_to is None or self.pad_vocab_to >= 1, "pad_vocab_to", "must be >= 1 (1 = no padding)")
@@ -131,6 +136,8 @@ class TrainConfig:
             need(self.seq_len <= context, "seq_len", f"longer than model {self.model}'s context ({context}); lower it")
         need(not (self.resume and self.init_from), "init_from", "excludes --resume: resume continues this run, "
              "init-from starts a new one; leave one out")
+        need(self.out or not self.resume, "resume", "needs --out, the run directory to continue (without it each "
+             "attempt makes a new, empty one)")
         for name in ("allow_fresh_start", "allow_token_batch_change"):
             need(self.resume or not getattr(self, name), name, "only applies with --resume; add it or leave this out")
         for setting, rule in self.sampling().errors().items():  # Sampling's rules, named by train.py's flags
@@ -176,11 +183,17 @@ def input_problems(cfg: TrainConfig) -> list[str]:
     found = {}
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         found["out"] = f"--out {cfg.out!r}: is a file; give a directory"
+    elif cfg.out and (foreign := not_a_run_dir(Path(cfg.out))):
+        found["out"] = (f"--out {cfg.out} {foreign}: train.py writes only into a new or empty folder or a run "
+                        "directory of its own; choose another --out")
     else:  # (on every process: under torchrun a folder that only rank 0 found unwritable left the others waiting)
         try:
             check_writable_dir(cfg.out or DEFAULT_RUNS_DIR, "--out")
         except UserError as e:
             found["out"] = f"{e}; give a folder you can write to"
+    if cfg.out and not cfg.resume and (held := list_checkpoints(cfg.out)):  # (the run would refuse to start over it)
+        found["resume"] = (f"--out {cfg.out} already holds checkpoints (the newest {held[-1].name}); add --resume to "
+                           "continue that run, or choose a new --out")
     try:  # the manifest and every shard's header (the run checks their sha256 too: minutes for 10B tokens)
         ShardDataset.open(cfg.data)
     except UserError as e:
@@ -219,6 +232,26 @@ def input_problems(cfg: TrainConfig) -> list[str]:
                 found.setdefault("sample_prompts", f"--sample-prompts, entry {number} of {len(cfg.sample_prompts)}: "
                                                    f"{e}")
     return list(found.values())
+
+
+def not_a_run_dir(folder: Path) -> str | None:
+    """What shows that an existing, non-empty `folder` is not a train.py run directory (None when it may be one):
+    a config.json that is not train.py's (an export_hf.py output's Hugging Face config), or none of RUN_FILES (a
+    data set, a folder of runs, anything else). The other tools that write into a run directory (plot_metrics.py's
+    plots/, hellaswag_eval.py's results, the --tracker files) do so beside train.py's own files."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    config = folder / "config.json"
+    if config.exists():
+        try:
+            saved = json.loads(config.read_bytes())
+        except (OSError, ValueError):
+            saved = None
+        if not (isinstance(saved, dict) and {"train", "model"} <= saved.keys()):
+            return "holds a config.json that train.py did not write"
+    elif not any((folder / name).exists() for name in RUN_FILES):
+        return f"holds files but none of a train.py run directory ({', '.join(RUN_FILES)})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

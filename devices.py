@@ -121,7 +121,7 @@ def checked_device(flag: str | None, local_rank: int = 0) -> torch.device:
         raise UserError(f"--device {flag!r}: use cuda, mps or cpu")
     kind = flag or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     if kind.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+        raise UserError(f"--device {flag}: no CUDA device is available; use --device cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: no Apple MPS device is available (macOS on Apple silicon); use --device cpu")
     try:
@@ -131,6 +131,13 @@ def checked_device(flag: str | None, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     return device
+
+
+def memory_bytes(device: torch.device) -> int:
+    """The memory of `device`: a GPU's own, else the machine's (the CPU's, and Apple silicon's shared memory)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def enable_tf32(device: torch.device) -> None:

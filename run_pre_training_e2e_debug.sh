@@ -53,13 +53,15 @@ import sys
 from checkpoint import list_checkpoints
 from plot_metrics import latest_values, read_metrics
 run, seconds = sys.argv[1], int(sys.argv[2])
-latest = latest_values(read_metrics(run))
-first = next(e for e in read_metrics(run) if "val_loss" in e)  # step 0's, unless this run never evaluated it
+events = read_metrics(run)
+latest, checkpoints = latest_values(events), list_checkpoints(run)
+# step 0's, unless this run never evaluated it (TRAIN_ARGS with --eval-every 0 and a resume: maybe none at all)
+first = next((e for e in events if e.get("val_loss") is not None), None)
 print(f"run directory : {run}")
 print(f"plots         : {run}/plots/ (training.png, loss.png, hellaswag.png)")
-print(f"checkpoint    : {list_checkpoints(run)[-1]}")
-print(f"val loss      : {first['val_loss']:.4f} at step {first['step']} -> {latest['val_loss'][1]:.4f} at step "
-      f"{latest['val_loss'][0]}")
+print(f"checkpoint    : {checkpoints[-1] if checkpoints else 'none'}")
+print(f"val loss      : " + (f"{first['val_loss']:.4f} at step {first['step']} -> {latest['val_loss'][1]:.4f} at step "
+                             f"{latest['val_loss'][0]}" if first else "not evaluated in this run's metrics"))
 print(f"wall time     : {seconds // 60} min {seconds % 60} s")
 PY
 }

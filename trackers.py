@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cli import UserError, atomic_write, write_json
-from plot_metrics import read_metrics
+from plot_metrics import parse_event, read_metrics
 
 TRACKERS = ("tensorboard", "wandb")
 WANDB_ID_FILE = "wandb_run_id.txt"  # in the run directory: a resumed run continues the same W&B run
@@ -226,11 +226,22 @@ class RunLog:
         return self.trackers
 
 
-def drop_metrics_after(run_dir: Path, step: int) -> None:
-    """On resume from a checkpoint taken after `step` steps, forget events the lost segment logged past it."""
+def drop_metrics_after(run_dir: Path, step: int) -> list[tuple[int, str]]:
+    """On resume from a checkpoint taken after `step` steps, forget the events the lost segment logged past it (the
+    run logs them again). A line that is no event train.py can read (a note added by hand, a line a crash tore) is
+    no event of the lost segment: it is kept as it is, ended by a newline so that the next event gets a line of its
+    own. Returns [(line number, what is wrong)] of those lines."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        return
-    kept = [e for e in read_metrics(path) if e["step"] < step or (e["step"] == step and "loss" not in e)]
-    with atomic_write(path, "w") as f:
-        f.write("".join(json.dumps(event) + "\n" for event in kept))
+        return []
+    kept, unreadable = [], []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        event, problem = parse_event(line)
+        if problem and line.strip():
+            unreadable.append((number, problem))
+        elif problem or event["step"] > step or (event["step"] == step and "loss" in event):
+            continue  # an empty line, or an event of the lost segment
+        kept.append(line + b"\n")
+    with atomic_write(path, "wb") as f:
+        f.write(b"".join(kept))
+    return unreadable

@@ -4,8 +4,9 @@
   torchrun --nproc_per_node=8 train.py --config lf_llm_269m --data temp_data/data/fineweb_edu_10bt --out RUN --resume
 
 Every TrainConfig field is a --kebab-case flag (`--max-lr 1e-3`); `--config` picks the preset they override.
-A run directory holds config.json, train.log, metrics.jsonl and checkpoints/step_NNNNNN.pt. A checkpoint holds
-everything needed to continue exactly: model, optimizer, step, loader position and every rank's RNG states
+A run directory holds config.json, train.log, metrics.jsonl, checkpoints/step_NNNNNN.pt and train.lock (locked by
+the run using it). A checkpoint holds everything needed to continue exactly: model, optimizer, step, loader position
+and every rank's RNG states
 (bit-for-bit on CPU; on CUDA up to the rounding of kernels that add in a varying order, as between any two GPU runs).
 SIGTERM/SIGINT finish the current step, checkpoint and exit 0; `--resume` continues from the newest valid
 checkpoint; under `torchrun --max-restarts=K ... --resume --allow-fresh-start` a crashed worker group restarts
@@ -15,6 +16,7 @@ import argparse
 import cli
 import contextlib
 import dataclasses
+import fcntl
 import math
 import os
 import signal
@@ -25,14 +27,14 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import (INIT_IGNORED_FIELDS, RESUME_STATE_KEYS, RunCheckpoints, check_model_config, checkpoint_dir,
-                        checkpoint_to_resume, end_step, list_checkpoints, load_checkpoint, load_training_state,
-                        quarantine_checkpoints, rng_state, seed_everything, set_rng_state)
+                        checkpoint_to_resume, end_step, human_size, list_checkpoints, load_checkpoint,
+                        load_training_state, quarantine_checkpoints, rng_state, seed_everything, set_rng_state)
 from cli import UserError, ensure_writable_dir, fail, main_entry, positive_int, raise_all, run_header
-from config import DEFAULT_RUNS_DIR, TrainConfig, add_config_flags, config_from_flags, input_problems
+from config import DEFAULT_RUNS_DIR, RUN_LOCK_FILE, TrainConfig, add_config_flags, config_from_flags, input_problems
 from dataloader import (ShardDataset, TrainLoader, check_train_batch, check_val_batch, largest_train_batch,
                         largest_val_batch, val_batches)
 from devices import (Dist, checked_device, cuda_memory_probe, enable_tf32, exit_with, init_distributed,
-                     largest_fitting, launched_by_torchrun, mfu, peak_flops)
+                     largest_fitting, launched_by_torchrun, memory_bytes, mfu, peak_flops)
 from generate import generate_samples
 from hellaswag_eval import evaluate_hellaswag, load_examples
 from model import GPT, evaluating
@@ -128,6 +130,7 @@ def check_run(cfg: TrainConfig, under_torchrun: bool, processes: int, device: to
         lambda: holding("seq_len", "micro_batch", "eval_every", "val_tokens", "final_val_tokens")
         and check_data_holds_a_micro_batch(cfg, processes))
     check_device_levers(cfg, run_device, under_torchrun)
+    check_samples_fit(cfg, run_device)
     return run_device
 
 
@@ -200,6 +203,50 @@ def check_device_levers(cfg: TrainConfig, device: torch.device, under_torchrun: 
                             f"{torch.__version__.split('+')[0]}): {e}") from None
 
 
+SAMPLE_BYTES_PER_TOKEN = 16  # generate's int64 token ids: its output buffer, and the copy it returns
+
+
+def check_samples_fit(cfg: TrainConfig, device: torch.device) -> None:
+    """The samples' token ids fit in the memory of `device` (--sample-tokens 10**12 ran out of it at the last step,
+    after the whole run). Only what sampling allocates per token is judged here: any length that passes can still
+    take long to generate."""
+    if not cfg.sample_prompts:
+        return
+    needed, held = cfg.sample_tokens * SAMPLE_BYTES_PER_TOKEN, memory_bytes(device)
+    if needed > held:
+        raise UserError(f"--sample-tokens {cfg.sample_tokens}: a sample that long needs {human_size(needed)} of "
+                        f"{device.type} memory for its token ids alone, more than the {human_size(held)} there; "
+                        "lower --sample-tokens")
+
+
+def check_resumable(cfg: TrainConfig, state: dict, path: Path, loader: TrainLoader) -> None:
+    """What checkpoint `path` (its `state`) cannot continue under this run's settings, named in one line: another
+    model, another token batch (unless --allow-token-batch-change), and what its data position holds only with (the
+    data, --seq-len, --seed): `loader` takes that position, by its own rule. A run applies it before it moves a
+    damaged newer checkpoint aside, and again when it loads the state (into its loader); --check applies it too."""
+    saved_cfg, saved_loader = state["train_config"], state["loader"]
+
+    def same_token_batch():
+        if saved_cfg["total_batch_tokens"] != cfg.total_batch_tokens and not cfg.allow_token_batch_change:
+            raise UserError(f"checkpoint {path} was trained with --total-batch-tokens {saved_cfg['total_batch_tokens']}"
+                            f", this run asks for {cfg.total_batch_tokens}: resume with the checkpoint's value (the "
+                            "process count and micro-batch may change), or add --allow-token-batch-change to continue "
+                            "the data where it stopped with steps of the new size")
+
+    def data_position():
+        try:  # (a list: one per rank, v1)
+            loader.load_state_dict(saved_loader[0] if isinstance(saved_loader, list) else saved_loader)
+        except UserError as e:
+            raise UserError(f"checkpoint {path}: {e}") from None
+    raise_all(lambda: check_model_config(cfg.model_config(), state, path), same_token_batch, data_position)
+
+
+def position_checker(cfg: TrainConfig) -> TrainLoader:
+    """A loader of this run's data, seq-len and seed for check_resumable to try a saved position on, before the run
+    has its own (a micro-batch of 1 on one process: the stream's position is the same in every layout)."""
+    return TrainLoader(ShardDataset.open(cfg.data), 1, cfg.seq_len, seed=cfg.seed)
+
+
 def convert_to_fp8(model: GPT) -> None:
     """torchao's float8 training (tensorwise scaling) for every Linear whose sides are multiples of 16; the tied
     head (F.linear on the embedding) and everything else stay in autocast's bf16."""
@@ -231,8 +278,12 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
     """--check: what a run of `cfg` on `processes` processes refuses at its start, found without writing anything
     or starting processes: check_run's checks, and the checkpoints the run would read, read."""
     check_run(cfg, under_torchrun=True, processes=processes)  # (as torchrun's processes)
-    if cfg.resume and cfg.out:  # the checkpoint the run would resume from: none, damaged, past the last step
-        checkpoint_to_resume(cfg.out, cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
+    if cfg.out:
+        check_run_dir_free(Path(cfg.out))
+    if cfg.resume:  # the checkpoint the run would resume from: none, damaged, past the last step, other settings
+        state, path, *_ = checkpoint_to_resume(cfg.out, cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
+        if state is not None:
+            check_resumable(cfg, state, path, position_checker(cfg))
     if cfg.init_from:  # the checkpoint the run would start from, resolved as the run does (read, nothing moved)
         load_checkpoint(cfg.init_from, map_location="cpu")
 
@@ -240,14 +291,73 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The run directory
 
-def make_run_dir(cfg: TrainConfig, d: Dist, preset: str) -> Path:
-    """--out, or DEFAULT_RUNS_DIR/<preset>-<time> named by rank 0; its checkpoint folder is made writable now, not
-    found unwritable after the first hours of training."""
+class RunDirLock:
+    """An exclusive lock on a run directory (fcntl.flock of its RUN_LOCK_FILE, an empty file: a run that changes
+    nothing leaves every file as it was), taken by rank 0 of the run using it and held for the run's life: a second
+    train.py on the same folder is refused instead of interleaving its metrics and overwriting the first one's
+    checkpoints. The kernel releases it when the process ends, however it ends (kill -9 too): no stale lock outlives
+    a run, and a torchrun restart's new rank 0 takes it once the old worker group has died."""
+
+    def __init__(self, run_dir: Path):
+        self.file = open(run_dir / RUN_LOCK_FILE, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = in_use_message(run_dir, self.file)
+            self.file.close()
+            raise UserError(message) from None
+
+    def release(self) -> None:
+        self.file.close()
+
+
+def in_use_message(run_dir: Path, lock_file) -> str:
+    return (f"--out {run_dir} is in use by another train.py run (pid {lock_holder(lock_file)}); wait for it or "
+            "choose another --out")
+
+
+def lock_holder(lock_file) -> str:
+    """The pid holding the exclusive flock of `lock_file`, as Linux lists it in /proc/locks ('unknown' elsewhere;
+    matched by inode number alone)."""
+    inode = os.fstat(lock_file.fileno()).st_ino
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        for line in Path("/proc/locks").read_text().splitlines():  # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE .."
+            fields = line.split()
+            if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and int(fields[5].split(":")[-1]) == inode:
+                return fields[4]
+    return "unknown"
+
+
+def check_run_dir_free(run_dir: Path) -> None:
+    """--check: that no run holds `run_dir`'s lock, tried without keeping it (a shared lock: two checks never see
+    each other) and without writing anything (no lock file: no run has ever used the folder)."""
+    try:
+        lock_file = open(run_dir / RUN_LOCK_FILE)
+    except FileNotFoundError:
+        return
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(in_use_message(run_dir, lock_file)) from None
+
+
+def make_run_dir(cfg: TrainConfig, d: Dist, preset: str) -> tuple[Path, RunDirLock | None]:
+    """(--out, or DEFAULT_RUNS_DIR/<preset>-<time> named by rank 0; rank 0's lock on it, RunDirLock). Its checkpoint
+    folder is made writable now, not found unwritable after the first hours of training. Rank 0's outcome is
+    gathered: every rank raises its error together (a rank raising alone leaves the others waiting at a collective)."""
     run_dir = Path(cfg.out or d.gather(f"{DEFAULT_RUNS_DIR}/{preset}-{time.strftime('%Y%m%d-%H%M%S')}")[0])
+    lock, error = None, None
     if d.is_main:
-        ensure_writable_dir(checkpoint_dir(run_dir), "--out")
-    d.barrier()
-    return run_dir
+        try:
+            ensure_writable_dir(checkpoint_dir(run_dir), "--out")
+            lock = RunDirLock(run_dir)
+        except UserError as e:
+            error = str(e)
+    error = d.gather(error)[0]
+    if error:
+        raise UserError(error)
+    return run_dir, lock
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,10 +422,28 @@ class Trainer:
         check_run(cfg, under_torchrun=torch.distributed.is_initialized(), processes=d.world_size, device=device)
         self.cfg, self.d, self.device = cfg, d, device
         self.on_cuda = device.type == "cuda"
-        self.run_dir = make_run_dir(cfg, d, preset)
+        self.run_dir, self.run_lock = make_run_dir(cfg, d, preset)
+        try:
+            self._set_up()
+        except BaseException:  # (a refused start in a process that goes on, as in tests, leaves the folder free)
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (rank 0's lock on it); run() does this when it ends."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _set_up(self) -> None:
+        cfg, d, device = self.cfg, self.d, self.device
         self.log = RunLog(self.run_dir, d.is_main)
         self.checkpoints = RunCheckpoints(self.run_dir, d, self.log.info, sharded=cfg.fsdp, keep=cfg.keep_checkpoints)
         self.checkpoints.remove_orphans()
+        # the checkpoint to continue, refused now if this run's settings cannot take it (before any damaged newer
+        # one is moved aside, the shards are hashed or the model is built)
+        resume = cfg.resume and self.checkpoints.to_resume(
+            cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start,
+            accept=lambda state, path: check_resumable(cfg, state, path, position_checker(cfg)))
         # One process per node checks every shard's sha256 against the manifest (a corrupt shard is refused).
         self.dataset = ShardDataset.open(cfg.data, verify_sha256=cfg.verify_data and d.local_rank == 0)
         self.model_config = cfg.model_config()
@@ -327,7 +455,6 @@ class Trainer:
             self.model.enable_chunked_loss(cfg.loss_chunk_rows)
         if cfg.fp8:
             convert_to_fp8(self.model)
-        resume = cfg.resume and self.checkpoints.to_resume(cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
         self.micro_batch = choose_micro_batch(cfg, d, self.dataset, self.model, device, self.autocast,
                                               resume and resume[0], self.log.info)
         self.accum = grad_accum_steps(cfg.total_batch_tokens, self.micro_batch, cfg.seq_len, d.world_size)
@@ -358,9 +485,6 @@ class Trainer:
             check_model_config(self.model_config, state, path, ignore=INIT_IGNORED_FIELDS)
             load_weights(self.model, state["model"])
             self.log.info(f"init: weights from {path}")
-        if list_checkpoints(self.run_dir):
-            raise UserError(f"{self.run_dir} already holds checkpoints; add --resume to continue that run, "
-                            "or choose a new --out")
         if self.d.is_main:
             (self.run_dir / "metrics.jsonl").write_text("")  # events of an attempt that never checkpointed
 
@@ -390,20 +514,13 @@ class Trainer:
         exactly under any process count and micro-batch that keep the token batch; the RNG streams only in the
         layout that saved them (elsewhere dropout draws from fresh streams)."""
         cfg, saved_cfg = self.cfg, state["train_config"]
-        check_model_config(self.model_config, state, path)
-        if saved_cfg["total_batch_tokens"] != cfg.total_batch_tokens and not cfg.allow_token_batch_change:
-            raise UserError(f"checkpoint {path} was trained with --total-batch-tokens {saved_cfg['total_batch_tokens']}"
-                            f", this run asks for {cfg.total_batch_tokens}: resume with the checkpoint's value (the "
-                            "process count and micro-batch may change), or add --allow-token-batch-change to continue "
-                            "the data where it stopped with steps of the new size")
+        check_resumable(cfg, state, path, self.loader)  # (the loader takes the saved data position here)
         # (a field that did not exist when the checkpoint was written is no change)
         changed = {k for k, v in dataclasses.asdict(cfg).items() if k in saved_cfg and saved_cfg[k] != v
                    and k not in ("resume", "allow_fresh_start", "stop_at_step", "allow_token_batch_change")}
         if changed:
             self.log.info(f"resume: these settings differ from the checkpoint's run: {sorted(changed)}")
         load_training_state(self.model, self.optimizer, state, path, group=self.d.control)  # .pt or sharded, any layout
-        loader = state["loader"]
-        self.loader.load_state_dict(loader[0] if isinstance(loader, list) else loader)  # (a list: one per rank, v1)
         self.step = state["step"]
         saved_layout = (state["world_size"], state["micro_batch"])
         if saved_layout == (self.d.world_size, self.micro_batch):
@@ -411,7 +528,12 @@ class Trainer:
         else:
             self._log_layout_change(*saved_layout, saved_cfg)
         if self.d.is_main:
-            drop_metrics_after(self.run_dir, self.step)
+            unreadable = drop_metrics_after(self.run_dir, self.step)
+            if unreadable:
+                (number, problem), *more = unreadable
+                self.log.info(f"resume: WARNING: {len(unreadable)} line(s) of metrics.jsonl are no events train.py can "
+                              f"read (line {number}: {problem}" + (f"; lines {', '.join(str(n) for n, _ in more)}"
+                                                                   if more else "") + "); kept as they are")
         self.log.info(f"resume: continuing after step {self.step} from {path}")
 
     def _log_layout_change(self, world_size: int, micro_batch: int, saved_cfg: dict) -> None:
@@ -456,9 +578,15 @@ class Trainer:
         return loss_sum / self.accum, grad_norm
 
     def run(self) -> int:
-        """Train to max_steps (or --stop-at-step, or a signal). Steps are counted in optimizer updates done: the
-        evaluations and the checkpoint "at step S" see the weights after S updates, and the train event of step S
-        is update S itself (0-based), the one that takes the weights from step S to S + 1."""
+        """Train to max_steps (or --stop-at-step, or a signal), then release the run directory. Steps are counted in
+        optimizer updates done: the evaluations and the checkpoint "at step S" see the weights after S updates, and
+        the train event of step S is update S itself (0-based), the one that takes the weights from step S to S + 1."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> int:
         cfg, d = self.cfg, self.d
         header, config = self._header()
         self.log.header(header, config)
@@ -499,22 +627,31 @@ class Trainer:
     def _evaluate_and_save(self, step: int, first_step: int, last_step: int, stop: bool,
                            bad_step: torch.Tensor) -> None:
         """The evaluations and the checkpoint due at step S (every evaluation at the final step). A resumed run
-        evaluated its first step before it saved that checkpoint."""
+        evaluated its first step before it saved that checkpoint (or, the final one, has nothing left to run)."""
         cfg = self.cfg
         final, evaluate = step == cfg.max_steps, step > first_step or not self.resumed
         evaluations = [evaluation for evaluation, every in ((self.eval_val_loss, cfg.eval_every),
                                                             (self.eval_hellaswag, cfg.hellaswag_every),
                                                             (self.eval_samples, cfg.sample_every))
                        if evaluate and (final or due_at(step, every))]
+        saving = step > first_step and (due_at(step, cfg.ckpt_every) or step == last_step or stop)
+        # The last step's checkpoint comes before its evaluations: one failing there (out of memory) must not take
+        # the run's training with it, and a resume from it has nothing left to train. Any other checkpoint comes
+        # after its step's evaluations, which a resume from it does not repeat.
+        if saving and final:
+            self._save(bad_step)
         if evaluations:
             # forked RNG streams: evaluations leave the training's random state as they found it
             with torch.random.fork_rng(devices=[self.device] if self.on_cuda else []), \
                     evaluated(self.model, self.device) as model:
                 for evaluation in evaluations:
                     evaluation(step, model)
-        if step > first_step and (due_at(step, cfg.ckpt_every) or step == last_step or stop):
-            self._check_finite(bad_step)  # weights after a NaN must not become a checkpoint
-            self.checkpoints.save(self.state_dict(), self.model, self.optimizer)
+        if saving and not final:
+            self._save(bad_step)
+
+    def _save(self, bad_step: torch.Tensor) -> None:
+        self._check_finite(bad_step)  # weights after a NaN must not become a checkpoint
+        self.checkpoints.save(self.state_dict(), self.model, self.optimizer)
 
     def _after_first_step(self, timer: StepTimer, logged: bool) -> None:
         if not logged:

@@ -355,6 +355,15 @@ BUGS = [
     bug("train-out-writability-unchecked", "config.py", 'check_writable_dir(cfg.out or DEFAULT_RUNS_DIR, "--out")',
         "None", "tests/test_faults.py::test_unwritable_outputs_are_one_line_before_work",
         "an --out no file can be written in is found only when rank 0 makes it (--check passes it; rank 1 a traceback)"),
+    bug("train-run-dir-unlocked", "train.py", "            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
+        "            pass\n", "tests/test_faults.py::test_a_run_directory_in_use_is_refused_by_the_run_and_check_then_"
+        "free_once_released", "two train.py runs write into one run directory at once"),
+    bug("train-final-checkpoint-after-evaluations", "train.py", "        if saving and final:\n",
+        "        if False:\n", "tests/test_faults.py::test_a_final_evaluation_that_fails_loses_no_training",
+        "the last step's checkpoint is saved after its evaluations: one failing there loses the whole run"),
+    bug("train-unreadable-metrics-lines-dropped", "trackers.py", "            unreadable.append((number, problem))\n",
+        "            continue\n", "tests/test_faults.py::test_resume_over_a_damaged_metrics_file_keeps_the_lines_it_"
+        "cannot_read", "a resume deletes the metrics.jsonl lines it cannot read"),
     bug("cli-error-on-every-rank", "cli.py", '    if os.environ.get("LOCAL_RANK", "0") == "0":', "    if True:",
         "tests/test_cli.py", "under torchrun every process prints the same error line"),
     bug("cli-positive-int-zero", "cli.py", "    if value < 1:\n", "    if value < 0:\n", "tests/test_cli.py",

@@ -2,6 +2,7 @@
 manifests, metrics lines and input files, out-of-range and bad arguments. Each is one line on stderr and a non-zero
 exit, and leaves nothing behind that looks finished. (A checkpoint on a full disk, damaged or killed mid-write:
 test_checkpoint.py.)"""
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (REPO, TINY, assert_one_line_error, copy_run, free_port, limited_run, run_script, run_scripts,
-                     save_tiny_checkpoint, train, train_losses)
+                     save_tiny_checkpoint, train)
 
 SAMPLE_HELLASWAG = REPO / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"
 
@@ -198,13 +199,19 @@ def test_unusable_metrics_lines_are_skipped_with_their_numbers(tmp_path, capsys)
     assert len(list((tmp_path / "plots").glob("*.png"))) == 3
 
 
-def test_resume_over_a_damaged_metrics_file(run_at_step_4, embedded_data, tmp_path):
+def test_resume_over_a_damaged_metrics_file_keeps_the_lines_it_cannot_read(run_at_step_4, embedded_data, tmp_path):
+    """Lines that are no events (a hand edit, a line a crash tore) are kept, each on a line of its own, and said to
+    be kept (they were deleted while the warning said 'skipped'); the events past the checkpoint are logged again."""
     out = copy_run(run_at_step_4, tmp_path / "run")
+    unreadable = [b"[]", b'{"step": "x"}', b"\xff", b'{"step": 3, "lo']
     with open(out / "metrics.jsonl", "ab") as f:
-        f.write(b'[]\n{"step": "x"}\n\xff\n{"step": 3, "lo')  # a hand edit, then a crash mid-line
+        f.write(b"\n".join(unreadable))  # a hand edit, then a crash mid-line
     proc = train(embedded_data, out, "--resume", "--stop-at-step", "5")
-    assert "line " in proc.stderr and "skipped" in proc.stderr
-    assert sorted(train_losses(out)) == list(range(5))
+    assert "4 line(s) of metrics.jsonl are no events train.py can read" in proc.stdout and "kept" in proc.stdout
+    lines = (out / "metrics.jsonl").read_bytes().splitlines()
+    assert [line for line in lines if line in unreadable] == unreadable
+    events = [json.loads(line) for line in lines if line not in unreadable]
+    assert [e["step"] for e in events if "loss" in e] == list(range(5))
 
 
 @pytest.mark.parametrize("name, content, expected", [
@@ -290,7 +297,7 @@ BAD_VALUES = {  # field: [(the flag's arguments, what the error line names when 
     "hellaswag_limit": [("-1", None)],
     "sample_every": [("-1", None)],
     "sample_prompts": [(["hello", ""], None)],  # an empty prompt, sampled at the last step
-    "sample_tokens": [("0", None)],
+    "sample_tokens": [("0", None), (str(10 ** 12), None)],  # 10**12: its token ids alone outgrow any memory
     "sample_temperature": [("-1", None), ("1e-45", None)],  # 1e-45: logits / temperature overflow (NaN)
     "sample_top_k": [("-1", None)],
     "ckpt_every": [("-1", None)],
@@ -524,21 +531,29 @@ def test_a_run_whose_batch_does_not_split_or_that_has_nothing_to_resume_writes_n
     assert not out.exists()
 
 
-@pytest.mark.parametrize("problem", ["bad flag", "unwritable --out"])
+@pytest.mark.parametrize("problem", ["bad flag", "unwritable --out", "--out in use"])
 def test_a_user_error_under_torchrun_is_printed_once(problem, embedded_data, tmp_path, unwritable):
     """Every rank meets the problem; rank 0 prints it, rank 1 exits with the same status quietly (no traceback of a
     worker; torchrun's own report of the failed workers follows). An --out no file can be written in was found by
-    rank 0 alone, when it made the run folder, and rank 1 died at the next collective with a gloo traceback."""
+    rank 0 alone, when it made the run folder, and rank 1 died at the next collective with a gloo traceback. An
+    --out another run holds (rank 0 takes its lock) was trained into by both runs."""
     folder, reason = unwritable
-    out, flag = (tmp_path / "run", ["--sample-temperature", "1e-45"]) if problem == "bad flag" else (folder / "run", [])
-    proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-                      "train.py", *TINY, "--micro-batch", "2", "--device", "cpu", "--data", embedded_data,
-                      "--out", out, *flag)
+    out = folder / "run" if problem == "unwritable --out" else tmp_path / "run"
+    flag = ["--sample-temperature", "1e-45"] if problem == "bad flag" else []
+    if problem == "--out in use":
+        out.mkdir()
+    holder = hold_run_dir(out) if problem == "--out in use" else contextlib.nullcontext()
+    with holder:
+        proc = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                          "train.py", *TINY, "--micro-batch", "2", "--device", "cpu", "--data", embedded_data,
+                          "--out", out, *flag)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    expected = ("error: --sample-temperature 1e-45: must be 0 (greedy) or a finite number >= 0.0001" if flag else
-                f"error: --out {out} is not writable: ")
-    assert len(errors) == 1 and errors[0].startswith(expected) and (flag or reason in errors[0]), proc.stderr
+    expected = {"bad flag": "error: --sample-temperature 1e-45: must be 0 (greedy) or a finite number >= 0.0001",
+                "unwritable --out": f"error: --out {out} is not writable: ",
+                "--out in use": f"error: --out {out} is in use by another train.py run (pid {os.getpid()})"}[problem]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr
+    assert problem != "unwritable --out" or reason in errors[0], proc.stderr
     assert 'train.py", line' not in proc.stderr, proc.stderr  # (torchrun's own traceback follows)
     assert "exitcode  : 2" in proc.stderr, proc.stderr
 
@@ -659,3 +674,189 @@ def test_check_applies_the_runs_resume_and_init_from_rules_and_changes_nothing(a
     ok = [*TINY, "--data", str(embedded_data), "--out", str(out), "--resume", "--check", "2"]
     train.main(ok)  # a resume the run would take: accepted
     assert "holds for 2 process" in capsys.readouterr().out and hashes() == before
+
+
+# --- a run directory is one run's: locked, refused when another tool's, settings judged up front -------------------
+
+def hold_run_dir(out: Path):
+    """Take a run directory's lock (in this process) as a live train.py run holds it; close the returned file to
+    release it."""
+    import fcntl
+    lock = open(out / "train.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return lock
+
+
+def test_a_run_directory_in_use_is_refused_by_the_run_and_check_then_free_once_released(
+        run_at_step_4, embedded_data, tmp_path, monkeypatch, capsys):
+    """Two runs on one --out both trained (interleaved metrics, each overwriting the other's checkpoints). A second
+    run, and --check, are one line naming the holder's pid, with every file unchanged; once the holder is gone (its
+    process ended: the kernel drops the lock) the folder is free again, with no stale lock."""
+    import train
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    argv = [*TINY, "--data", str(embedded_data), "--out", str(out), "--resume"]
+    lock = hold_run_dir(out)
+    before = sha256_tree(out)
+    needle = (f"error: --out {out} is in use by another train.py run (pid {os.getpid()}); wait for it or choose "
+              "another --out")
+    status, err = train_until_step_1(monkeypatch, capsys, argv)
+    assert status == 2 and err.strip() == needle, err
+    with pytest.raises(SystemExit) as checked:
+        train.main([*argv, "--check", "2"])
+    assert checked.value.code == 2 and capsys.readouterr().err.strip() == needle
+    assert sha256_tree(out) == before
+    lock.close()
+    assert train.main([*argv, "--check", "2"]) == 0
+    with pytest.raises(ReachedStep1):
+        train.main(argv)
+    with pytest.raises(ReachedStep1):  # the refused and the stopped run above released the folder
+        train.main(argv)
+
+
+def fake_export(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+
+def fake_data_set(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    (folder / "train_000000.bin").write_bytes(b"tokens")
+
+
+def run_dir_with_other_tools_files(run_at_step_4, folder: Path) -> None:
+    """A run directory that plot_metrics.py, hellaswag_eval.py and the trackers wrote into too."""
+    copy_run(run_at_step_4, folder)
+    (folder / "plots").mkdir()
+    (folder / "plots" / "loss.png").write_bytes(b"png")
+    (folder / "hellaswag.json").write_text(json.dumps({"written_by": "hellaswag_eval.py", "acc": 0.25}))
+    (folder / "events.out.tfevents.1.host").write_bytes(b"tb")
+    (folder / "wandb").mkdir()
+    (folder / "wandb_run_id.txt").write_text("abc123\n")
+
+
+OUT_FOLDERS = {  # --out's state: (how to make it, the flags the run adds, what the error line says or None)
+    "an export_hf.py output": (fake_export, [], "holds a config.json that train.py did not write"),
+    "a data set": (fake_data_set, [], "holds files but none of a train.py run directory"),
+    "a run directory with checkpoints, without --resume": (None, [], "already holds checkpoints (the newest "
+                                                                     "step_000004.pt); add --resume"),
+    "an empty folder": (lambda f: f.mkdir(), [], None),
+    "a run directory other tools wrote into": (None, ["--resume"], None),
+}
+
+
+@pytest.mark.parametrize("mode", ["run", "--check"])
+@pytest.mark.parametrize("state", OUT_FOLDERS)
+def test_an_out_folder_train_py_did_not_make_is_refused_before_anything_is_written(
+        state, mode, run_at_step_4, embedded_data, tmp_path, monkeypatch, capsys):
+    """An export_hf.py output given as --out had its config.json overwritten; a rerun without --resume over a run's
+    checkpoints was refused only after the shards were hashed and the model built (and --check passed it). Both
+    are one line up front, every file unchanged; a new or empty folder and a run directory that plot_metrics.py,
+    hellaswag_eval.py and the trackers also wrote into are accepted."""
+    import train
+    make, args, needle = OUT_FOLDERS[state]
+    out = tmp_path / "out"
+    (make or (lambda f: run_dir_with_other_tools_files(run_at_step_4, f)))(out)
+    before = sha256_tree(out)
+    argv = [*TINY, "--data", str(embedded_data), "--out", str(out), *args]
+    if needle is None:
+        if mode == "--check":
+            assert train.main([*argv, "--check"]) == 0
+        else:
+            monkeypatch.setattr(train.Trainer, "train_step", lambda self: (_ for _ in ()).throw(ReachedStep1()))
+            with pytest.raises(ReachedStep1):
+                train.main(argv)
+        return
+    if mode == "--check":
+        with pytest.raises(SystemExit) as checked:
+            train.main([*argv, "--check"])
+        status, err = checked.value.code, capsys.readouterr().err
+    else:
+        status, err = train_until_step_1(monkeypatch, capsys, argv)
+    line = assert_one_line_error(subprocess.CompletedProcess(argv, status, "", err), f"--out {out}", needle,
+                                 status=2, alone=True)
+    assert "choose " in line
+    assert sha256_tree(out) == before
+
+
+RESUME_REFUSALS = {  # flags the checkpoint (TINY's, step 4) cannot continue under: what the error line names
+    "--seq-len 64": (["--seq-len", "64"], "the saved loader state has seq_len 32 but this run has 64"),
+    "--seed 1": (["--seed", "1"], "the saved loader state has seed 1337 but this run has 1"),
+    "--total-batch-tokens 512": (["--total-batch-tokens", "512"], "was trained with --total-batch-tokens 256"),
+    "--model lf_llm_269m": (["--model", "lf_llm_269m"], "is from a different model config"),
+    "--resume without --out": (["--out", ""], "--resume True: needs --out"),
+}
+
+
+@pytest.mark.parametrize("mode", ["run", "--check"])
+@pytest.mark.parametrize("case", RESUME_REFUSALS)
+def test_a_resume_its_checkpoint_cannot_take_is_refused_before_anything_moves(
+        case, mode, run_at_step_4, embedded_data, tmp_path, monkeypatch, capsys):
+    """--check passed these; the run refused them after hashing the shards and building the model, and after it had
+    moved a damaged newer checkpoint aside (logging its steps as 'trained again'). Without --out a resume made a new
+    empty run folder at each attempt. Now one line, the damaged checkpoint and every other file as they were."""
+    import train
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    (out / "checkpoints" / "step_000006.pt").write_bytes(b"damaged")
+    before = sha256_tree(out)
+    args, needle = RESUME_REFUSALS[case]
+    monkeypatch.chdir(tmp_path)  # (where a run without --out would make temp_data/runs)
+    argv = [*TINY, "--data", str(embedded_data), "--out", str(out), "--resume", *args]
+    if mode == "--check":
+        with pytest.raises(SystemExit) as checked:
+            train.main([*argv, "--check"])
+        status, err = checked.value.code, capsys.readouterr().err
+    else:
+        status, err = train_until_step_1(monkeypatch, capsys, argv)
+    assert_one_line_error(subprocess.CompletedProcess(argv, status, "", err), needle, status=2, alone=True)
+    assert sha256_tree(out) == before
+    assert not (tmp_path / "temp_data").exists()
+
+
+def test_a_final_evaluation_that_fails_loses_no_training(embedded_data, tmp_path, monkeypatch, capsys):
+    """The last step saved its checkpoint after its evaluations: one failing there (out of memory in the samples)
+    lost the whole run, and --resume trained it all again, failing the same way. Now the checkpoint is there and a
+    resume has nothing left to train."""
+    import train
+    out = tmp_path / "run"
+    argv = [*TINY, "--data", str(embedded_data), "--out", str(out), "--max-steps", "2", "--eval-every", "0"]
+
+    def out_of_memory(self, step, model):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB")
+    monkeypatch.setattr(train.Trainer, "eval_samples", out_of_memory)
+    with pytest.raises(SystemExit) as failed:
+        train.main(argv)
+    assert failed.value.code == 2 and "out of memory" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step_000002.pt").is_file()
+    with pytest.raises(SystemExit) as resumed:
+        train.main([*argv, "--resume"])
+    assert resumed.value.code == 0 and "nothing to train" in capsys.readouterr().out
+
+
+def test_a_pair_rule_waits_for_both_values_and_a_device_error_names_the_value_given():
+    """--max-lr nan also said '--min-lr ...: above --max-lr nan'; --device cuda:x was reported as '--device cuda'."""
+    import math
+
+    import devices
+    from config import TrainConfig
+    assert set(TrainConfig(max_lr=math.nan).problems()) == {"max_lr"}
+    assert set(TrainConfig(min_lr=math.inf).problems()) == {"min_lr"}
+    assert TrainConfig(min_lr=1.0, max_lr=0.5).problems()["min_lr"].endswith("above --max-lr 0.5; the schedule "
+                                                                            "decays to it")
+    if not devices.torch.cuda.is_available():
+        with pytest.raises(devices.UserError, match="^--device cuda:x: no CUDA device"):
+            devices.checked_device("cuda:x")
+
+
+def test_the_e2e_summary_prints_what_a_run_without_validation_has(run_at_step_4, tmp_path, capsys, monkeypatch):
+    """run_pre_training_e2e_debug.sh's summary stage raised StopIteration on a run without a val-loss event (a resume
+    with TRAIN_ARGS --eval-every 0 of a run that never evaluated)."""
+    script = (REPO / "run_pre_training_e2e_debug.sh").read_text()
+    summary = script[script.index("<<'PY'\n") + len("<<'PY'\n"):script.index("\nPY\n")]
+    out = copy_run(run_at_step_4, tmp_path / "run")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 10.0}) + "\n")
+    monkeypatch.setattr(sys, "argv", ["-", str(out), "75"])
+    exec(compile(summary, "summary", "exec"), {"__name__": "__main__"})
+    printed = capsys.readouterr().out
+    assert "val loss      : not evaluated" in printed and "step_000004.pt" in printed and "1 min 15 s" in printed
