@@ -6,11 +6,12 @@ that cannot be made; bench.py gpu also a <stem>_rows folder or file it did not m
 import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_main, run_scripts, save_tiny_checkpoint
+from helpers import REPO, run_main, run_script, save_tiny_checkpoint
 
 SAMPLE_HELLASWAG = REPO / "assets" / "hellaswag" / "hellaswag_val_head10.jsonl"
 TOOLS = ["hellaswag_eval.py", "bench.py train", "bench.py generate", "bench.py gpu", "bench_data_prep.py",
@@ -117,9 +118,9 @@ def test_a_foreign_out_target_is_one_line_before_work_and_left_alone(refused, to
     assert after == before  # the target byte-identical, nothing created (no temporary file, no _rows folder)
 
 
-# Tools whose run changes the state of the process it runs in (bench.py train: train.py's SIGTERM/SIGINT handlers;
-# bench_data_prep.py: environment variables), run in one of their own; the others' mains run in the test's process.
-OWN_PROCESS = ["bench.py train", "bench_data_prep.py"]
+# bench_data_prep.py sets environment variables for the processes it starts (they would outlive its run in this
+# process): it runs in a process of its own, beside the others' mains, which run in the test's process.
+OWN_PROCESS = "bench_data_prep.py"
 
 
 def test_the_tools_own_earlier_result_is_replaced(inputs, tmp_path):
@@ -131,8 +132,10 @@ def test_the_tools_own_earlier_result_is_replaced(inputs, tmp_path):
         marker = "bench.py generate" if tool == "bench.py train" else tool  # another mode of the same script
         out.write_text(json.dumps({"written_by": marker, "stale": True}))
     argvs = {tool: [*tool_argv(tool, checkpoint, data, tmp_path / "work"), "--out", out] for tool, out in outs.items()}
-    procs = dict(zip(OWN_PROCESS, run_scripts(*[argvs[tool] for tool in OWN_PROCESS], timeout=240)))
-    procs |= {tool: run_main(*argv) for tool, argv in argvs.items() if tool not in OWN_PROCESS}
+    with ThreadPoolExecutor(1) as background:
+        own_process = background.submit(run_script, *argvs[OWN_PROCESS], timeout=240)
+        procs = {tool: run_main(*argv) for tool, argv in argvs.items() if tool != OWN_PROCESS}
+        procs[OWN_PROCESS] = own_process.result()
     for tool, out in outs.items():
         proc = procs[tool]
         assert proc.returncode == 0, (tool, proc.stderr[-2000:])
