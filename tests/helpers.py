@@ -52,13 +52,13 @@ def run_scripts(*runs, timeout=300, env=None):
                 proc.wait()
 
 
-def run_main(script, *args) -> subprocess.CompletedProcess:
+def run_main(script, *args, check=False) -> subprocess.CompletedProcess:
     """A repo script's main(args) in this process, from the repo (as run_script), what run_script would show of it:
-    the exit status (main's
-    SystemExit; 0 when it returns) and what it printed, without the seconds a fresh interpreter spends importing
-    torch. Only for runs that leave this process as they found it (a refusal before any work, a short run that sets
-    no signal handler or environment variable), and not where the test is about the process itself (its exit, its
-    signals, torchrun). `args` is [python, script, *args], as run_script's (assert_one_line_error reads it)."""
+    the exit status (main's SystemExit; 0 when it returns) and what it printed, without the seconds a fresh
+    interpreter spends importing torch. Only for runs that leave this process as they found it (a refusal before any
+    work, a short run that sets no signal handler or environment variable), and not where the test is about the
+    process itself (its exit, its signals, torchrun). `args` is [python, script, *args], as run_script's
+    (assert_one_line_error reads it); `check` as run_script's."""
     import contextlib
     import importlib
     import io
@@ -72,6 +72,8 @@ def run_main(script, *args) -> subprocess.CompletedProcess:
             code = main(argv[1:]) or 0
         except SystemExit as e:
             code = 0 if e.code is None else e.code
+    if check and code != 0:
+        raise AssertionError(f"{argv} failed ({code}):\n{stdout.getvalue()[-3000:]}\n{stderr.getvalue()[-3000:]}")
     return subprocess.CompletedProcess([sys.executable, *argv], code, stdout.getvalue(), stderr.getvalue())
 
 

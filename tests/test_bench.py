@@ -4,8 +4,10 @@ import json
 import pytest
 import torch
 
-from helpers import assert_one_line_error, host_syncs_in_run, run_script
+from helpers import assert_one_line_error, host_syncs_in_run, run_main
 
+# Each mode runs as bench.py's main in this process (helpers.run_main), without a fresh interpreter importing torch
+# for each; bench.py gpu still starts a process per row.
 TINY_TRAIN = ["train", "--config", "debug", "--micro-batch", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
 
 
@@ -20,9 +22,9 @@ def test_train_mode_reports_throughput_fields(embedded_data, tmp_path):
     import time
     out = tmp_path / "train.json"
     start = time.perf_counter()
-    run_script("bench.py", *TINY_TRAIN, "--total-batch-tokens", "128", "--data", embedded_data, "--no-compile",
-               "--peak-flops", "1e12", "--out", out, check=True)  # 128 tokens: 2 micro-batches of 2 x 32 a step
-    wall = time.perf_counter() - start  # the whole process: more than the 2 timed steps it contains
+    run_main("bench.py", *TINY_TRAIN, "--total-batch-tokens", "128", "--data", embedded_data, "--no-compile",
+             "--peak-flops", "1e12", "--out", out, check=True)  # 128 tokens: 2 micro-batches of 2 x 32 a step
+    wall = time.perf_counter() - start  # the whole run: more than the 2 timed steps it contains
     result = json.loads(out.read_text())
     for key in ("tokens_per_s", "step_ms", "mfu", "peak_memory_bytes", "loader_fraction", "device"):
         assert key in result, key
@@ -81,8 +83,8 @@ def test_generate_mode_compares_cache_with_recompute(tmp_path):
     """Both paths decode the same greedy continuation; --profile profiles one more KV-cache run of --new-tokens
     tokens and sets its operator time per token beside the timed wall time per token."""
     out = tmp_path / "gen.json"
-    proc = run_script("bench.py", "generate", "--new-tokens", "8", "--repeats", "1", "--profile", "--out", out,
-                      check=True)
+    proc = run_main("bench.py", "generate", "--new-tokens", "8", "--repeats", "1", "--profile", "--out", out,
+                    check=True)
     result = json.loads(out.read_text())
     assert result["kv_cache_tokens_per_s"] > 0 and result["recompute_tokens_per_s"] > 0
     assert result["same_tokens"] is True
@@ -107,15 +109,15 @@ def test_the_generation_profile_gives_the_gpus_share_of_a_token():
     (["--block-size", "2", "--device", "tpu"], ["--block-size 2: shorter", "--device 'tpu'"]),
 ], ids=["prompt", "peer-window", "both"])
 def test_generate_mode_refuses_a_context_the_comparison_does_not_fit(flags, said, tmp_path):
-    proc = run_script("bench.py", "generate", *flags, "--out", tmp_path / "out" / "gen.json")
+    proc = run_main("bench.py", "generate", *flags, "--out", tmp_path / "out" / "gen.json")
     assert_one_line_error(proc, *said, status=2, alone=True)
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_flag_values_are_one_line_errors(embedded_data):
-    proc = run_script("bench.py", *TINY_TRAIN, "--data", embedded_data, "--micro-batch", "lots")
+    proc = run_main("bench.py", *TINY_TRAIN, "--data", embedded_data, "--micro-batch", "lots")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--micro-batch" in proc.stderr
-    proc = run_script("bench.py", "train", "--config", "debug", "--data", "/nonexistent/data")
+    proc = run_main("bench.py", "train", "--config", "debug", "--data", "/nonexistent/data")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "data_prep.py" in proc.stderr
 
 
@@ -203,8 +205,8 @@ def test_train_mode_peer_and_profile(embedded_data, tmp_path):
     """--peer: transformers' Llama from the same weights sees the same batches: the same first loss; --profile:
     the top operators and the attention that ran; the levers are recorded."""
     out = tmp_path / "peer.json"
-    run_script("bench.py", *TINY_TRAIN, "--total-batch-tokens", "64", "--data", embedded_data, "--no-compile",
-               "--peer", "--profile", "--loss-chunk-rows", "16", "--attn-backend", "math", "--out", out, check=True)
+    run_main("bench.py", *TINY_TRAIN, "--total-batch-tokens", "64", "--data", embedded_data, "--no-compile",
+             "--peer", "--profile", "--loss-chunk-rows", "16", "--attn-backend", "math", "--out", out, check=True)
     result = json.loads(out.read_text())
     peer = result["peer"]
     assert result["dropout"] == [0.0, 0.0] and result["loss_chunk_rows"] == 16 and result["attn_backend"] == "math"
@@ -222,9 +224,9 @@ def test_gpu_mode_rows_errors_skips_and_deadline(embedded_data, tmp_path):
     one-line error and the rest go on, a row whose kernel the default row already ran is skipped; under a deadline
     a running row is killed at it and the others are recorded as skipped, and the JSON holds every row."""
     out = tmp_path / "gpu.json"
-    proc = run_script("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--data", embedded_data,
-                      "--rows", "train_compiled,generate,attn_cudnn,attn_flash", "--steps", "1", "--warmup", "0",
-                      "--deadline-s", "240", "--out", out, check=True)
+    proc = run_main("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--data", embedded_data,
+                    "--rows", "train_compiled,generate,attn_cudnn,attn_flash", "--steps", "1", "--warmup", "0",
+                    "--deadline-s", "240", "--out", out, check=True)
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["train_compiled", "generate", "attn_cudnn", "attn_flash"]
     assert "generate: KV cache per token: " in proc.stdout  # the generate row is profiled and reported
@@ -235,8 +237,8 @@ def test_gpu_mode_rows_errors_skips_and_deadline(embedded_data, tmp_path):
 
     # a row still running at the deadline is killed ("timeout"; a deadline not honoured lets it finish "ok"); no
     # wall-clock bound is asserted: a busy machine may take any time to start the processes
-    run_script("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--rows", "train_eager,generate,fp8",
-               "--deadline-s", "1", "--out", out, check=True)
+    run_main("bench.py", "gpu", "--device", "cpu", "--config", "debug", "--rows", "train_eager,generate,fp8",
+             "--deadline-s", "1", "--out", out, check=True)
     result = json.loads(out.read_text())
     assert [row["status"] for row in result["rows"]] == ["timeout", "skipped", "skipped"]
     assert result["data"] == "random tokens"

@@ -136,7 +136,7 @@ def test_cli_greedy_text_equals_plain_argmax_decoding(checkpoint_file):
     """The streamed CLI output against the definition (rerun the whole context, take the argmax), decoded here;
     30 new tokens pass the checkpoint's 24-token context."""
     result = run_main("generate.py", "--checkpoint", checkpoint_file, "--prompt", "HTML stands for",
-                        "--max-new-tokens", 30, "--temperature", 0, "--no-stop-at-eot")
+                      "--max-new-tokens", 30, "--temperature", 0, "--no-stop-at-eot")
     assert result.returncode == 0, result.stderr
     enc = get_tokenizer()
     model = torch.load(checkpoint_file, weights_only=True)
@@ -150,8 +150,8 @@ def test_cli_greedy_text_equals_plain_argmax_decoding(checkpoint_file):
 def test_cli_sampling_follows_the_seed(checkpoint_file):
     def sample(seed):
         result = run_main("generate.py", "--checkpoint", checkpoint_file, "--prompt", "Hello",
-                            "--max-new-tokens", 12, "--temperature", 0.9, "--top-k", 100, "--top-p", 0.9,
-                            "--seed", seed, "--num-samples", 2, "--no-stop-at-eot")
+                          "--max-new-tokens", 12, "--temperature", 0.9, "--top-k", 100, "--top-p", 0.9,
+                          "--seed", seed, "--num-samples", 2, "--no-stop-at-eot")
         assert result.returncode == 0, result.stderr
         texts = result.stdout.split("\n=== prompt 1/1, sample 2/2")
         assert len(texts) == 2 and texts[0].startswith("=== prompt 1/1, sample 1/2")
@@ -209,7 +209,7 @@ def test_cli_names_every_problem_it_can_see_up_front_in_one_line(names, checkpoi
 def test_cli_names_every_prompt_too_long_for_the_context(checkpoint_file):
     long = " ".join(["word"] * 30)
     line = assert_one_line_error(run_main("generate.py", "--checkpoint", checkpoint_file, "--prompt", long,
-                                            "--prompt", "fine", "--prompt", long + " more"), alone=True)
+                                          "--prompt", "fine", "--prompt", long + " more"), alone=True)
     assert line.count("longer than the model's context of 24") == 2 and "31 tokens" in line
 
 
