@@ -122,28 +122,51 @@ exit_with(main)
 """
 
 
-@pytest.mark.parametrize("status", ["None", "3", "'a message'", "sys.exit(4)"])
+EXIT_STATUSES = ["None", "3", "'a message'", "sys.exit(4)"]
+
+
+def run_exit_script(out, status: str, torchrun: bool):
+    """EXIT_SCRIPT returning `status`, as a torchrun worker (RANK set) or not, writing into the folder `out`."""
+    import subprocess
+    import sys
+    script = out / "script.py"
+    script.write_text(EXIT_SCRIPT.format(repo=os.path.dirname(devices.__file__), out=str(out), status=status))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "PYTHONUNBUFFERED")}  # stdout: a buffered pipe
+    env |= {"RANK": "0"} if torchrun else {}
+    try:
+        return subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired as e:  # a hang at exit fails its own case, not the fixture of every case
+        return subprocess.CompletedProcess(e.cmd, None, "", f"timed out after {e.timeout} s")
+
+
+@pytest.fixture(scope="module")
+def exits(tmp_path_factory):
+    """{(status, torchrun): (the exit script's finished process, its folder)} for every case, two processes at a time
+    (each is mostly a fresh interpreter importing torch, on one core)."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [(status, torchrun) for status in EXIT_STATUSES for torchrun in (True, False)]
+    folders = [tmp_path_factory.mktemp("exit") for _ in cases]
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(run_exit_script, folders, *zip(*cases)))
+    return dict(zip(cases, zip(procs, folders)))
+
+
+@pytest.mark.parametrize("status", EXIT_STATUSES)
 @pytest.mark.parametrize("torchrun", [True, False])
-def test_a_torchrun_worker_exits_without_finalizing_but_with_its_status_output_threads_and_atexit(tmp_path, status,
+def test_a_torchrun_worker_exits_without_finalizing_but_with_its_status_output_threads_and_atexit(exits, status,
                                                                                                   torchrun):
     """Under torchrun a gloo worker thread can still release the last collective's tensors while Python finalizes,
     and its taking the GIL then aborts a run that succeeded (exit -6, seen in CI after FSDP and DDP runs): a worker
     ends with os._exit instead. Nothing else may change: the exit status, the message, buffered output, a running
     thread and atexit handlers are those of sys.exit(main()), and a kept ThreadPoolExecutor's idle workers do not
     hold the exit up (joined before threading's exit hooks ended them, they hung a compiled DDP run in CI)."""
-    import subprocess
-    import sys
-    script = tmp_path / "script.py"
-    script.write_text(EXIT_SCRIPT.format(repo=os.path.dirname(devices.__file__), out=str(tmp_path), status=status))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "PYTHONUNBUFFERED")}  # stdout: a buffered pipe
-    env |= {"RANK": "0"} if torchrun else {}
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
+    proc, folder = exits[(status, torchrun)]
     expected = {"None": 0, "3": 3, "'a message'": 1, "sys.exit(4)": 4}[status]
     assert proc.returncode == expected, proc.stderr
     assert proc.stdout == "printed"
     assert ("a message" in proc.stderr) == (status == "'a message'")
-    assert (tmp_path / "thread").exists() and (tmp_path / "atexit").exists()
-    assert (tmp_path / "finalized").exists() != torchrun
+    assert (folder / "thread").exists() and (folder / "atexit").exists()
+    assert (folder / "finalized").exists() != torchrun
 
 
 def test_a_device_this_machine_lacks_is_refused_without_starting_cuda(monkeypatch):
