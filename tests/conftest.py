@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # run_script and run_scripts stay importable from here for modules that still import them from conftest
-from helpers import ONE_THREAD, TORCHRUN_2, run_script, run_scripts, script_env, train  # noqa: E402,F401
+from helpers import (NO_DROPOUT, ONE_THREAD, TINY, TORCHRUN_2, run_script, run_scripts, script_env,  # noqa: E402,F401
+                     train)
 
 torch.set_num_threads(2)
 
@@ -35,6 +36,16 @@ def run_at_step_4(embedded_data, tmp_path_factory):
     """A TINY run stopped after step 4, with checkpoints at steps 2 and 4 (tests work on copies of it: copy_run)."""
     out = tmp_path_factory.mktemp("runs") / "at_step_4"
     train(embedded_data, out, "--ckpt-every", "2", "--stop-at-step", "4")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ddp_run_without_dropout(embedded_data, tmp_path_factory):
+    """A TINY run without dropout on 2 gloo processes (torchrun --standalone, one thread each): test_multinode's two
+    single-process nodes must equal it bit for bit, test_train's one process accumulating to rounding."""
+    out = tmp_path_factory.mktemp("runs") / "ddp_without_dropout"
+    run_script(*TORCHRUN_2, "train.py", *TINY, *NO_DROPOUT, "--data", embedded_data, "--out", out, env=ONE_THREAD,
+               check=True)
     return out
 
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from helpers import (NO_DROPOUT, ONE_THREAD, REPO, TINY, assert_same_weights, final_weights, free_port, run_script,
+from helpers import (NO_DROPOUT, ONE_THREAD, REPO, TINY, assert_same_weights, final_weights, free_port,
                      train_events)
 
 
@@ -35,13 +35,12 @@ def run_two_nodes(nodes: list[tuple], run_id: str, timeout: int = 400) -> list[s
     return [subprocess.CompletedProcess(proc.args, proc.returncode, out) for proc, out in zip(procs, outputs)]
 
 
-def test_two_nodes_train_like_one_two_process_run(embedded_data, tmp_path):
+def test_two_nodes_train_like_one_two_process_run(embedded_data, ddp_run_without_dropout, tmp_path):
     """Node 1 gets its own copy of the data and its own --out, as a machine with its own disk would: it reads the
     same windows (global rank 1's) and must leave its --out untouched. Same ranks, world size, gloo all-reduce of
-    two and thread count as the standalone run: losses, gradient norms and weights are bitwise equal."""
-    single = tmp_path / "standalone"
-    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY, *NO_DROPOUT,
-               "--data", embedded_data, "--out", single, env=ONE_THREAD, check=True)
+    two and thread count as the standalone run (conftest's, shared with test_train): losses, gradient norms and
+    weights are bitwise equal."""
+    single = ddp_run_without_dropout
     node1_data = tmp_path / "node1_data"
     shutil.copytree(embedded_data, node1_data)
     node0_out, node1_out = tmp_path / "node0_out", tmp_path / "node1_out"
