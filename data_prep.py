@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import shards
 import tokenizer
-from cli import (UserError, check_writable_dir, ensure_writable_dir, first_new_folder, fsync_dir, main_entry,
-                 path_arg, positive_int, remove_empty_folders, warn)
+from cli import (UserError, check_writable_dir, ensure_writable_dir, first_new_folder, fsync_dir, lock_exclusively,
+                 locked_by_another, main_entry, path_arg, positive_int, remove_empty_folders, warn)
 from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, parquet_problems, source_record, token_bound
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
@@ -64,6 +64,7 @@ VAL_SHARE = 0.1  # of a corpus smaller than the default --val-tokens, taken for 
 MIN_SPLIT_TOKENS = 129
 _OUR_FILE = re.compile(r"^(\.?(train|val)_\d{6}\.bin(\.tmp\d*)?|manifest\.json|\.manifest\.json\.tmp\d*)$")
 STAGING_NAME = ".data_prep-build"  # the folder inside --out a build is written to before it is moved into place
+STAGING_LOCK = ".lock"  # in the staging folder: locked by the run building there (cli.lock_exclusively)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,6 +354,7 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
         raise UserError(f"--out {out} is a file; pass a directory")
     check_writable_dir(out, "--out")
     staging = out / STAGING_NAME
+    check_no_build_under_way(out)
     entries = [p.name for p in out.iterdir() if p != staging] if out.is_dir() else []
     foreign = [name for name in entries if not _OUR_FILE.match(name)] + foreign_files(staging)
     if foreign:
@@ -367,6 +369,18 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
     return False
 
 
+def check_no_build_under_way(out: Path) -> None:
+    """Another data_prep.py run building into `out` (it holds its staging folder's lock) is not to be disturbed."""
+    pid = locked_by_another(out / STAGING_NAME / STAGING_LOCK)
+    if pid is not None:
+        raise UserError(f"--out {out} is being built by another data_prep.py run (pid {pid}); wait for it or choose "
+                        "another --out")
+
+
+def is_staging_file(name: str) -> bool:
+    return name == STAGING_LOCK or _OUR_FILE.match(name) is not None
+
+
 def foreign_files(staging: Path) -> list[str]:
     """What in a staging folder data_prep.py did not write (as paths relative to --out): the folder itself when it
     is no folder, or its entries of any other name."""
@@ -374,17 +388,18 @@ def foreign_files(staging: Path) -> list[str]:
         return []
     if staging.is_symlink() or not staging.is_dir():
         return [staging.name]
-    return [f"{staging.name}/{p.name}" for p in staging.iterdir() if not _OUR_FILE.match(p.name)]
+    return [f"{staging.name}/{p.name}" for p in staging.iterdir() if not is_staging_file(p.name)]
 
 
-def new_staging_folder(out: Path) -> Path:
-    """Make `out` and an empty staging folder in it (removing the one a killed build left: check_out_dir has seen
-    that it holds only data_prep.py's files)."""
+def new_staging_folder(out: Path):
+    """(the staging folder, made empty in `out`, the lock this run holds on it). The one a killed build left (no
+    run holds its lock; check_out_dir has seen that it holds only data_prep.py's files) is removed first."""
     ensure_writable_dir(out, "--out")
     staging = out / STAGING_NAME
+    check_no_build_under_way(out)
     remove_staging(staging)
     staging.mkdir()
-    return staging
+    return staging, lock_exclusively(staging / STAGING_LOCK)
 
 
 def remove_staging(staging: Path) -> None:
@@ -392,25 +407,46 @@ def remove_staging(staging: Path) -> None:
     if not staging.is_dir() or staging.is_symlink():
         return
     for path in staging.iterdir():
-        if _OUR_FILE.match(path.name):
+        if is_staging_file(path.name):
             path.unlink()
     staging.rmdir()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM noted, and acted on as before once the block ends (Ctrl-C: KeyboardInterrupt then). Main
+    thread only (signal.signal), where Python runs every handler."""
+    caught = []
+    previous = {signum: signal.signal(signum, lambda number, frame: caught.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in caught[:1]:
+            if callable(previous[signum]):
+                previous[signum](signum, None)
+            elif previous[signum] == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def publish(staging: Path, out: Path) -> None:
     """Move the finished build from `staging` into `out`, replacing what data_prep.py wrote there before. The old
     manifest goes first and the new one comes last, so a crash part way leaves a directory without manifest.json
-    (an unfinished build, refused until --overwrite), never a manifest listing another build's shards."""
-    new = sorted(p.name for p in staging.iterdir() if p.name != shards.MANIFEST_NAME)
-    (out / shards.MANIFEST_NAME).unlink(missing_ok=True)
-    for name in new:
-        os.replace(staging / name, out / name)
-    for path in list(out.iterdir()):
-        if path.is_file() and _OUR_FILE.match(path.name) and path.name not in new + [shards.MANIFEST_NAME]:
-            path.unlink()
-    os.replace(staging / shards.MANIFEST_NAME, out / shards.MANIFEST_NAME)
-    fsync_dir(out)
-    staging.rmdir()
+    (an unfinished build, refused until --overwrite), never a manifest listing another build's shards; Ctrl-C waits
+    for the end."""
+    new = sorted(p.name for p in staging.iterdir() if p.name not in (shards.MANIFEST_NAME, STAGING_LOCK))
+    with signals_deferred():  # Ctrl-C takes effect once --out holds the whole new build
+        (out / shards.MANIFEST_NAME).unlink(missing_ok=True)
+        for name in new:
+            os.replace(staging / name, out / name)
+        for path in list(out.iterdir()):
+            if path.is_file() and _OUR_FILE.match(path.name) and path.name not in new + [shards.MANIFEST_NAME]:
+                path.unlink()
+        os.replace(staging / shards.MANIFEST_NAME, out / shards.MANIFEST_NAME)
+        fsync_dir(out)
+    remove_staging(staging)  # (its lock file too: the lock itself ends when this run does)
 
 
 def finished_build(out: Path, settings: dict) -> tuple[dict | None, str]:
@@ -463,20 +499,25 @@ def prepare_data(argv=None) -> dict:
     source = checked_source(args)
     settings = settings_record(source, args)
     if not check_out_dir(out, settings, args.overwrite):
-        remove_staging(out / STAGING_NAME)
+        remove_staging(out / STAGING_NAME)  # a killed build's (check_out_dir found no run building there)
         return shards.read_manifest(out)
     load_start = time.perf_counter()
     texts = load_texts(args, source)  # resolved and checked before --out is touched: a bad input loses nothing
     load_seconds = time.perf_counter() - load_start
-    made = first_new_folder(out)
+    made, lock = first_new_folder(out), None
     try:
-        return build(args, out, new_staging_folder(out), source, settings, texts, load_seconds)
+        staging, lock = new_staging_folder(out)
+        return build(args, out, staging, source, settings, texts, load_seconds)
     except BaseException:
-        with contextlib.suppress(OSError):
-            remove_staging(out / STAGING_NAME)
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                remove_staging(out / STAGING_NAME)
         if made is not None:
             remove_empty_folders(out, made)
         raise
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def build(args, out: Path, staging: Path, source: dict, settings: dict, texts, load_seconds: float) -> dict:

@@ -120,20 +120,23 @@ def parquet_tasks(paths, field: str, limit: int | None):
 def expand_files(patterns: list[str]) -> tuple[list[str], str]:
     """Absolute paths of the non-empty files matching the --files patterns (sorted per pattern; absolute so that a
     rerun from another folder recognises a finished output) and the datasets builder that reads them."""
-    files, matched_by = [], {}
+    files, seen = [], {}  # seen: (device, inode) -> (path, pattern) of each file taken
     for pattern in patterns:
-        matches = sorted(str(Path(p).resolve()) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        matches = sorted((str(Path(p).resolve()), p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not matches and Path(pattern).is_dir():
             raise UserError(f"--files {pattern} is a folder; give its files, e.g. '{Path(pattern) / '*.jsonl'}' "
                             f"(quoted)")
         if not matches:
             raise UserError(f"--files {pattern} matches no file; check the path (quote globs)")
-        twice = next((f for f in matches if f in matched_by), None)
-        if twice is not None:  # its documents would be tokenized twice: in the val split and again in train
-            raise UserError(f"--files: {twice} is matched by both {matched_by[twice]!r} and {pattern!r}; name each "
-                            f"file once")
-        matched_by.update(dict.fromkeys(matches, pattern))
-        files += matches
+        for path, as_matched in matches:
+            stat = Path(path).stat()
+            first = seen.get((stat.st_dev, stat.st_ino))
+            if first is not None:  # (by two patterns, or a link beside its file: the same file twice)
+                raise UserError(f"--files: {as_matched} (matched by {pattern!r}) is the file {first[0]} (matched by "
+                                f"{first[1]!r}); its documents would be read twice, into both splits: name each file "
+                                "once")
+            seen[stat.st_dev, stat.st_ino] = (as_matched, pattern)
+            files.append(path)
     kinds = {FILE_BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds:
         bad = next(f for f in files if Path(f).suffix.lower() not in FILE_BUILDERS)
@@ -153,20 +156,20 @@ def load_hf_dataset(args, what: str, files: list[str], *load_args, num_proc: int
     import datasets  # only here: the rest of the repo must run on machines without `datasets`
     if not args.streaming and num_proc > 1:
         load_kwargs["num_proc"] = num_proc  # download and prepare files in parallel
-    with reading(what, files):
+    with reading(what, files, args.text_field):
         return datasets.load_dataset(*load_args, streaming=args.streaming, cache_dir=args.cache_dir, **load_kwargs)
 
 
 @contextlib.contextmanager
-def reading(what: str, files: list[str]):
+def reading(what: str, files: list[str], field: str):
     """Errors of datasets reading the input (at load, or later while streaming) become one line naming the input,
-    and the file and line at fault when one of the --files cannot be decoded."""
+    and the file and line at fault when one of the --files cannot be decoded or holds no text in `field`."""
     try:
         yield
     except UserError:
         raise
     except Exception as e:  # network, missing file, parse and schema errors all have their own types
-        raise UserError(f"cannot load {what}: {first_bad_line(files) or underlying_error(e)}") from e
+        raise UserError(f"cannot load {what}: {first_bad_line(files, field) or underlying_error(e)}") from e
 
 
 def underlying_error(error: Exception) -> str:
@@ -178,9 +181,10 @@ def underlying_error(error: Exception) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-def first_bad_line(files: list[str]) -> str:
-    """'FILE line N (byte B): not UTF-8 (...)', or for a .jsonl file 'FILE line N: not JSON (...)': the first line
-    of the --files that cannot be read; '' when every line can (the load failed for another reason)."""
+def first_bad_line(files: list[str], field: str) -> str:
+    """'FILE line N (byte B): not UTF-8 (...)', or for a .jsonl file 'FILE line N: not JSON (...)' or a `field`
+    that holds no string: the first line of the --files that cannot be read as text; '' when every line can (the
+    load failed for another reason)."""
     for file in files:
         suffix = Path(file).suffix.lower()
         if suffix not in (".txt", ".json", ".jsonl"):
@@ -191,9 +195,14 @@ def first_bad_line(files: list[str]) -> str:
                     return f"{file} line {number}: {problem}; fix or remove it"
                 if suffix == ".jsonl" and text.strip():
                     try:
-                        json.loads(text.strip())
+                        row = json.loads(text.strip())
                     except json.JSONDecodeError as e:
                         return f"{file} line {number}: not JSON ({e.msg} at column {e.colno}); fix or remove it"
+                    value = row.get(field) if isinstance(row, dict) else None
+                    if value is not None and not isinstance(value, str):
+                        return (f"{file} line {number}: its {field!r} field holds {type(value).__name__} "
+                                f"{str(value)[:40]!r}, not text; fix that row, or give --text-field the field that "
+                                "holds the text")
     return ""
 
 
@@ -226,9 +235,7 @@ def load_texts(args, source: dict):
         what, files = f"--files {' '.join(args.files)}", source["files"]
         if source["reader"] == "parquet" and not args.streaming:
             return parquet_tasks(files, args.text_field, args.max_docs)
-        options = {"sample_by": "paragraph"} if source["reader"] == "text" else {}
-        ds = load_hf_dataset(args, what, files, source["reader"], data_files=files, split="train",
-                             num_proc=min(args.workers, len(files)), **options)
+        ds = load_local_files(args, what, files, source["reader"])
     else:
         what = f"--dataset {args.dataset} --name {args.name} --split {args.split}"
         # a hub dataset is listed here only for the parquet route; streamed, datasets alone reads it
@@ -244,7 +251,7 @@ def load_texts(args, source: dict):
         files = files if revision is None else []  # local files, to name the one that cannot be decoded
         ds = load_hf_dataset(args, what, files, args.dataset, args.name, split=args.split, revision=revision,
                              num_proc=args.workers)
-    with reading(what, files):  # a streamed dataset reads its first row here
+    with reading(what, files, args.text_field):  # a streamed dataset reads its first row here
         check_text_field(ds, args.text_field, what)
     if args.streaming:
         ds = ds.select_columns([args.text_field])
@@ -254,9 +261,34 @@ def load_texts(args, source: dict):
     return ArrowTexts(ds, args.text_field, args.max_docs)
 
 
+def load_local_files(args, what: str, files: list[str], reader: str):
+    """--files through datasets: .txt by paragraph; .json/.jsonl with a text field of mixed types refused (named by
+    first_bad_line) where datasets would keep it as JSON text (a number beside strings) and, across files, cast it to
+    strings: that file's texts would be tokenized as JSON, quotes and all. Asked to refuse mixed types, datasets refuses
+    them in any column: one the text is not in is then read again its own way (unused here). Streamed, the refusal
+    comes while reading, and stands."""
+    load = functools.partial(load_hf_dataset, args, what, files, reader, data_files=files, split="train",
+                             num_proc=min(args.workers, len(files)))
+    if reader == "text":
+        return load(sample_by="paragraph")
+    strict = {"on_mixed_types": None} if json_refuses_mixed_types() else {}
+    try:
+        return load(**strict)
+    except UserError:
+        if not strict or args.streaming or first_bad_line(files, args.text_field):
+            raise
+        return load()
+
+
+def json_refuses_mixed_types() -> bool:
+    """Whether this datasets' json reader takes on_mixed_types (newer ones; older ones refuse mixed types anyway)."""
+    from datasets.packaged_modules.json.json import JsonConfig
+    return "on_mixed_types" in JsonConfig.__dataclass_fields__
+
+
 def stream_batches(ds, field: str, what: str, files: list[str]):
     """Lists of texts from a streamed dataset, which meets undecodable input only now."""
-    with reading(what, files):
+    with reading(what, files, field):
         for batch in ds.iter(batch_size=DOCS_PER_TASK):
             yield batch[field]
 

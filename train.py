@@ -16,7 +16,6 @@ import argparse
 import cli
 import contextlib
 import dataclasses
-import fcntl
 import math
 import os
 import signal
@@ -29,7 +28,8 @@ from tqdm import tqdm
 from checkpoint import (INIT_IGNORED_FIELDS, RESUME_STATE_KEYS, RunCheckpoints, check_model_config, checkpoint_dir,
                         checkpoint_to_resume, end_step, human_size, list_checkpoints, load_checkpoint,
                         load_training_state, quarantine_checkpoints, rng_state, seed_everything, set_rng_state)
-from cli import UserError, ensure_writable_dir, fail, main_entry, positive_int, raise_all, run_header
+from cli import (UserError, ensure_writable_dir, fail, lock_exclusively, lock_holder, locked_by_another, main_entry,
+                 positive_int, raise_all, run_header)
 from config import DEFAULT_RUNS_DIR, RUN_LOCK_FILE, TrainConfig, add_config_flags, config_from_flags, input_problems
 from dataloader import (ShardDataset, TrainLoader, check_train_batch, check_val_batch, largest_train_batch,
                         largest_val_batch, val_batches)
@@ -292,54 +292,30 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
 # The run directory
 
 class RunDirLock:
-    """An exclusive lock on a run directory (fcntl.flock of its RUN_LOCK_FILE, an empty file: a run that changes
-    nothing leaves every file as it was), taken by rank 0 of the run using it and held for the run's life: a second
-    train.py on the same folder is refused instead of interleaving its metrics and overwriting the first one's
-    checkpoints. The kernel releases it when the process ends, however it ends (kill -9 too): no stale lock outlives
-    a run, and a torchrun restart's new rank 0 takes it once the old worker group has died."""
+    """An exclusive lock on a run directory (cli.lock_exclusively of its RUN_LOCK_FILE, an empty file: a run that
+    changes nothing leaves every file as it was), taken by rank 0 of the run using it and held for the run's life: a
+    second train.py on the same folder is refused instead of interleaving its metrics and overwriting the first one's
+    checkpoints. The kernel releases it when the process ends, however it ends: no stale lock outlives a run, and a
+    torchrun restart's new rank 0 takes it once the old worker group has died."""
 
     def __init__(self, run_dir: Path):
-        self.file = open(run_dir / RUN_LOCK_FILE, "a")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            message = in_use_message(run_dir, self.file)
-            self.file.close()
-            raise UserError(message) from None
+        self.file = lock_exclusively(run_dir / RUN_LOCK_FILE)
+        if self.file is None:
+            raise UserError(in_use_message(run_dir, lock_holder(run_dir / RUN_LOCK_FILE)))
 
     def release(self) -> None:
         self.file.close()
 
 
-def in_use_message(run_dir: Path, lock_file) -> str:
-    return (f"--out {run_dir} is in use by another train.py run (pid {lock_holder(lock_file)}); wait for it or "
-            "choose another --out")
-
-
-def lock_holder(lock_file) -> str:
-    """The pid holding the exclusive flock of `lock_file`, as Linux lists it in /proc/locks ('unknown' elsewhere;
-    matched by inode number alone)."""
-    inode = os.fstat(lock_file.fileno()).st_ino
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        for line in Path("/proc/locks").read_text().splitlines():  # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE .."
-            fields = line.split()
-            if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and int(fields[5].split(":")[-1]) == inode:
-                return fields[4]
-    return "unknown"
+def in_use_message(run_dir: Path, pid: str) -> str:
+    return f"--out {run_dir} is in use by another train.py run (pid {pid}); wait for it or choose another --out"
 
 
 def check_run_dir_free(run_dir: Path) -> None:
-    """--check: that no run holds `run_dir`'s lock, tried without keeping it (a shared lock: two checks never see
-    each other) and without writing anything (no lock file: no run has ever used the folder)."""
-    try:
-        lock_file = open(run_dir / RUN_LOCK_FILE)
-    except FileNotFoundError:
-        return
-    with lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(in_use_message(run_dir, lock_file)) from None
+    """--check: that no run holds `run_dir`'s lock (tried without keeping it, nothing written)."""
+    pid = locked_by_another(run_dir / RUN_LOCK_FILE)
+    if pid is not None:
+        raise UserError(in_use_message(run_dir, pid))
 
 
 def make_run_dir(cfg: TrainConfig, d: Dist, preset: str) -> tuple[Path, RunDirLock | None]:

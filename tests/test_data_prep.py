@@ -173,16 +173,25 @@ def test_a_rerun_after_a_local_input_changed_is_not_nothing_to_do(change, tmp_pa
     assert "already holds this dataset" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("patterns", [["{d}/*.jsonl", "{d}/a.jsonl"], ["{d}/a.jsonl", "{d}/a.jsonl"],
-                                      ["{d}/*.jsonl", "{d}/../in/*.jsonl"]])
-def test_a_file_matched_by_two_files_patterns_is_refused(patterns, tmp_path, no_pool):
-    """Its documents were tokenized twice, the first ones in the val split and again in train."""
-    (tmp_path / "in").mkdir()
-    write_jsonl(tmp_path / "in" / "a.jsonl", ["some text"])
-    write_jsonl(tmp_path / "in" / "b.jsonl", ["more text"])
-    files = [p.format(d=tmp_path / "in") for p in patterns]
-    with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path / 'in' / 'a.jsonl'))} is matched by both "
-                                        rf"{re.escape(repr(files[0]))} and {re.escape(repr(files[1]))}; name each"):
+@pytest.mark.parametrize("patterns, link", [
+    (["{d}/*.jsonl", "{d}/a.jsonl"], None), (["{d}/a.jsonl", "{d}/a.jsonl"], None),
+    (["{d}/*.jsonl", "{d}/../in/*.jsonl"], None),
+    (["{d}/*.jsonl"], "symlink"), (["{d}/*.jsonl"], "hard link"),  # one pattern: a link beside its file
+    (["{d}/a.jsonl", "{d}/c.jsonl"], "symlink"), (["{d}/a.jsonl", "{d}/c.jsonl"], "hard link")])
+def test_the_same_file_matched_twice_is_refused(patterns, link, tmp_path, no_pool):
+    """Its documents were tokenized twice, the first ones in the val split and again in train: two patterns matching
+    it, or a symbolic or hard link to it beside it."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", ["some text"])
+    write_jsonl(folder / "b.jsonl", ["more text"])
+    if link == "symlink":
+        (folder / "c.jsonl").symlink_to("a.jsonl")
+    elif link == "hard link":
+        os.link(folder / "a.jsonl", folder / "c.jsonl")
+    files = [p.format(d=folder) for p in patterns]
+    with pytest.raises(UserError, match=r"--files: .*jsonl \(matched by .*\) is the file .*a.jsonl \(matched by "
+                                        r".*\); its documents would be read twice, into both splits"):
         prepare(tmp_path / "out", "--source", "files", "--files", *files)
     assert not (tmp_path / "out").exists()
 
@@ -194,18 +203,20 @@ def test_a_files_folder_is_named_a_folder(tmp_path, no_pool):
         prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "in"))
 
 
-def inputs_with_a_row_that_is_no_text(case: str, folder: Path) -> tuple[list[str], int, str]:
-    """(--files, the bad row's number in the input, what it holds): a .jsonl row in the first pool task or the
-    second (1,024 rows a task), or a second parquet file whose text column holds numbers (rows counted across files)."""
+def inputs_with_a_row_that_is_no_text(case: str, folder: Path) -> tuple[list[str], str]:
+    """(--files, the start of the line naming the bad row): a .jsonl row in the first pool task or the second
+    (datasets refuses mixed types and the file's line is named), or a second parquet file whose text column holds
+    numbers (the tokenizer names the row, counted across files)."""
     if case == "parquet, second file":
         write_parquet(folder / "a.parquet", ["first file"] * 1000)
         write_parquet(folder / "b.parquet", list(range(5, 2005)))
-        return [str(folder / "*.parquet")], 1001, "int '5'"
+        return [str(folder / "*.parquet")], "row 1001 of the input: its 'text' field holds int '5', not text"
     docs = ["fine text"] * 2000
     bad_row = 1 if case == "jsonl, first row" else 1500
     docs[bad_row - 1] = {"k": 1}
     write_jsonl(folder / "a.jsonl", docs)
-    return [str(folder / "a.jsonl")], bad_row, "dict \"{'k': 1}\""
+    return [str(folder / "a.jsonl")], (f"{folder / 'a.jsonl'} line {bad_row}: its 'text' field holds dict "
+                                       f"\"{{'k': 1}}\", not text")
 
 
 @pytest.mark.parametrize("case, streaming", [("jsonl, first row", False), ("jsonl, first row", True),
@@ -215,12 +226,37 @@ def test_a_row_that_holds_no_text_is_named_by_its_number(case, streaming, tmp_pa
     """'a document's text field holds int, not a string; pass the right --text-field': no row named, and the advice
     wrong when the field is right but one row is not text."""
     assert data_sources.DOCS_PER_TASK < 1500  # (row 1500 is in a later task than row 1)
-    files, bad_row, held = inputs_with_a_row_that_is_no_text(case, tmp_path)
-    message = f"row {bad_row} of the input: its 'text' field holds {held}, not text; fix that row, or give --text-field"
-    with pytest.raises(UserError, match="^" + re.escape(message)):
+    files, said = inputs_with_a_row_that_is_no_text(case, tmp_path)
+    with pytest.raises(UserError, match=re.escape(said) + "; fix that row, or give --text-field"):
         prepare(tmp_path / "out", "--source", "files", "--files", *files, *(["--streaming"] if streaming else []),
                 cache=tmp_path / "cache")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("value", [12345, 1.5, ["a"]])
+def test_a_non_text_row_in_a_later_jsonl_file_is_named_not_tokenized_as_json(value, streaming, tmp_path):
+    """datasets keeps a column of mixed types as JSON text and casts it to strings beside another file: every
+    document of the second file was tokenized with its JSON quotes, the number as a document, exit 0."""
+    docs = data_sources.embedded_documents()
+    write_jsonl(tmp_path / "a.jsonl", docs[:300])
+    write_jsonl(tmp_path / "b.jsonl", docs[300:303] + [value] + docs[303:310])
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'b.jsonl'} line 4: its 'text' field holds "
+                                                  f"{type(value).__name__} {str(value)!r}, not text")):
+        prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"),
+                *(["--streaming"] if streaming else []), cache=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+
+
+def test_another_column_of_mixed_types_does_not_stop_the_build(tmp_path):
+    """Refusing mixed types in the text field must not refuse them where the text is not (an id of numbers and
+    strings): those files still build, their texts as they are."""
+    docs = data_sources.embedded_documents()[:400]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"text": doc, "id": i if i % 2 else str(i)}) + "\n"
+                                              for i, doc in enumerate(docs[:200])))
+    write_jsonl(tmp_path / "n.jsonl", docs[200:])
+    prepare(tmp_path / "out", "--source", "files", "--files", str(tmp_path / "*.jsonl"), cache=tmp_path / "cache")
+    assert decoded_documents(tmp_path / "out") == docs
 
 
 def test_rows_without_a_text_are_counted_in_a_warning(tmp_path, capsys):
@@ -277,7 +313,7 @@ def tree(folder: Path) -> dict[str, bytes] | None:
 # the old manifest removed, shards replaced, the old build's extra shards removed, the manifest moved in
 OLD_BUILD = ["--source", "embedded", "--max-docs", "400", "--val-tokens", "1000", "--shard-tokens", "4000"]
 NEW_BUILD = ["--source", "embedded", "--max-docs", "300", "--val-tokens", "1000", "--shard-tokens", "4000"]
-FILE_STEPS = 14  # renames and deletions of that --overwrite, counted by the test below
+FILE_STEPS = 15  # renames and deletions of that --overwrite, counted by the test below
 
 
 def failing_file_step(monkeypatch, fail_at: int | None) -> list:
@@ -322,6 +358,53 @@ def test_a_crash_in_an_overwrite_never_leaves_a_manifest_of_other_shards(fail_at
     assert ShardDataset.open(out, verify_sha256=True).manifest["documents"] == 300
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train_000000.bin", "train_000001.bin",
                                                      "train_000002.bin", "val_000000.bin"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("before", ["absent", "finished"])
+def test_a_build_under_way_in_out_is_not_disturbed(before, overwrite, tmp_path, capsys):
+    """A second data_prep.py on the same --out removed the first one's staging folder as a killed build's; the
+    first then published a damaged dataset with exit 0. (The test holds the staging folder's lock, as a run does.)"""
+    from cli import lock_exclusively
+    out = tmp_path / "d"
+    args = ["--source", "embedded", "--max-docs", "300", "--val-tokens", "1000"]
+    if before == "finished":
+        prepare(out, *args)
+    staging = out / data_prep.STAGING_NAME
+    staging.mkdir(parents=True)
+    (staging / "train_000000.bin").write_bytes(b"being written")
+    lock = lock_exclusively(staging / data_prep.STAGING_LOCK)
+    expected = tree(out)
+    try:
+        with pytest.raises(UserError, match=f"--out {re.escape(str(out))} is being built by another data_prep.py run "
+                                            f"\\(pid {os.getpid()}\\); wait for it"):
+            prepare(out, *args, *(["--overwrite"] if overwrite else []))
+        assert tree(out) == expected
+    finally:
+        lock.close()
+    prepare(out, *args, "--overwrite")  # once that run has ended, its folder is a killed build's
+    assert not staging.exists() and ShardDataset.open(out, verify_sha256=True).manifest["documents"] == 300
+
+
+def test_ctrl_c_while_publishing_waits_for_the_whole_build(tmp_path, monkeypatch):
+    """Ctrl-C between two renames of --overwrite's publishing left old and new shards without a manifest: the signal
+    now takes effect once --out holds the whole new build (a real SIGINT, sent at the second rename)."""
+    import signal
+    out = tmp_path / "d"
+    prepare(out, *OLD_BUILD)
+    real, calls = os.replace, []
+
+    def replace_and_interrupt(*args, **kwargs):
+        calls.append(args)
+        if any(data_prep.STAGING_NAME in str(a) for a in args) and len(calls) == 2 + 5:  # (5 shards written first)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, "replace", replace_and_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(out, *NEW_BUILD, "--overwrite")
+    monkeypatch.undo()
+    assert ShardDataset.open(out, verify_sha256=True).manifest["documents"] == 300
+    assert not (out / data_prep.STAGING_NAME).exists()
 
 
 def tiny_text(tmp_path) -> list[str]:
