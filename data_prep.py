@@ -356,17 +356,18 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
     staging = out / STAGING_NAME
     check_no_build_under_way(out)
     entries = [p.name for p in out.iterdir() if p != staging] if out.is_dir() else []
+    if entries and not overwrite:  # (every shard hashed: not for --overwrite, which replaces it whatever it is)
+        existing, holds = finished_build(out, settings)
+        if existing:  # nothing is written: files of other names beside it are no obstacle
+            print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
+            return False
     foreign = [name for name in entries if not _OUR_FILE.match(name)] + foreign_files(staging)
     if foreign:
         raise UserError(f"--out {out} holds files data_prep.py did not write (e.g. {foreign[0]!r}); pass a new or "
                         f"empty directory")
-    if not entries or overwrite:
-        return True
-    existing, holds = finished_build(out, settings)  # (every shard hashed: not for --overwrite, which replaces it)
-    if not existing:
+    if entries and not overwrite:
         raise UserError(f"--out {out} holds {holds}; pass --overwrite to replace it, or use one --out per dataset")
-    print(f"{out} already holds this dataset ({describe(existing)}); nothing to do (--overwrite rebuilds)")
-    return False
+    return True
 
 
 def check_no_build_under_way(out: Path) -> None:
@@ -499,7 +500,8 @@ def prepare_data(argv=None) -> dict:
     source = checked_source(args)
     settings = settings_record(source, args)
     if not check_out_dir(out, settings, args.overwrite):
-        remove_staging(out / STAGING_NAME)  # a killed build's (check_out_dir found no run building there)
+        if not foreign_files(out / STAGING_NAME):  # a killed build's (check_out_dir found no run building there)
+            remove_staging(out / STAGING_NAME)
         return shards.read_manifest(out)
     load_start = time.perf_counter()
     texts = load_texts(args, source)  # resolved and checked before --out is touched: a bad input loses nothing

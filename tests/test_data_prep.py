@@ -487,6 +487,24 @@ def test_a_killed_builds_staging_folder_is_no_content_of_out(tmp_path):
     assert (staging / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("where", ["out", "staging folder"])
+def test_a_finished_dataset_beside_a_users_file_is_reused(where, tmp_path, capsys):
+    """A rerun that writes nothing was refused for a file of another name beside the dataset (a README the user
+    added), which it leaves alone; it still stops a rebuild."""
+    out = tmp_path / "d"
+    args = ["--source", "embedded", "--max-docs", "300", "--val-tokens", "1000"]
+    prepare(out, *args)
+    folder = out if where == "out" else out / data_prep.STAGING_NAME
+    folder.mkdir(exist_ok=True)
+    (folder / "NOTES.txt").write_text("mine")
+    before = tree(out)
+    prepare(out, *args)
+    assert "already holds this dataset" in capsys.readouterr().out and tree(out) == before
+    with pytest.raises(UserError, match="did not write.*NOTES.txt"):
+        prepare(out, *args, "--overwrite")
+    assert tree(out) == before
+
+
 def test_directory_holding_other_files_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="did not write.*notes.txt"):
