@@ -587,8 +587,8 @@ def check_splits(result: dict, args) -> None:
     if splits_usable(val, train, args):
         return
     most_val = total - MIN_SPLIT_TOKENS  # the largest --val-tokens that leaves the train split enough
-    remedy = (f"run again with --val-tokens {most_val} or lower, or add data"
-              if train < MIN_SPLIT_TOKENS and most_val >= MIN_SPLIT_TOKENS else "add data")
+    remedy = (f"run again with a --val-tokens from {MIN_SPLIT_TOKENS} to {most_val}, or add data"
+              if most_val >= MIN_SPLIT_TOKENS else "add data")
     raise UserError(f"the input yielded only {total} tokens: {val} for validation and {train} for training (each "
                     f"split needs at least {MIN_SPLIT_TOKENS}, one window of the smallest preset's context plus its "
                     f"last target); --out {args.out} is left as it was; {remedy}")

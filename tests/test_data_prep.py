@@ -433,9 +433,10 @@ FAILED_BUILDS = {
     "too few tokens": lambda tmp_path, mp: (tiny_text(tmp_path), r"yielded only \d+ tokens: \d+ for validation and "
                                                                 r"\d+ for training .*; add data"),
     "val split too small": lambda tmp_path, mp: (["--source", "embedded", "--max-docs", "30"],
-                                                 r"110 for validation and 994 for training .*; add data$"),
+                                                 r"110 for validation and 994 for training .*; run again with a "
+                                                 r"--val-tokens from 129 to 975, or add data$"),
     "val takes all": lambda tmp_path, mp: (["--source", "embedded", "--max-docs", "30", "--val-tokens", "1000000"],
-                                           r"1104 for validation and 0 for training.*--val-tokens 975 or lower"),
+                                           r"1104 for validation and 0 for training.*--val-tokens from 129 to 975"),
     "ctrl-c": lambda tmp_path, mp: (stopped_after_the_first_shard(mp, KeyboardInterrupt()), None),
     "disk full": lambda tmp_path, mp: (stopped_after_the_first_shard(mp, OSError(28, "No space left on device")),
                                        "No space left on device"),
@@ -838,19 +839,23 @@ def test_an_undecodable_file_of_a_local_dataset_copy_is_named_with_its_line(tmp_
     assert f"{root / 'data' / 'a.txt'} line 2: not UTF-8 at byte 12" in capsys.readouterr().err
 
 
-def test_the_remedy_for_a_val_split_that_takes_everything_works_when_followed(tmp_path, capsys):
-    """--val-tokens larger than the corpus: the error names the largest --val-tokens that works; running again
-    with it, and nothing else, builds the data (the failed run left nothing to refuse)."""
-    argv = ["--source", "embedded", "--max-docs", "30", "--out", str(tmp_path / "out"), "--workers", "1"]
+@pytest.mark.parametrize("refused", [["--val-tokens", "1000000"], []], ids=["val takes all", "val share too small"])
+def test_the_remedy_for_splits_too_small_works_when_followed(refused, tmp_path, capsys):
+    """The error names the range of --val-tokens that works (it named none when the default 10% was too small,
+    though --val-tokens 129 builds); running again with either end, and nothing else, builds the data (the failed
+    run left nothing to refuse)."""
     from helpers import assert_one_line_error
+    argv = ["--source", "embedded", "--max-docs", "30", "--workers", "1"]
     with pytest.raises(SystemExit) as exit_info:
-        data_prep.main([*argv, "--val-tokens", "1000000"])
+        data_prep.main([*argv, "--out", str(tmp_path / "out"), *refused])
     line = assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err),
                                  status=2)  # (after the progress bar)
-    largest = int(re.search(r"run again with --val-tokens (\d+) or lower", line).group(1))
-    data_prep.main([*argv, "--val-tokens", str(largest)])
-    dataset = ShardDataset.open(tmp_path / "out")
-    assert dataset.val_tokens == largest and dataset.train_tokens == data_prep.MIN_SPLIT_TOKENS
+    least, most = map(int, re.search(r"run again with a --val-tokens from (\d+) to (\d+)", line).groups())
+    for val_tokens in (least, most):
+        data_prep.main([*argv, "--out", str(tmp_path / str(val_tokens)), "--val-tokens", str(val_tokens)])
+        dataset = ShardDataset.open(tmp_path / str(val_tokens))
+        assert dataset.val_tokens == val_tokens and dataset.train_tokens >= data_prep.MIN_SPLIT_TOKENS
+        assert min(dataset.val_tokens, dataset.train_tokens) == data_prep.MIN_SPLIT_TOKENS
 
 
 # --- stopping the tokenizer pool early ------------------------------------------------------------------------------
