@@ -173,7 +173,7 @@ def test_a_device_this_machine_lacks_is_refused_without_starting_cuda(monkeypatc
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for flag, message in (("mps", "--device mps: no Apple MPS device"), ("cuda", "--device cuda: no CUDA device"),
-                          ("cuda:1", "--device cuda: no CUDA device"), ("tpu", "--device 'tpu': use cuda, mps")):
+                          ("cuda:1", "--device cuda:1: no CUDA device"), ("tpu", "--device 'tpu': use cuda, mps")):
         with pytest.raises(UserError, match=message):
             devices.checked_device(flag)
     assert devices.checked_device(None) == torch.device("cpu")  # the best available

@@ -60,7 +60,7 @@ def test_two_nodes_train_like_one_two_process_run(embedded_data, ddp_run_without
     assert "| loss" not in node1.stdout and "done:" not in node1.stdout
     assert "| loss" in node0.stdout and "done: 8 steps" in node0.stdout
     assert sorted(p.name for p in node0_out.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl",
-                                                           "train.log"]
+                                                           "train.lock", "train.log"]
 
 
 def test_every_node_verifies_its_own_data(embedded_data, tmp_path):

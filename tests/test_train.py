@@ -406,7 +406,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_memory_flags(embedded_data, tm
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 3.07 GiB)")
-    assert " in train.py:" in error[-1] and "(run);" in error[-1]  # where it happened: the innermost repo frame
+    assert " in train.py:" in error[-1] and "(_train);" in error[-1]  # where it happened: the innermost repo frame
     assert "--micro-batch auto" in error[-1] and "--activation-checkpointing" in error[-1]
 
 
