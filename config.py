@@ -136,6 +136,7 @@ class TrainConfig:
             need(self.seq_len <= context, "seq_len", f"longer than model {self.model}'s context ({context}); lower it")
         need(not (self.resume and self.init_from), "init_from", "excludes --resume: resume continues this run, "
              "init-from starts a new one; leave one out")
+        need(self.data != "", "data", "an empty path; give the folder data_prep.py wrote")
         need(self.out or not self.resume, "resume", "needs --out, the run directory to continue (without it each "
              "attempt makes a new, empty one)")
         for name in ("allow_fresh_start", "allow_token_batch_change"):
@@ -195,7 +196,8 @@ def input_problems(cfg: TrainConfig) -> list[str]:
         found["resume"] = (f"--out {cfg.out} already holds checkpoints (the newest {held[-1].name}); add --resume to "
                            "continue that run, or choose a new --out")
     try:  # the manifest and every shard's header (the run checks their sha256 too: minutes for 10B tokens)
-        ShardDataset.open(cfg.data)
+        if cfg.data:  # ("" is one of problems())
+            ShardDataset.open(cfg.data)
     except UserError as e:
         found["data"] = f"--data {cfg.data!r}: {e}"
     if cfg.init_from and not Path(cfg.init_from).exists():

@@ -137,7 +137,8 @@ def fetch_and_check(dest: Path, url: str, expected: int) -> None:
         except (urllib.error.URLError, OSError) as e:
             reason = str(getattr(e, "reason", e)).replace("\n", " ")
             raise UserError(f"cannot download the HellaSwag validation set from {url} ({reason}); run once with "
-                            f"internet access, or pass --data FILE (e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
+                            f"internet access, or give a HellaSwag file (hellaswag_eval.py --data, train.py --hellaswag-data; "
+                            f"e.g. {SAMPLE_FILE.relative_to(REPO_DIR)})")
         try:
             _check_official(read_examples(tmp), dest, expected)
         except UserError as e:

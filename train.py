@@ -286,6 +286,8 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
             check_resumable(cfg, state, path, position_checker(cfg))
     if cfg.init_from:  # the checkpoint the run would start from, resolved as the run does (read, nothing moved)
         load_checkpoint(cfg.init_from, map_location="cpu")
+    if not cfg.hellaswag_data:  # the official split the last step scores: downloaded now, if not yet (offline: named)
+        load_examples(limit=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

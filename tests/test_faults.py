@@ -265,7 +265,7 @@ def test_non_finite_and_out_of_range_arguments_are_one_line(runs_with_out_of_ran
 
 BAD_VALUES = {  # field: [(the flag's arguments, what the error line names when not the flag itself)]
     "model": [("nope", None)],
-    "data": [("{missing}", "{missing}")],
+    "data": [("{missing}", "{missing}"), ("", None)],  # "": read as the current folder
     "out": [("{file}", None)],
     "total_batch_tokens": [("0", None), ("100", None)],  # 100: not a multiple of --seq-len 32
     "micro_batch": [("0", None), ("x", None), ("3", None)],  # 3 does not divide the 8 sequences per step
@@ -860,3 +860,30 @@ def test_the_e2e_summary_prints_what_a_run_without_validation_has(run_at_step_4,
     exec(compile(summary, "summary", "exec"), {"__name__": "__main__"})
     printed = capsys.readouterr().out
     assert "val loss      : not evaluated" in printed and "step_000004.pt" in printed and "1 min 15 s" in printed
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_check_fetches_the_official_hellaswag_split_the_last_step_scores(cached, embedded_data, tmp_path, monkeypatch,
+                                                                          capsys):
+    """--hellaswag-data '' (the official split, as the full preset has it): offline, the run trained to its last
+    step, then failed there naming hellaswag_eval.py's --data. --check (run before torchrun) fetches it now, and
+    offline says so naming train.py's flag; with the split cached it holds."""
+    import hellaswag_eval
+    import train
+    cache = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
+    monkeypatch.setattr(hellaswag_eval, "CACHE_FILE", cache)
+    monkeypatch.setattr(hellaswag_eval, "OFFICIAL_URL", "http://127.0.0.1:9/hellaswag_val.jsonl")  # nothing listens
+    if cached:
+        cache.parent.mkdir()
+        cache.write_text(SAMPLE_HELLASWAG.read_text())
+        monkeypatch.setattr(hellaswag_eval, "OFFICIAL_EXAMPLES", 10)
+    argv = [*TINY, "--data", str(embedded_data), "--out", str(tmp_path / "run"), "--hellaswag-data", "", "--check"]
+    if cached:
+        assert train.main(argv) == 0
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err),
+                          "cannot download the HellaSwag validation set", "train.py --hellaswag-data", status=2,
+                          alone=True)
+    assert not (tmp_path / "run").exists() and not cache.parent.exists()
