@@ -10,7 +10,7 @@ from pathlib import Path
 
 from checkpoint import (INIT_IGNORED_FIELDS, check_model_config, checkpoint_to_resume, list_checkpoints,
                         load_checkpoint)
-from cli import UserError, check_writable_dir
+from cli import UserError, check_writable_dir, locked_by_another
 from dataloader import ShardDataset
 from generate import REFERENCE_PROMPTS, encode_prompt
 from hellaswag_eval import SAMPLE_FILE, load_examples
@@ -192,7 +192,10 @@ def input_problems(cfg: TrainConfig) -> list[str]:
             check_writable_dir(cfg.out or DEFAULT_RUNS_DIR, "--out")
         except UserError as e:
             found["out"] = f"{e}; give a folder you can write to"
-    if cfg.out and not cfg.resume and (held := list_checkpoints(cfg.out)):  # (the run would refuse to start over it)
+    pid = locked_by_another(Path(cfg.out) / RUN_LOCK_FILE) if cfg.out else None
+    if pid is not None:  # (its checkpoints are that run's to change: not judged for this one)
+        found["out"] = in_use_message(Path(cfg.out), pid)
+    elif cfg.out and not cfg.resume and (held := list_checkpoints(cfg.out)):  # (the run would refuse to start over it)
         found["resume"] = (f"--out {cfg.out} already holds checkpoints (the newest {held[-1].name}); add --resume to "
                            "continue that run, or choose a new --out")
     try:  # the manifest and every shard's header (the run checks their sha256 too: minutes for 10B tokens)
@@ -210,7 +213,7 @@ def input_problems(cfg: TrainConfig) -> list[str]:
                 check_model_config(cfg.model_config(), state, path, ignore=INIT_IGNORED_FIELDS)
         except UserError as e:
             found["init_from"] = f"--init-from {cfg.init_from!r}: {e}"
-    if cfg.resume and cfg.out and not list_checkpoints(cfg.out):  # (with checkpoints the run folder exists already:
+    if cfg.resume and cfg.out and pid is None and not list_checkpoints(cfg.out):  # (with checkpoints the run folder
         try:  # the run reads them; without any, this is cheap and the run would stop after making the folder)
             checkpoint_to_resume(cfg.out, cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
         except UserError as e:
@@ -234,6 +237,10 @@ def input_problems(cfg: TrainConfig) -> list[str]:
                 found.setdefault("sample_prompts", f"--sample-prompts, entry {number} of {len(cfg.sample_prompts)}: "
                                                    f"{e}")
     return list(found.values())
+
+
+def in_use_message(run_dir: Path, pid: str) -> str:
+    return f"--out {run_dir} is in use by another train.py run (pid {pid}); wait for it or choose another --out"
 
 
 def not_a_run_dir(folder: Path) -> str | None:

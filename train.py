@@ -28,9 +28,10 @@ from tqdm import tqdm
 from checkpoint import (INIT_IGNORED_FIELDS, RESUME_STATE_KEYS, RunCheckpoints, check_model_config, checkpoint_dir,
                         checkpoint_to_resume, end_step, human_size, list_checkpoints, load_checkpoint,
                         load_training_state, quarantine_checkpoints, rng_state, seed_everything, set_rng_state)
-from cli import (UserError, ensure_writable_dir, fail, lock_exclusively, lock_holder, locked_by_another, main_entry,
-                 positive_int, raise_all, run_header)
-from config import DEFAULT_RUNS_DIR, RUN_LOCK_FILE, TrainConfig, add_config_flags, config_from_flags, input_problems
+from cli import (UserError, ensure_writable_dir, fail, lock_exclusively, lock_holder, main_entry, positive_int,
+                 raise_all, run_header)
+from config import (DEFAULT_RUNS_DIR, RUN_LOCK_FILE, TrainConfig, add_config_flags, config_from_flags, in_use_message,
+                    input_problems)
 from dataloader import (ShardDataset, TrainLoader, check_train_batch, check_val_batch, largest_train_batch,
                         largest_val_batch, val_batches)
 from devices import (Dist, checked_device, cuda_memory_probe, enable_tf32, exit_with, init_distributed,
@@ -278,8 +279,6 @@ def check_config(cfg: TrainConfig, processes: int) -> None:
     """--check: what a run of `cfg` on `processes` processes refuses at its start, found without writing anything
     or starting processes: check_run's checks, and the checkpoints the run would read, read."""
     check_run(cfg, under_torchrun=True, processes=processes)  # (as torchrun's processes)
-    if cfg.out:
-        check_run_dir_free(Path(cfg.out))
     if cfg.resume:  # the checkpoint the run would resume from: none, damaged, past the last step, other settings
         state, path, *_ = checkpoint_to_resume(cfg.out, cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start)
         if state is not None:
@@ -307,17 +306,6 @@ class RunDirLock:
 
     def release(self) -> None:
         self.file.close()
-
-
-def in_use_message(run_dir: Path, pid: str) -> str:
-    return f"--out {run_dir} is in use by another train.py run (pid {pid}); wait for it or choose another --out"
-
-
-def check_run_dir_free(run_dir: Path) -> None:
-    """--check: that no run holds `run_dir`'s lock (tried without keeping it, nothing written)."""
-    pid = locked_by_another(run_dir / RUN_LOCK_FILE)
-    if pid is not None:
-        raise UserError(in_use_message(run_dir, pid))
 
 
 def make_run_dir(cfg: TrainConfig, d: Dist, preset: str) -> tuple[Path, RunDirLock | None]:

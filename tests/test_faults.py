@@ -713,6 +713,31 @@ def test_a_run_directory_in_use_is_refused_by_the_run_and_check_then_free_once_r
         train.main(argv)
 
 
+@pytest.mark.parametrize("flags", [["--resume"], ["--resume", "--allow-fresh-start"], []],
+                         ids=["resume", "resume or start", "start"])
+def test_a_run_folder_in_use_before_its_first_checkpoint_is_named_in_use(flags, embedded_data, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A run that has not checkpointed yet: a second train.py --resume was told 'no checkpoint; add
+    --allow-fresh-start', and doing so met 'in use'. The folder in use is the problem named, up front, and nothing
+    about the checkpoints that run is still to write."""
+    import train
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = hold_run_dir(out)
+    try:
+        argv = [*TINY, "--data", str(embedded_data), "--out", str(out), *flags]
+        for check in ([], ["--check"]):
+            with pytest.raises(SystemExit) as exit_info:
+                train.main([*argv, *check])
+            line = assert_one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, "",
+                                                                     capsys.readouterr().err), status=2, alone=True)
+            assert line == (f"error: --out {out} is in use by another train.py run (pid {os.getpid()}); wait for it "
+                            "or choose another --out"), line
+        assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+    finally:
+        lock.close()
+
+
 def fake_export(folder: Path) -> None:
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
