@@ -688,18 +688,19 @@ class RunCheckpoints:
                 self.log(f"removed {path}, the temporary file of a save that was killed")
 
     def to_resume(self, max_steps: int, stop_at_step: int, allow_fresh_start: bool,
-                  accept=lambda state, path: None) -> tuple[dict, Path] | None:
+                  accept=lambda state, path: None, finished: bool = True) -> tuple[dict, Path] | None:
         """(state, path) of the newest valid checkpoint, or None for a fresh start (only with allow_fresh_start).
         Damaged checkpoints newer than it are moved aside (renamed *.damaged, never deleted) and the steps they held
         are named as lost; rank 0 does this first, then every process finds the same. A checkpoint already at the
-        run's last step ends the process (status 0), touching nothing; so does `accept(state, path)` raising (the
+        run's last step ends the process (status 0), touching nothing, when the run is `finished` (its last
+        evaluations logged: else the run resumes to run them); so does `accept(state, path)` raising (the
         run's settings cannot continue it: a UserError on every process, each finding the same checkpoint)."""
         if not self.d.is_main:
             self.d.barrier()
         try:
             state, path, damaged, left = checkpoint_to_resume(self.run_dir, max_steps, stop_at_step,
                                                               allow_fresh_start)
-            if state is not None and left == 0:
+            if state is not None and left == 0 and (finished or state["step"] != max_steps):
                 self._nothing_to_train(state, path, damaged)
             if state is not None:
                 accept(state, path)

@@ -41,6 +41,7 @@ from hellaswag_eval import evaluate_hellaswag, load_examples
 from model import GPT, evaluating
 from sharding import clip_grad_norm, evaluated, is_sharded, load_weights, parallelize, require_fsdp, \
     training_state_bytes
+from plot_metrics import parse_event
 from trackers import RunLog, drop_metrics_after, missing_packages, parse_trackers
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,6 +243,17 @@ def check_resumable(cfg: TrainConfig, state: dict, path: Path, loader: TrainLoad
     raise_all(lambda: check_model_config(cfg.model_config(), state, path), same_token_batch, data_position)
 
 
+def missing_final_evaluations(run_dir: Path, cfg: TrainConfig) -> set[str]:
+    """The evaluations of the last step (the metrics.jsonl keys they log) that the run's metrics.jsonl lacks (read
+    where a resume finds the run at its last step: else they all run anyway)."""
+    expected = {"val_loss", "hellaswag_acc", *(["samples"] if cfg.sample_prompts else [])}
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_bytes().splitlines() if path.exists() else []
+    logged = set().union(*(event.keys() for event, problem in map(parse_event, lines)
+                           if not problem and event["step"] == cfg.max_steps))
+    return expected - logged
+
+
 def position_checker(cfg: TrainConfig) -> TrainLoader:
     """A loader of this run's data, seq-len and seed for check_resumable to try a saved position on, before the run
     has its own (a micro-batch of 1 on one process: the stream's position is the same in every layout)."""
@@ -407,9 +419,14 @@ class Trainer:
         self.checkpoints.remove_orphans()
         # the checkpoint to continue, refused now if this run's settings cannot take it (before any damaged newer
         # one is moved aside, the shards are hashed or the model is built)
+        # (and the last step's evaluations a resume runs when they are not all in metrics.jsonl: its checkpoint is
+        # saved before them, so one that failed there, out of memory say, left the run at its last step without them)
+        self.final_missing = d.gather(missing_final_evaluations(self.run_dir, cfg) if d.is_main and cfg.resume
+                                      else set())[0]
         resume = cfg.resume and self.checkpoints.to_resume(
             cfg.max_steps, cfg.stop_at_step, cfg.allow_fresh_start,
-            accept=lambda state, path: check_resumable(cfg, state, path, position_checker(cfg)))
+            accept=lambda state, path: check_resumable(cfg, state, path, position_checker(cfg)),
+            finished=not self.final_missing)
         # One process per node checks every shard's sha256 against the manifest (a corrupt shard is refused).
         self.dataset = ShardDataset.open(cfg.data, verify_sha256=cfg.verify_data and d.local_rank == 0)
         self.model_config = cfg.model_config()
@@ -596,10 +613,11 @@ class Trainer:
         evaluated its first step before it saved that checkpoint (or, the final one, has nothing left to run)."""
         cfg = self.cfg
         final, evaluate = step == cfg.max_steps, step > first_step or not self.resumed
-        evaluations = [evaluation for evaluation, every in ((self.eval_val_loss, cfg.eval_every),
-                                                            (self.eval_hellaswag, cfg.hellaswag_every),
-                                                            (self.eval_samples, cfg.sample_every))
-                       if evaluate and (final or due_at(step, every))]
+        evaluations = [evaluation for evaluation, every, logged in ((self.eval_val_loss, cfg.eval_every, "val_loss"),
+                                                                    (self.eval_hellaswag, cfg.hellaswag_every,
+                                                                     "hellaswag_acc"),
+                                                                    (self.eval_samples, cfg.sample_every, "samples"))
+                       if (evaluate or (final and logged in self.final_missing)) and (final or due_at(step, every))]
         saving = step > first_step and (due_at(step, cfg.ckpt_every) or step == last_step or stop)
         # The last step's checkpoint comes before its evaluations: one failing there (out of memory) must not take
         # the run's training with it, and a resume from it has nothing left to train. Any other checkpoint comes

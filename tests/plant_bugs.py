@@ -371,8 +371,12 @@ BUGS = [
         "        pass\n", "tests/test_faults.py::test_a_run_directory_in_use_is_refused_by_the_run_and_check_then_"
         "free_once_released", "two train.py runs write into one run directory at once"),
     bug("train-final-checkpoint-after-evaluations", "train.py", "        if saving and final:\n",
-        "        if False:\n", "tests/test_faults.py::test_a_final_evaluation_that_fails_loses_no_training",
+        "        if False:\n",
+        "tests/test_faults.py::test_a_final_evaluation_that_fails_loses_no_training_and_a_resume_runs_what_is_missing",
         "the last step's checkpoint is saved after its evaluations: one failing there loses the whole run"),
+    bug("train-missing-final-evaluations-skipped", "train.py", "finished=not self.final_missing)", "finished=True)",
+        "tests/test_faults.py::test_a_final_evaluation_that_fails_loses_no_training_and_a_resume_runs_what_is_missing",
+        "a resume at the last step says 'nothing to train' though the last step's evaluations never ran"),
     bug("train-unreadable-metrics-lines-dropped", "trackers.py", "            unreadable.append((number, problem))\n",
         "            continue\n", "tests/test_faults.py::test_resume_over_a_damaged_metrics_file_keeps_the_lines_it_"
         "cannot_read", "a resume deletes the metrics.jsonl lines it cannot read"),

@@ -839,21 +839,30 @@ def test_a_resume_its_checkpoint_cannot_take_is_refused_before_anything_moves(
     assert not (tmp_path / "temp_data").exists()
 
 
-def test_a_final_evaluation_that_fails_loses_no_training(embedded_data, tmp_path, monkeypatch, capsys):
-    """The last step saved its checkpoint after its evaluations: one failing there (out of memory in the samples)
-    lost the whole run, and --resume trained it all again, failing the same way. Now the checkpoint is there and a
-    resume has nothing left to train."""
+@pytest.mark.parametrize("failing", ["eval_val_loss", "eval_hellaswag", "eval_samples"])
+def test_a_final_evaluation_that_fails_loses_no_training_and_a_resume_runs_what_is_missing(
+        failing, embedded_data, tmp_path, monkeypatch, capsys):
+    """The last step saved its checkpoint after its evaluations: one failing there (out of memory) lost the whole
+    run, and --resume trained it all again, failing the same way. Now the checkpoint is there, and a resume runs the
+    last step's evaluations metrics.jsonl lacks (those logged before the failure are not repeated), then has nothing
+    left to do (it said 'nothing to train' with the evaluations missing for good)."""
     import train
     out = tmp_path / "run"
     argv = [*TINY, "--data", str(embedded_data), "--out", str(out), "--max-steps", "2", "--eval-every", "0"]
 
     def out_of_memory(self, step, model):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB")
-    monkeypatch.setattr(train.Trainer, "eval_samples", out_of_memory)
+    monkeypatch.setattr(train.Trainer, failing, out_of_memory)
     with pytest.raises(SystemExit) as failed:
         train.main(argv)
     assert failed.value.code == 2 and "out of memory" in capsys.readouterr().err
     assert (out / "checkpoints" / "step_000002.pt").is_file()
+    monkeypatch.undo()
+    assert train.main([*argv, "--resume"]) == 0
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["step"] == 2 and "loss" not in json.loads(line)]
+    assert sorted(key for event in final for key in event if key in ("val_loss", "hellaswag_acc", "samples")) == \
+        ["hellaswag_acc", "samples", "val_loss"]  # each once
     with pytest.raises(SystemExit) as resumed:
         train.main([*argv, "--resume"])
     assert resumed.value.code == 0 and "nothing to train" in capsys.readouterr().out
