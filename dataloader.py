@@ -116,8 +116,9 @@ def check_train_batch(dataset: ShardDataset, batch_size: int, seq_len: int) -> N
         largest = max(s.tokens for s in dataset.train_shards)
         raise UserError(f"a micro-batch of {batch_size} x {seq_len} tokens needs {batch_size} windows of {seq_len + 1} "
                         f"tokens {WINDOW} in one train shard, but the largest train shard of {dataset.data_dir} holds "
-                        f"{largest} tokens: {held} such windows at stride {seq_len}; lower --micro-batch or "
-                        f"--seq-len, or {rebuild_advice(dataset.data_dir, ' and a larger --shard-tokens')}")
+                        f"{largest} tokens: {held} such windows at stride {seq_len}; lower "
+                        f"{'--micro-batch or ' if batch_size > 1 else ''}--seq-len, or "
+                        f"{rebuild_advice(dataset.data_dir, ' and a larger --shard-tokens')}")
 
 
 def _val_windows(dataset: ShardDataset, seq_len: int, max_tokens: int | None) -> tuple[np.ndarray, int]:
@@ -142,8 +143,10 @@ def check_val_batch(dataset: ShardDataset, batch_size: int, seq_len: int, world_
     total, needed = int(counts.sum()), batch_size * world_size
     limit = f"{limit_flag} {max_tokens}" if limit_flag else f"the limit of {max_tokens} tokens"
     held = f", of which {limit} allows {usable}" if usable < total else ""
-    remedy = (f"raise {limit_flag or 'the limit'} or lower --micro-batch" if total >= needed  # only the limit is short
-              else f"lower --micro-batch or {rebuild_advice(dataset.data_dir, ' and a larger --val-tokens')}")
+    smaller = " or ".join([*(["--micro-batch"] if batch_size > 1 else []), "--seq-len"]
+                          + (["the process count"] if world_size > 1 else []))
+    remedy = (f"raise {limit_flag or 'the limit'} or lower {smaller}" if total >= needed  # only the limit is short
+              else f"lower {smaller}, or {rebuild_advice(dataset.data_dir, ' and a larger --val-tokens')}")
     raise UserError(f"validation of {batch_size} x {seq_len} tokens on {world_size} rank(s) needs {needed} windows of "
                     f"{seq_len + 1} tokens {WINDOW} per step, but the val split of {dataset.data_dir} holds "
                     f"{dataset.val_tokens} tokens: {total} such windows at stride {seq_len}{held}; {remedy}")

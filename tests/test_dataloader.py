@@ -277,8 +277,21 @@ def test_too_small_val_split_is_named_in_windows(data_dir, tmp_path):
     with pytest.raises(UserError, match=r"needs 4 windows of 9 tokens .* holds 32 tokens: 3 such windows at stride 8;"):
         val_batches(exact, batch_size=4, seq_len=T)
     with pytest.raises(UserError, match=r"needs 2 windows .* 24 such windows .* limit of 8 tokens allows 1; raise the "
-                                        r"limit or lower --micro-batch$"):  # (the split holds enough)
+                                        r"limit or lower --micro-batch or --seq-len$"):  # (the split holds enough)
         val_batches(ShardDataset.open(data_dir), batch_size=2, seq_len=T, max_tokens=T)
+
+
+@pytest.mark.parametrize("batch_size, world_size", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_the_remedies_of_a_small_split_are_only_those_that_can_help(batch_size, world_size, tmp_path):
+    """A micro-batch of 1 was told to lower --micro-batch; fewer processes were never offered."""
+    tiny = ShardDataset.open(make_dataset(tmp_path / "tiny", train_sizes=[T], val_sizes=[T]))  # 0 windows each
+    with pytest.raises(UserError) as val:
+        val_batches(tiny, batch_size=batch_size, seq_len=T, world_size=world_size)
+    with pytest.raises(UserError) as train:
+        TrainLoader(tiny, batch_size=batch_size, seq_len=T)
+    for error in (val, train):
+        assert ("--micro-batch" in str(error.value)) == (batch_size > 1) and "--seq-len" in str(error.value)
+    assert ("the process count" in str(val.value)) == (world_size > 1)
 
 
 def test_open_refuses_missing_or_unfinished_data(tmp_path):
