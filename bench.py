@@ -79,13 +79,16 @@ def time_steps(step, args, device, sync) -> tuple[float, dict]:
 
 
 def check_train_flags(args, cfg) -> None:
-    """What bench.py train adds to train.py's checks: its own --warmup, and a --resume it has no run to take up."""
+    """What bench.py train adds to train.py's checks: its own --warmup, and --resume (or a flag of one) with no run to
+    take up."""
     problems = []
     if args.warmup < 0:
         problems.append(f"--warmup must be >= 0, got {args.warmup}")
-    if cfg.resume:
-        problems.append("--resume: bench.py train runs in a temporary folder of its own, with nothing to resume; "
-                        "leave it out")
+    resuming = [flag for flag, given in (("--resume", cfg.resume), ("--allow-fresh-start", cfg.allow_fresh_start),
+                                         ("--allow-token-batch-change", cfg.allow_token_batch_change)) if given]
+    if resuming:
+        problems.append(f"{' '.join(resuming)}: bench.py train runs in a temporary folder of its own, with nothing to "
+                        f"resume; leave {'it' if len(resuming) == 1 else 'them'} out")
     if problems:
         raise UserError("; ".join(problems))
 

@@ -121,15 +121,20 @@ def test_bad_flag_values_are_one_line_errors(embedded_data):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "data_prep.py" in proc.stderr
 
 
-def test_train_mode_refuses_a_resume_it_has_no_run_for_with_its_other_flags(embedded_data, capsys):
-    """bench.py train --resume said 'no checkpoint in /tmp/tmpXXXX/checkpoints', a folder the user never named."""
+@pytest.mark.parametrize("flags, named", [(["--resume"], "--resume: "),
+                                          (["--allow-fresh-start"], "--allow-fresh-start: "),
+                                          (["--resume", "--allow-token-batch-change"],
+                                           "--resume --allow-token-batch-change: ")])
+def test_train_mode_refuses_a_resume_it_has_no_run_for_with_its_other_flags(flags, named, embedded_data, capsys):
+    """bench.py train --resume said 'no checkpoint in /tmp/tmpXXXX/checkpoints', a folder the user never named;
+    --allow-fresh-start alone was told to add --resume, which bench.py refuses."""
     import bench
     import subprocess
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["train", "--config", "debug", "--data", str(embedded_data), "--resume", "--warmup", "-1"])
-    assert_one_line_error(subprocess.CompletedProcess([], exit_info.value.code, "", capsys.readouterr().err),
-                          "--warmup must be >= 0, got -1", "--resume: bench.py train runs in a temporary folder",
-                          status=2, alone=True)
+        bench.main(["train", "--config", "debug", "--data", str(embedded_data), *flags, "--warmup", "-1"])
+    line = assert_one_line_error(subprocess.CompletedProcess([], exit_info.value.code, "", capsys.readouterr().err),
+                                 "--warmup must be >= 0, got -1", status=2, alone=True)
+    assert f"; {named}bench.py train runs in a temporary folder of its own" in line, line
 
 
 def test_training_steps_do_not_wait_for_the_device_between_log_steps(embedded_data, tmp_path):
