@@ -400,8 +400,13 @@ def test_ctrl_c_while_publishing_waits_for_the_whole_build(tmp_path, monkeypatch
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
     monkeypatch.setattr(os, "replace", replace_and_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(out, *NEW_BUILD, "--overwrite")
+    # SIGINT as in a terminal: a suite started in the background (`./run_tests.sh &`) has it ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare(out, *NEW_BUILD, "--overwrite")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert ShardDataset.open(out, verify_sha256=True).manifest["documents"] == 300
     assert not (out / data_prep.STAGING_NAME).exists()
