@@ -793,16 +793,22 @@ def test_an_out_folder_train_py_did_not_make_is_refused_before_anything_is_writt
             with pytest.raises(ReachedStep1):
                 train.main(argv)
         return
-    if mode == "--check":
-        with pytest.raises(SystemExit) as checked:
-            train.main([*argv, "--check"])
-        status, err = checked.value.code, capsys.readouterr().err
-    else:
-        status, err = train_until_step_1(monkeypatch, capsys, argv)
+    status, err = refused_start(mode, argv, monkeypatch, capsys)
     line = assert_one_line_error(subprocess.CompletedProcess(argv, status, "", err), f"--out {out}", needle,
                                  status=2, alone=True)
     assert "choose " in line
     assert sha256_tree(out) == before
+
+
+def refused_start(mode: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of train.py `argv` refused at its start: by `--check`, or by the run ("run"), which
+    must stop before its first step."""
+    import train
+    if mode == "--check":
+        with pytest.raises(SystemExit) as checked:
+            train.main([*argv, "--check"])
+        return checked.value.code, capsys.readouterr().err
+    return train_until_step_1(monkeypatch, capsys, argv)
 
 
 RESUME_REFUSALS = {  # flags the checkpoint (TINY's, step 4) cannot continue under: what the error line names
@@ -821,19 +827,13 @@ def test_a_resume_its_checkpoint_cannot_take_is_refused_before_anything_moves(
     """--check passed these; the run refused them after hashing the shards and building the model, and after it had
     moved a damaged newer checkpoint aside (logging its steps as 'trained again'). Without --out a resume made a new
     empty run folder at each attempt. Now one line, the damaged checkpoint and every other file as they were."""
-    import train
     out = copy_run(run_at_step_4, tmp_path / "run")
     (out / "checkpoints" / "step_000006.pt").write_bytes(b"damaged")
     before = sha256_tree(out)
     args, needle = RESUME_REFUSALS[case]
     monkeypatch.chdir(tmp_path)  # (where a run without --out would make temp_data/runs)
     argv = [*TINY, "--data", str(embedded_data), "--out", str(out), "--resume", *args]
-    if mode == "--check":
-        with pytest.raises(SystemExit) as checked:
-            train.main([*argv, "--check"])
-        status, err = checked.value.code, capsys.readouterr().err
-    else:
-        status, err = train_until_step_1(monkeypatch, capsys, argv)
+    status, err = refused_start(mode, argv, monkeypatch, capsys)
     assert_one_line_error(subprocess.CompletedProcess(argv, status, "", err), needle, status=2, alone=True)
     assert sha256_tree(out) == before
     assert not (tmp_path / "temp_data").exists()
