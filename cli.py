@@ -2,7 +2,6 @@
 import argparse
 import contextlib
 import errno
-import fcntl
 import functools
 import json
 import math
@@ -249,6 +248,7 @@ def remove_empty_folders(out: Path, made: Path) -> None:
 def lock_exclusively(path: Path):
     """`path` (made if missing) opened and holding an exclusive fcntl.flock, or None when another process holds a
     lock on it. The kernel drops a lock when its holder ends, however it ends (kill -9 too): none outlives its run."""
+    import fcntl  # (here: POSIX only, and only the tools that lock need it)
     file = open(path, "a")
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -261,6 +261,7 @@ def lock_exclusively(path: Path):
 def locked_by_another(path: Path) -> str | None:
     """The pid of the process holding an exclusive lock of `path` ('unknown' off Linux), or None when `path` is free
     or missing; tried with a shared lock held for no time, nothing written (two such tries never see each other)."""
+    import fcntl
     try:
         file = open(path)
     except FileNotFoundError:
