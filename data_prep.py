@@ -349,7 +349,7 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
     A new or empty directory can, and a finished build with the same settings is reused; anything else is refused
     unless --overwrite, with which publish replaces what data_prep.py writes (shards, manifest and their temporary
     files). Files of any other name are never removed: a directory holding one is refused. The staging folder a
-    killed build left behind is no content of `out` (build_folder removes it)."""
+    killed build left behind is no content of `out` (new_staging_folder removes it)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
     check_writable_dir(out, "--out")
