@@ -264,7 +264,7 @@ def locked_by_another(path: Path) -> str | None:
     import fcntl
     try:
         file = open(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     with file:
         try:

@@ -192,7 +192,7 @@ def input_problems(cfg: TrainConfig) -> list[str]:
             check_writable_dir(cfg.out or DEFAULT_RUNS_DIR, "--out")
         except UserError as e:
             found["out"] = f"{e}; give a folder you can write to"
-    pid = locked_by_another(Path(cfg.out) / RUN_LOCK_FILE) if cfg.out else None
+    pid = locked_by_another(Path(cfg.out) / RUN_LOCK_FILE) if cfg.out and Path(cfg.out).is_dir() else None
     if pid is not None:  # (its checkpoints are that run's to change: not judged for this one)
         found["out"] = in_use_message(Path(cfg.out), pid)
     elif cfg.out and not cfg.resume and (held := list_checkpoints(cfg.out)):  # (the run would refuse to start over it)
