@@ -51,7 +51,8 @@ import shards
 import tokenizer
 from cli import (UserError, check_writable_dir, ensure_writable_dir, first_new_folder, fsync_dir, lock_exclusively,
                  locked_by_another, main_entry, path_arg, positive_int, remove_empty_folders, warn)
-from data_sources import DOCS_PER_TASK, ParquetSlice, load_texts, parquet_problems, source_record, token_bound
+from data_sources import (DOCS_PER_TASK, ParquetSlice, load_texts, not_text, parquet_problems, source_record,
+                          token_bound)
 
 TOOL_VERSION = 1  # bump when the same input and settings would give different shards
 # ~10% of the embedded corpus's ~338k tokens: one shard's worth (the default elsewhere) would leave no train split.
@@ -197,11 +198,11 @@ class Tokenized(NamedTuple):
 
 
 class NotText(Exception):
-    """A worker met a row whose text field holds no string: its place in the task's rows, and what it holds."""
+    """A worker met a row whose text field holds no string: its place in the task's rows, and the value."""
 
-    def __init__(self, row: int, held: str):
-        super().__init__(row, held)
-        self.row, self.held = row, held
+    def __init__(self, row: int, value):
+        super().__init__(row, value)
+        self.row, self.value = row, value
 
 
 _WORKER_TEXTS = None  # the sequence a worker slices its rows from (set once per worker by the pool initializer)
@@ -226,7 +227,7 @@ def tokenize_documents(texts: list) -> Tokenized:
         if text is None or text == "":
             continue
         if not isinstance(text, str):
-            raise NotText(row, f"{type(text).__name__} {str(text)[:40]!r}")
+            raise NotText(row, text)
         # No special token allowed or refused: '<|endoftext|>' in a text is plain text, as with encode_ordinary.
         pieces += [eot, enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())]
         documents += 1
@@ -284,8 +285,7 @@ def result_of(first_row: int, result, field: str) -> Tokenized:
     try:
         return result.get()
     except NotText as e:
-        raise UserError(f"row {first_row + e.row + 1} of the input: its {field!r} field holds {e.held}, not text; fix "
-                        f"that row, or give --text-field the field that holds the text") from None
+        raise UserError(f"row {first_row + e.row + 1} of the input: {not_text(field, e.value)}") from None
 
 
 def stop_pool(pool, stop, pending) -> None:

@@ -200,10 +200,14 @@ def first_bad_line(files: list[str], field: str) -> str:
                         return f"{file} line {number}: not JSON ({e.msg} at column {e.colno}); fix or remove it"
                     value = row.get(field) if isinstance(row, dict) else None
                     if value is not None and not isinstance(value, str):
-                        return (f"{file} line {number}: its {field!r} field holds {type(value).__name__} "
-                                f"{str(value)[:40]!r}, not text; fix that row, or give --text-field the field that "
-                                "holds the text")
+                        return f"{file} line {number}: {not_text(field, value)}"
     return ""
+
+
+def not_text(field: str, value) -> str:
+    """What a row whose text field holds `value`, no string, is told (data_prep.py's tokenizer says it too)."""
+    return (f"its {field!r} field holds {type(value).__name__} {str(value)[:40]!r}, not text; fix that row, or give "
+            "--text-field the field that holds the text")
 
 
 def source_record(args) -> dict:

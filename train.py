@@ -41,7 +41,7 @@ from hellaswag_eval import evaluate_hellaswag, load_examples
 from model import GPT, evaluating
 from sharding import clip_grad_norm, evaluated, is_sharded, load_weights, parallelize, require_fsdp, \
     training_state_bytes
-from plot_metrics import parse_event
+from plot_metrics import scan_metrics
 from trackers import RunLog, drop_metrics_after, missing_packages, parse_trackers
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,11 +247,8 @@ def missing_final_evaluations(run_dir: Path, cfg: TrainConfig) -> set[str]:
     """The evaluations of the last step (the metrics.jsonl keys they log) that the run's metrics.jsonl lacks (read
     where a resume finds the run at its last step: else they all run anyway)."""
     expected = {"val_loss", "hellaswag_acc", *(["samples"] if cfg.sample_prompts else [])}
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_bytes().splitlines() if path.exists() else []
-    logged = set().union(*(event.keys() for event, problem in map(parse_event, lines)
-                           if not problem and event["step"] == cfg.max_steps))
-    return expected - logged
+    events = scan_metrics(run_dir)[1] if (run_dir / "metrics.jsonl").is_file() else []
+    return expected - set().union(*(event.keys() for event in events if event["step"] == cfg.max_steps))
 
 
 def position_checker(cfg: TrainConfig) -> TrainLoader:
