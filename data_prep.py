@@ -352,6 +352,8 @@ def check_out_dir(out: Path, settings: dict, overwrite: bool) -> bool:
     killed build left behind is no content of `out` (new_staging_folder removes it)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
+    if STAGING_NAME in out.resolve().parts:  # (a later build into the folder above would take it for a killed build's)
+        raise UserError(f"--out {out}: {STAGING_NAME} is the name of data_prep.py's build folder; choose another name")
     check_writable_dir(out, "--out")
     staging = out / STAGING_NAME
     check_no_build_under_way(out)

@@ -511,6 +511,16 @@ def test_a_finished_dataset_beside_a_users_file_is_reused(where, tmp_path, capsy
     assert tree(out) == before
 
 
+@pytest.mark.parametrize("inside", ["", "sub"])
+def test_an_out_named_like_the_build_folder_is_refused(inside, tmp_path):
+    """--out .../.data_prep-build built a dataset there, which the next build into the folder above deleted as a
+    killed build's, exit 0 (found by the final review)."""
+    out = tmp_path / "a" / data_prep.STAGING_NAME / inside
+    with pytest.raises(UserError, match="is the name of data_prep.py's build folder; choose another name"):
+        prepare(out, "--source", "embedded", "--max-docs", "30")
+    assert not (tmp_path / "a").exists()
+
+
 def test_directory_holding_other_files_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="did not write.*notes.txt"):
